@@ -1,0 +1,1 @@
+"""eventpipe consumers: loaders that read Kafka and COPY rows into PostgreSQL."""

@@ -1,0 +1,103 @@
+"""PostgreSQL access: the connection pool and the named queries of ``sql/queries.sql``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import structlog
+
+from ingest.errors import StartupError
+from ingest.logs import redact
+
+log = structlog.get_logger(__name__)
+
+
+def sql_dir() -> Path:
+    """Where the ``.sql`` files are: inside the wheel, or ``sql/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "_sql"
+    return packaged if packaged.is_dir() else here.parent / "sql"
+
+
+def load_queries(path: Path) -> dict[str, str]:
+    """Parse a file of ``-- name: x`` blocks into ``{name: sql}``."""
+    queries: dict[str, str] = {}
+    for block in re.split(r"^-- name: ", path.read_text(), flags=re.M)[1:]:
+        name, _, body = block.partition("\n")
+        queries[name.strip()] = body.strip().rstrip(";")
+    return queries
+
+
+QUERIES = load_queries(sql_dir() / "queries.sql")
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """One connection, with a clear StartupError when the server can't be reached."""
+    try:
+        return await asyncpg.connect(dsn, **kwargs)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StartupError(
+            f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}",
+            hint="check EVENTPIPE_POSTGRES_DSN, or start the stack with `eventpipe up`",
+        ) from exc
+
+
+class Database:
+    """An asyncpg pool as an async context manager; ``q`` holds the named queries."""
+
+    q = QUERIES
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 4) -> None:
+        self.dsn = dsn
+        self._min = min_size
+        self._max = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        """Open the pool."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=self._min, max_size=self._max, server_settings={"timezone": "UTC"}
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StartupError(
+                f"cannot connect to PostgreSQL at {redact(self.dsn)}: {exc}",
+                hint="check EVENTPIPE_POSTGRES_DSN, or start the stack with `eventpipe up`",
+            ) from exc
+
+    async def stop(self) -> None:
+        """Close the pool, letting queries in flight finish."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The open pool."""
+        assert self._pool is not None, "Database not started"
+        return self._pool
+
+    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        """Run named query ``name`` and return its rows."""
+        return list(await self.pool.fetch(self.q[name], *args))
+
+    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+        """Run named query ``name`` and return its first row."""
+        return await self.pool.fetchrow(self.q[name], *args)
+
+    async def execute(self, name: str, *args: Any) -> str:
+        """Run named query ``name`` and return its status."""
+        return str(await self.pool.execute(self.q[name], *args))
+
+    async def __aenter__(self) -> Database:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,132 @@
+"""The one settings object shared by every component, read from ``EVENTPIPE_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ingest.errors import ConfigError
+
+STACK_FILE = "stack.json"
+
+
+class StackInfo(BaseModel):
+    """What ``eventpipe up`` writes to ``<state-dir>/stack.json`` so other processes can join."""
+
+    collector_url: str
+    postgres_dsn: str
+    kafka_bootstrap: str
+    kafka_log_id: str = ""
+    write_key: str
+    webhook_secret: str
+    shop_id: str
+    shop_domain: str
+
+    @classmethod
+    def load(cls, state_dir: Path) -> StackInfo | None:
+        """Read the stack file of ``state_dir``, or None when there is none."""
+        path = state_dir / STACK_FILE
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise ConfigError(
+                f"{path} is not a valid stack file: {exc}",
+                hint="delete it and run `eventpipe up` again",
+            ) from exc
+
+    def save(self, state_dir: Path) -> Path:
+        """Write the stack file atomically (readers never see half a file)."""
+        path = state_dir / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.chmod(0o600)  # holds the write key and webhook secret
+        tmp.replace(path)
+        return path
+
+
+class Settings(BaseSettings):
+    """Configuration of every eventpipe component.
+
+    Each field is read from ``EVENTPIPE_<FIELD>``; CLI flags override. When
+    ``postgres_dsn`` or ``kafka_bootstrap`` is unset, ``resolve_stack`` fills them
+    from a running ``eventpipe up`` stack in ``state_dir``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EVENTPIPE_", extra="ignore")
+
+    state_dir: Path = Path(".eventpipe")
+    postgres_dsn: str | None = Field(
+        default=None, description="PostgreSQL DSN; unset: embedded PostgreSQL in the state dir"
+    )
+    kafka_bootstrap: str | None = Field(
+        default=None, description="Kafka bootstrap servers; unset: embedded Tansu broker"
+    )
+    kafka_log_id: str = Field(
+        default="",
+        description="Identity of the broker's log; a change means the log was reset "
+        "(set by `up` for the in-memory embedded broker, leave empty for real Kafka)",
+    )
+    topic_behavior: str = "eventpipe.behavior"
+    topic_storefront: str = "eventpipe.storefront"
+    topic_partitions: int = Field(default=3, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+
+    collector_host: str = "127.0.0.1"
+    collector_port: int = Field(default=8780, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_events_per_batch: int = Field(default=500, ge=1)
+    write_key_cache_seconds: float = Field(default=10.0, ge=0)
+
+    consumer_group: str = "eventpipe-loader"
+    batch_max_rows: int = Field(default=5000, ge=1)
+    batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    batch_max_age_ms: int = Field(default=200, ge=1)
+
+    months_ahead: int = Field(default=3, ge=0, le=24)
+    maintenance_interval_s: float = Field(default=3600.0, gt=0)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+
+    def resolve_stack(self) -> Settings:
+        """Fill unset connection settings from ``<state_dir>/stack.json``."""
+        if self.postgres_dsn and self.kafka_bootstrap:
+            return self
+        info = StackInfo.load(self.state_dir)
+        if info is None:
+            raise ConfigError(
+                f"no PostgreSQL DSN / Kafka bootstrap configured and no running stack in "
+                f"{self.state_dir}/{STACK_FILE}",
+                hint="start one with `eventpipe up`, pass --state-dir of a running stack, "
+                "or set EVENTPIPE_POSTGRES_DSN and EVENTPIPE_KAFKA_BOOTSTRAP",
+            )
+        return self.model_copy(
+            update={
+                "postgres_dsn": self.postgres_dsn or info.postgres_dsn,
+                "kafka_bootstrap": self.kafka_bootstrap or info.kafka_bootstrap,
+                "kafka_log_id": self.kafka_log_id or info.kafka_log_id,
+            }
+        )
+
+    @property
+    def dsn(self) -> str:
+        """The PostgreSQL DSN; raises ConfigError when unresolved."""
+        if not self.postgres_dsn:
+            raise ConfigError("no PostgreSQL DSN", hint="set EVENTPIPE_POSTGRES_DSN")
+        return self.postgres_dsn
+
+    @property
+    def bootstrap(self) -> str:
+        """The Kafka bootstrap servers; raises ConfigError when unresolved."""
+        if not self.kafka_bootstrap:
+            raise ConfigError("no Kafka bootstrap servers", hint="set EVENTPIPE_KAFKA_BOOTSTRAP")
+        return self.kafka_bootstrap
+
+    def topic_for(self, stream: str) -> str:
+        """The Kafka topic of a stream (``behavior`` or ``storefront``)."""
+        return {"behavior": self.topic_behavior, "storefront": self.topic_storefront}[stream]

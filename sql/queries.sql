@@ -1,0 +1,84 @@
+-- Named queries, loaded once at import by ingest/db.py.
+-- Each starts with a "-- name: <name>" line.
+
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+  version     INTEGER PRIMARY KEY,
+  name        TEXT NOT NULL,
+  checksum    TEXT NOT NULL,
+  applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- name: migrations_lock
+SELECT pg_advisory_xact_lock(hashtext('eventpipe:migrate'));
+
+-- name: applied_migrations
+SELECT version, name, checksum FROM schema_migrations ORDER BY version;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: shop_by_write_key
+SELECT s.id, s.domain, s.allowed_origins
+FROM shop_write_keys k JOIN shops s ON s.id = k.shop_id
+WHERE k.write_key = $1 AND k.revoked_at IS NULL AND s.uninstalled_at IS NULL;
+
+-- name: upsert_shop
+INSERT INTO shops (domain, webhook_secret) VALUES ($1, $2)
+ON CONFLICT (domain) DO UPDATE SET updated_at = shops.updated_at
+RETURNING id, webhook_secret;
+
+-- name: live_write_key
+SELECT write_key FROM shop_write_keys
+WHERE shop_id = $1 AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 1;
+
+-- name: add_write_key
+INSERT INTO shop_write_keys (write_key, shop_id) VALUES ($1, $2);
+
+-- name: loader_offsets
+SELECT kafka_partition, next_offset, log_id FROM loader_offsets
+WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = ANY($3::int[]);
+
+-- name: claim_offset
+-- First sight of a Kafka partition: record where reading starts; a row that is
+-- already there wins (another loader got there first).
+INSERT INTO loader_offsets (consumer_group, topic, kafka_partition, next_offset, log_id)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (consumer_group, topic, kafka_partition) DO NOTHING;
+
+-- name: reset_offset
+UPDATE loader_offsets SET next_offset = $4, log_id = $5, updated_at = now()
+WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3;
+
+-- name: advance_offset
+-- Fenced: only moves from the position this loader believes in, so a loader
+-- that lost the partition in a rebalance cannot apply a batch twice.
+UPDATE loader_offsets SET next_offset = $5, updated_at = now()
+WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3 AND next_offset = $4;
+
+-- name: insert_dead_letter
+INSERT INTO dead_letters
+  (consumer_group, topic, kafka_partition, kafka_offset, raw, reason, error)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING;
+
+-- name: partition_policies
+SELECT table_name, partition_column, months_ahead, retention, retention_mode, archive_location
+FROM partition_policies ORDER BY table_name;
+
+-- name: partition_policy
+SELECT table_name, partition_column, months_ahead, retention, retention_mode, archive_location
+FROM partition_policies WHERE table_name = $1;
+
+-- name: attached_partitions
+-- Child tables of a partitioned table with their bounds as text.
+SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+JOIN pg_namespace n ON n.oid = p.relnamespace
+WHERE p.relname = $1 AND n.nspname = current_schema()
+ORDER BY c.relname;
+
+-- name: partition_lock
+SELECT pg_advisory_xact_lock(hashtext('eventpipe:partition:' || $1));
