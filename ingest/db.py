@@ -61,7 +61,10 @@ class Database:
         """Open the pool."""
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=self._min, max_size=self._max, server_settings={"timezone": "UTC"}
+                self.dsn,
+                min_size=self._min,
+                max_size=self._max,
+                server_settings={"timezone": "UTC"},
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StartupError(

@@ -19,7 +19,9 @@ def redact(text: str) -> str:
 def configure(level: str = "info", fmt: str = "console") -> None:
     """Configure structlog (and stdlib logging underneath) for one process."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s"
+    )
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

@@ -70,8 +70,7 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[Migration]:
                         raise MigrationError(
                             f"migration {migration.version:04d}_{migration.name} was changed "
                             "after it was applied",
-                            hint="restore the file as it was and put the change in a new "
-                            "migration",
+                            hint="restore the file as it was and put the change in a new migration",
                         )
                     continue
                 try:

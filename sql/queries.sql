@@ -82,3 +82,6 @@ ORDER BY c.relname;
 
 -- name: partition_lock
 SELECT pg_advisory_xact_lock(hashtext('eventpipe:partition:' || $1));
+
+-- name: claimed_partitions
+SELECT count(*) FROM loader_offsets WHERE log_id = $1 AND topic = ANY($2::text[]);

@@ -1,0 +1,325 @@
+"""The loader: one stream's Kafka topic into its partitioned table, exactly once.
+
+Each batch's rows, its dead letters and the new offsets of its Kafka
+partitions are committed in one PostgreSQL transaction; a partition resumes
+from the offsets stored there. Offsets are advanced with a fence (only from
+the position this loader read at assignment), so a loader that lost a
+partition in a rebalance can never apply a batch a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from consumers import dead_letters
+from consumers.copy_writer import CopyWriter, Pending, Rejected
+from consumers.offsets import Fenced, OffsetStore
+from consumers.rows import RecordRejected, TableSpec
+from ingest.db import Database
+from ingest.errors import OutsideRetentionWindow, StartupError
+from ingest.partitions import PartitionManager, month_start
+from ingest.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# PostgreSQL being away or restarting: wait and retry the same batch.
+DB_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+@dataclass
+class Batch:
+    """Records read since the last commit, by Kafka partition."""
+
+    records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    count: int = 0
+    size: int = 0
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Waits for the batch in flight to commit, so nothing is half-applied.
+        async with self.loader.lock:
+            for tp in revoked:
+                self.loader.positions.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self.loader.lock:
+            await self.loader.position(assigned)
+
+
+class Loader:
+    """Consumes one stream in the loaders' consumer group and COPYs it into its table."""
+
+    def __init__(
+        self, settings: Settings, spec: TableSpec, db: Database, partitions: PartitionManager
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.db = db
+        self.partitions = partitions
+        self.topic = settings.topic_for(spec.stream)
+        self.group = f"{settings.consumer_group}.{spec.stream}"
+        self.offsets = OffsetStore(db, self.group, self.topic)
+        self.writer = CopyWriter(spec)
+        self.lock = asyncio.Lock()
+        self.positions: dict[TopicPartition, int] = {}
+        self.rows_loaded = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        """Join the consumer group and start loading in the background."""
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=1024 * 1024,
+            fetch_max_bytes=min(self.settings.batch_max_bytes, 50 * 1024 * 1024),
+            session_timeout_ms=self.settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(self.settings.kafka_session_timeout_ms // 6, 100),
+        )
+        self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+        try:
+            await self._consumer.start()
+        except KafkaError as exc:
+            raise StartupError(
+                f"loader cannot reach Kafka at {self.settings.bootstrap}: {exc}",
+                hint="check EVENTPIPE_KAFKA_BOOTSTRAP",
+            ) from exc
+        self._task = asyncio.create_task(self._run(), name=f"loader-{self.spec.stream}")
+        log.info("loader started", stream=self.spec.stream, topic=self.topic, group=self.group)
+
+    async def stop(self) -> None:
+        """Finish and commit the batch in flight, then leave the group."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+        log.info("loader stopped", stream=self.spec.stream, rows_loaded=self.rows_loaded)
+
+    async def __aenter__(self) -> Loader:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The background task that reads and loads."""
+        assert self._task is not None, "Loader not started"
+        return self._task
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        """The running Kafka consumer."""
+        assert self._consumer is not None, "Loader not started"
+        return self._consumer
+
+    async def position(self, assigned: set[TopicPartition]) -> None:
+        """Seek each newly assigned partition to the offset stored in PostgreSQL."""
+        if not assigned:
+            return
+        tps = sorted(assigned, key=lambda tp: tp.partition)
+        begin = await self.consumer.beginning_offsets(tps)
+        end = await self.consumer.end_offsets(tps)
+        log_id = self.settings.kafka_log_id
+        stored = await self.offsets.load([tp.partition for tp in tps])
+        for tp in tps:
+            current = stored.get(tp.partition)
+            if current is None:
+                await self.offsets.claim(tp.partition, begin[tp], log_id)
+                current = (await self.offsets.load([tp.partition]))[tp.partition]
+            reset_reason = ""
+            if current.log_id != log_id:
+                reset_reason = "the broker's log was replaced (embedded broker restarted?)"
+            elif current.next_offset > end[tp]:
+                reset_reason = "the stored offset is past the end of the log (topic recreated?)"
+            elif current.next_offset < begin[tp]:
+                reset_reason = "records expired from Kafka before they were loaded"
+            offset = current.next_offset
+            if reset_reason:
+                log.warning(
+                    "offset reset: loading this partition from the start of its log",
+                    reason=reset_reason,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    stored_offset=current.next_offset,
+                    log_start=begin[tp],
+                    log_end=end[tp],
+                )
+                offset = begin[tp]
+                await self.offsets.reset(tp.partition, offset, log_id)
+            self.consumer.seek(tp, offset)
+            self.positions[tp] = offset
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            batch = await self._collect()
+            if batch.count:
+                await self._apply_with_retry(batch)
+
+    async def _collect(self) -> Batch:
+        """Read until the batch is full by rows or bytes, or its first record is old enough."""
+        batch = Batch()
+        loop = asyncio.get_running_loop()
+        max_age = self.settings.batch_max_age_ms / 1000
+        first_at: float | None = None
+        while not self._stopping.is_set():
+            wait = max_age if first_at is None else max(0.0, first_at + max_age - loop.time())
+            got = await self.consumer.getmany(
+                timeout_ms=int(wait * 1000),
+                max_records=self.settings.batch_max_rows - batch.count,
+            )
+            for tp, records in got.items():
+                batch.records[tp].extend(records)
+                batch.count += len(records)
+                batch.size += sum(len(r.value or b"") for r in records)
+            if batch.count and first_at is None:
+                first_at = loop.time()
+            if first_at is not None and (
+                batch.count >= self.settings.batch_max_rows
+                or batch.size >= self.settings.batch_max_bytes
+                or loop.time() - first_at >= max_age
+            ):
+                break
+        return batch
+
+    async def _apply_with_retry(self, batch: Batch) -> None:
+        delay = 0.2
+        while True:
+            try:
+                async with self.lock:
+                    await self._apply(batch)
+                return
+            except DB_UNAVAILABLE as exc:
+                log.warning("postgres unavailable, retrying batch", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 10.0)
+            except Fenced as exc:
+                log.warning("fenced: re-reading offsets", error=str(exc))
+                async with self.lock:
+                    owned = set(self.positions)
+                    for tp in owned:
+                        self.positions.pop(tp)
+                    await self.position(owned)
+                return
+
+    async def _apply(self, batch: Batch) -> None:
+        items: list[Pending] = []
+        rejected: list[Rejected] = []
+        ranges: dict[TopicPartition, tuple[int, int]] = {}
+        for tp, records in batch.records.items():
+            start = self.positions.get(tp)
+            if start is None:
+                continue  # revoked while we read: its new owner loads it
+            fresh = [r for r in records if r.offset >= start]
+            if not fresh:
+                continue
+            ranges[tp] = (start, fresh[-1].offset + 1)
+            for record in fresh:
+                raw = record.value or b""
+                try:
+                    row = self.spec.decode(record.value)
+                except RecordRejected as exc:
+                    rejected.append(
+                        Rejected(tp.topic, tp.partition, record.offset, raw, exc.reason, exc.error)
+                    )
+                    continue
+                items.append(Pending(row, tp.topic, tp.partition, record.offset, raw))
+        if not ranges:
+            return
+        items = await self._ensure_partitions(items, rejected)
+        async with self.db.pool.acquire() as conn, conn.transaction():
+            refused = await self.writer.write(conn, items)
+            rejected += refused
+            await dead_letters.record(conn, self.group, rejected)
+            for tp, (start, end) in ranges.items():
+                await self.offsets.advance(conn, tp.partition, start, end)
+        for tp, (_, end) in ranges.items():
+            self.positions[tp] = end
+        self.rows_loaded += len(items) - len(refused)
+        if rejected:
+            log.warning(
+                "records dead-lettered",
+                count=len(rejected),
+                reasons=sorted({r.reason for r in rejected}),
+            )
+        with contextlib.suppress(KafkaError):  # for lag tools only; PostgreSQL is the truth
+            await self.consumer.commit({tp: end for tp, (_, end) in ranges.items()})
+
+    async def _ensure_partitions(
+        self, items: list[Pending], rejected: list[Rejected]
+    ) -> list[Pending]:
+        """Create missing month partitions; rows outside the window become dead letters."""
+        index = self.spec.time_index
+        months: set[date] = {month_start(item.row[index]) for item in items}
+        refused: dict[date, str] = {}
+        for month in sorted(months):
+            try:
+                await self.partitions.ensure_months(self.spec.table, {month})
+            except OutsideRetentionWindow as exc:
+                refused[month] = exc.message
+        if not refused:
+            return items
+        kept: list[Pending] = []
+        for item in items:
+            reason = refused.get(month_start(item.row[index]))
+            if reason is None:
+                kept.append(item)
+            else:
+                rejected.append(
+                    Rejected(
+                        item.topic, item.partition, item.offset, item.raw, "outside_window", reason
+                    )
+                )
+        return kept
+
+
+async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.Event) -> None:
+    """Run one loader per spec until ``stop`` is set; a loader that fails ends the process."""
+    async with contextlib.AsyncExitStack() as stack:
+        db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
+        partitions = PartitionManager(db)
+        loaders = [Loader(settings, spec, db, partitions) for spec in specs]
+        # Joining a consumer group takes seconds: join all streams at once.
+        await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))
+        stopped = asyncio.create_task(stop.wait())
+        tasks: list[asyncio.Task[Any]] = [stopped, *(loader.task for loader in loaders)]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        for task in done:
+            if task is not stopped and (error := task.exception()) is not None:
+                raise error

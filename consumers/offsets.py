@@ -1,0 +1,56 @@
+"""Kafka offsets kept in PostgreSQL, beside the rows they produced (exactly-once effect)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from ingest.db import Database
+
+
+@dataclass(frozen=True)
+class StoredOffset:
+    """Where a loader group is in one Kafka partition, and in which broker log."""
+
+    next_offset: int
+    log_id: str
+
+
+class Fenced(Exception):
+    """The stored offset moved under us: another loader owns the partition now."""
+
+
+class OffsetStore:
+    """Reads, claims, resets and (fenced) advances the rows of ``loader_offsets``."""
+
+    def __init__(self, db: Database, group: str, topic: str) -> None:
+        self.db = db
+        self.group = group
+        self.topic = topic
+
+    async def load(self, partitions: list[int]) -> dict[int, StoredOffset]:
+        """The stored offsets of ``partitions`` (missing ones are absent)."""
+        rows = await self.db.fetch("loader_offsets", self.group, self.topic, partitions)
+        return {r["kafka_partition"]: StoredOffset(r["next_offset"], r["log_id"]) for r in rows}
+
+    async def claim(self, partition: int, offset: int, log_id: str) -> None:
+        """Record a first position for ``partition`` unless one exists."""
+        await self.db.execute("claim_offset", self.group, self.topic, partition, offset, log_id)
+
+    async def reset(self, partition: int, offset: int, log_id: str) -> None:
+        """Overwrite the position of ``partition`` (after a broker log reset)."""
+        await self.db.execute("reset_offset", self.group, self.topic, partition, offset, log_id)
+
+    async def advance(
+        self, conn: asyncpg.Connection, partition: int, expected: int, new: int
+    ) -> None:
+        """Move ``partition`` from ``expected`` to ``new`` in the caller's transaction.
+
+        Raises Fenced when the stored offset is not ``expected``.
+        """
+        status = await conn.execute(
+            self.db.q["advance_offset"], self.group, self.topic, partition, expected, new
+        )
+        if status != "UPDATE 1":
+            raise Fenced(f"{self.topic}[{partition}] is no longer at offset {expected}")

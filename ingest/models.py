@@ -1,0 +1,101 @@
+"""What clients may send: pydantic models of batches and of each stream's events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BehaviorType = Literal[
+    "click",
+    "scroll",
+    "hover",
+    "rage_click",
+    "hesitation",
+    "form_start",
+    "form_abandon",
+    "form_submit",
+    "error",
+    "page_view",
+    "time_on_element",
+    "scroll_depth",
+]
+
+ShortText = Annotated[str, Field(min_length=1, max_length=256)]
+Url = Annotated[str, Field(min_length=1, max_length=4096)]
+Text = Annotated[str, Field(max_length=4096)]
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL; refuse it at the door, not in the loader."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("text must not contain NUL (\\u0000)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key)
+            _no_nul(item)
+    elif isinstance(value, list):
+        for item in value:
+            _no_nul(item)
+    return value
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)  # a time without a zone is read as UTC
+    return value
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    event_id: UUID | None = None
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _check_nul(cls, value: Any) -> Any:
+        return _no_nul(value)
+
+
+class BehaviorEvent(_Event):
+    """One browser interaction; fields named as the columns of ``behavior_events``."""
+
+    event_type: BehaviorType
+    session_id: ShortText
+    page_url: Url
+    timestamp: datetime | None = None
+    element_path: Text | None = None
+    element_type: Annotated[str, Field(max_length=256)] | None = None
+    element_text: Text | None = None
+    coordinates: dict[str, Any] | None = None
+    viewport_size: dict[str, Any] | None = None
+    event_data: dict[str, Any] = Field(default_factory=dict)
+    component_id: Annotated[str, Field(max_length=256)] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _utc_ts = field_validator("timestamp")(classmethod(lambda cls, v: _utc(v)))
+
+    def event_time(self) -> datetime | None:
+        """The client's event time, if it sent one."""
+        return self.timestamp
+
+
+class BatchEnvelope(BaseModel):
+    """A batch body: ``{"events": [...], "sent_at": ..., "write_key": ...}``.
+
+    Events stay raw here; each is validated on its own so one bad event
+    doesn't sink its batch.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    events: list[Any]
+    sent_at: datetime | None = None
+    write_key: str | None = None
+
+    _utc_sent = field_validator("sent_at")(classmethod(lambda cls, v: _utc(v)))
+
+
+STREAM_MODELS: dict[str, type[_Event]] = {"behavior": BehaviorEvent}

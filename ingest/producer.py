@@ -1,0 +1,81 @@
+"""The Kafka producer of the collector: orjson-encoded events, keyed by session, acks=all."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from types import TracebackType
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from ingest.errors import StartupError
+from ingest.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class ProduceFailed(Exception):
+    """The broker did not acknowledge a batch; nothing of it may be promised to the client."""
+
+
+class EventProducer:
+    """An AIOKafkaProducer with explicit start/stop; ``send_batch`` waits for every ack.
+
+    Idempotence is off on purpose: the embedded broker doesn't support it, and
+    exactly-once is enforced downstream by event_id deduplication.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        """Connect to the brokers."""
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=self.settings.kafka_linger_ms,
+            compression_type=None
+            if self.settings.kafka_compression == "none"
+            else self.settings.kafka_compression,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=self.settings.kafka_request_timeout_ms,
+        )
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            await self._producer.stop()
+            self._producer = None
+            raise StartupError(
+                f"cannot connect a producer to Kafka at {self.settings.bootstrap}: {exc}",
+                hint="check EVENTPIPE_KAFKA_BOOTSTRAP",
+            ) from exc
+
+    async def stop(self) -> None:
+        """Flush what is buffered and disconnect."""
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def send_batch(self, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        """Send ``(key, value)`` pairs; return once the broker has acknowledged all of them."""
+        assert self._producer is not None, "EventProducer not started"
+        try:
+            futures = [
+                await self._producer.send(topic, value=value, key=key) for key, value in messages
+            ]
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise ProduceFailed(str(exc)) from exc
+
+    async def __aenter__(self) -> EventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

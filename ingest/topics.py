@@ -1,0 +1,65 @@
+"""Kafka topic administration: reachability and idempotent topic creation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from ingest.errors import StartupError
+
+log = structlog.get_logger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+async def broker_reachable(bootstrap: str, timeout: float = 5.0) -> bool:
+    """True when a metadata request to ``bootstrap`` succeeds within ``timeout``."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:  # a plain connect first, so a closed port doesn't make aiokafka log errors
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+        writer.close()
+    except (TimeoutError, OSError, ValueError):
+        return False
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        await asyncio.wait_for(admin.list_topics(), timeout)
+        return True
+    except (TimeoutError, KafkaError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+async def ensure_topics(
+    bootstrap: str, topics: list[str], *, partitions: int, replication: int = 1
+) -> None:
+    """Create each missing topic; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            response = await admin.create_topics(
+                [NewTopic(t, partitions, replication) for t in missing]
+            )
+            for topic, code, message in response.topic_errors:
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    raise StartupError(
+                        f"cannot create Kafka topic {topic}: error {code} {message}",
+                        hint="create it by hand or check the broker's permissions",
+                    )
+            log.info("topics created", topics=missing, partitions=partitions)
+    except KafkaError as exc:
+        raise StartupError(
+            f"cannot reach Kafka at {bootstrap}: {exc}", hint="check EVENTPIPE_KAFKA_BOOTSTRAP"
+        ) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
