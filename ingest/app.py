@@ -139,12 +139,14 @@ class HttpServer:
         self.app = app
         self.host = host
         self.port = port
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
 
     async def start(self) -> None:
         """Bind and start serving."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=5.0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         try:
             await site.start()
         except OSError as exc:

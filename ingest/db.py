@@ -51,8 +51,16 @@ class Database:
 
     q = QUERIES
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 4) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 4,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
         self.dsn = dsn
+        self._server_settings = server_settings or {"timezone": "UTC"}
         self._min = min_size
         self._max = max_size
         self._pool: asyncpg.Pool | None = None
@@ -64,7 +72,7 @@ class Database:
                 self.dsn,
                 min_size=self._min,
                 max_size=self._max,
-                server_settings={"timezone": "UTC"},
+                server_settings=self._server_settings,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StartupError(

@@ -1,0 +1,148 @@
+"""Session fixtures: one real PostgreSQL and one real broker for the whole run.
+
+PostgreSQL is the embedded one unless ``EVENTPIPE_TEST_POSTGRES_DSN`` points at
+a server; then each session works in a fresh database created there and
+dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ingest.broker_process import EmbeddedBroker
+from ingest.db import Database
+from ingest.migrate import migrate
+from ingest.postgres_process import EmbeddedPostgres
+from ingest.settings import Settings
+from ingest.shops import ShopCredentials, ensure_shop
+from ingest.topics import ensure_topics
+
+
+def _with_database(dsn: str, name: str) -> str:
+    base, _, _ = dsn.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="session")
+async def server_dsn(state_dir: Path) -> AsyncIterator[str]:
+    """DSN of a maintenance database on the server under test."""
+    external = os.environ.get("EVENTPIPE_TEST_POSTGRES_DSN")
+    if external:
+        yield external
+        return
+    async with EmbeddedPostgres(
+        state_dir, settings={"fsync": "off", "synchronous_commit": "off"}
+    ) as pg:
+        yield _with_database(pg.dsn, "postgres")
+
+
+@pytest.fixture(scope="session")
+async def scratch_database(server_dsn: str) -> AsyncIterator[object]:
+    """A factory of fresh, empty databases on the server under test, dropped at the end."""
+    created: list[str] = []
+
+    async def make(prefix: str = "eventpipe_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        created.append(name)
+        return _with_database(server_dsn, name)
+
+    yield make
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        for name in created:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def pg_dsn(scratch_database: object) -> str:
+    """A migrated database shared by the session."""
+    dsn: str = await scratch_database()  # type: ignore[operator]
+    await migrate(dsn)
+    return dsn
+
+
+@pytest.fixture(scope="session")
+async def broker(state_dir: Path) -> AsyncIterator[EmbeddedBroker]:
+    async with EmbeddedBroker(state_dir / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+async def settings(pg_dsn: str, broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """Settings with topics and consumer group of this test's own."""
+    tag = uuid.uuid4().hex[:8]
+    s = Settings(
+        state_dir=tmp_path,
+        postgres_dsn=pg_dsn,
+        kafka_bootstrap=broker.bootstrap,
+        kafka_log_id=broker.log_id,
+        topic_behavior=f"behavior.{tag}",
+        topic_storefront=f"storefront.{tag}",
+        consumer_group=f"loader-{tag}",
+        collector_port=0,
+        kafka_session_timeout_ms=6000,
+        batch_max_age_ms=50,
+    )
+    await ensure_topics(
+        broker.bootstrap, [s.topic_behavior, s.topic_storefront], partitions=s.topic_partitions
+    )
+    return s
+
+
+@pytest.fixture(scope="session")
+async def db(pg_dsn: str) -> AsyncIterator[Database]:
+    async with Database(pg_dsn, max_size=4) as database:
+        yield database
+
+
+@pytest.fixture
+async def shop(db: Database) -> ShopCredentials:
+    """A shop of this test's own."""
+    return await ensure_shop(db, f"shop-{uuid.uuid4().hex[:8]}.myshopify.com")
+
+
+@pytest.fixture
+async def collector(settings: Settings) -> AsyncIterator[str]:
+    """A collector served in-process on a free port; yields its base URL."""
+    from ingest.app import HttpServer, create_app
+    from ingest.producer import EventProducer
+    from ingest.shops import ShopDirectory
+
+    async with (
+        Database(settings.dsn) as database,
+        EventProducer(settings) as producer,
+        HttpServer(
+            create_app(settings, producer, ShopDirectory(database, ttl=0.5)), "127.0.0.1", 0
+        ) as server,
+    ):
+        yield server.url
+
+
+async def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0.1) -> None:
+    """Poll the async ``predicate`` until it returns truthy, or fail after ``timeout``."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)

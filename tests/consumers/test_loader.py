@@ -1,0 +1,183 @@
+"""The loader on the real broker and PostgreSQL: each event id exactly once, none missing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from consumers.loader import Loader
+from consumers.rows import BEHAVIOR
+from ingest.db import Database
+from ingest.partitions import PartitionManager, month_start, partition_name
+from ingest.settings import Settings
+from ingest.shops import ShopCredentials
+from tests.conftest import wait_for
+
+
+def record(shop: ShopCredentials, **overrides: object) -> dict[str, object]:
+    now = datetime.now(UTC).isoformat()
+    data: dict[str, object] = {
+        "event_id": str(uuid.uuid4()),
+        "shop_id": str(shop.shop_id),
+        "session_id": "s",
+        "event_type": "click",
+        "page_url": "https://x/",
+        "timestamp": now,
+        "received_at": now,
+        "event_data": {},
+        "metadata": {},
+    }
+    data.update(overrides)
+    return data
+
+
+async def produce(settings: Settings, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(settings.topic_behavior, value, key=b"k")
+    finally:
+        await producer.stop()
+
+
+@asynccontextmanager
+async def running_loader(settings: Settings, db: Database) -> AsyncIterator[Loader]:
+    async with Loader(settings, BEHAVIOR, db, PartitionManager(db)) as loader:
+        yield loader
+
+
+async def count_ids(db: Database, ids: list[str]) -> dict[str, int]:
+    rows = await db.pool.fetch(
+        "SELECT event_id::text AS id, count(*) AS n FROM behavior_events "
+        "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
+        ids,
+    )
+    return {r["id"]: r["n"] for r in rows}
+
+
+async def dead_letters(db: Database, settings: Settings) -> list[dict[str, object]]:
+    rows = await db.pool.fetch(
+        "SELECT kafka_offset, reason, error, raw FROM dead_letters WHERE topic = $1 "
+        "ORDER BY kafka_offset",
+        settings.topic_behavior,
+    )
+    return [dict(r) for r in rows]
+
+
+async def test_rows_land_once_in_their_month_partition(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    last_month = (month_start(datetime.now(UTC)) - timedelta(days=1)).replace(day=15)
+    records = [record(shop) for _ in range(30)]
+    records.append(
+        record(shop, timestamp=datetime.combine(last_month, datetime.min.time(), UTC).isoformat())
+    )
+    ids = [str(r["event_id"]) for r in records]
+    values = [orjson.dumps(r) for r in records]
+    await produce(settings, values + values[:10])  # the first ten twice: a producer retry
+    async with running_loader(settings, db):
+        await wait_for(lambda: _all_present(db, ids))
+    counts = await count_ids(db, ids)
+    assert counts == {i: 1 for i in ids}
+    where = await db.pool.fetchval(
+        "SELECT tableoid::regclass::text FROM behavior_events WHERE event_id = $1",
+        uuid.UUID(ids[-1]),
+    )
+    assert where == partition_name("behavior_events", month_start(last_month))
+    stored = await db.pool.fetchval(
+        "SELECT sum(next_offset) FROM loader_offsets WHERE topic = $1", settings.topic_behavior
+    )
+    assert stored == len(values) + 10
+
+
+async def _all_present(db: Database, ids: list[str]) -> bool:
+    return len(await count_ids(db, ids)) == len(ids)
+
+
+async def test_poison_records_go_to_dead_letters_and_the_rest_loads(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    good = [record(shop) for _ in range(20)]
+    values = [orjson.dumps(r) for r in good]
+    far_future = (datetime.now(UTC) + timedelta(days=3650)).isoformat()
+    poison = [
+        b"\xff\xfenot json",
+        orjson.dumps({"event_id": "nope"}),
+        orjson.dumps(record(shop, page_url="bad\x00text")),  # PostgreSQL refuses NUL
+        orjson.dumps(record(shop, event_type="not-a-type")),  # CHECK constraint
+        orjson.dumps(record(shop, timestamp=far_future)),
+    ]
+    mixed = values[:7] + poison[:3] + values[7:14] + poison[3:] + values[14:]
+    await produce(settings, mixed)
+    async with running_loader(settings, db):
+        await wait_for(lambda: _all_present(db, [str(r["event_id"]) for r in good]))
+        await wait_for(lambda: _dead_count(db, settings, len(poison)))
+    letters = await dead_letters(db, settings)
+    assert sorted(str(d["reason"]) for d in letters) == sorted(
+        [
+            "decode_error",
+            "invalid_record",
+            "rejected_by_postgres",
+            "rejected_by_postgres",
+            "outside_window",
+        ]
+    )
+    assert {bytes(d["raw"]) for d in letters} == set(poison)  # type: ignore[arg-type]
+    assert await count_ids(db, [str(r["event_id"]) for r in good]) == {
+        str(r["event_id"]): 1 for r in good
+    }
+
+
+async def _dead_count(db: Database, settings: Settings, n: int) -> bool:
+    return len(await dead_letters(db, settings)) >= n
+
+
+async def test_restart_resumes_from_stored_offsets(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    first = [record(shop) for _ in range(15)]
+    await produce(settings, [orjson.dumps(r) for r in first])
+    async with running_loader(settings, db):
+        await wait_for(lambda: _all_present(db, [str(r["event_id"]) for r in first]))
+    second = [record(shop) for _ in range(15)]
+    await produce(settings, [orjson.dumps(r) for r in second])
+    async with running_loader(settings, db) as loader:
+        ids = [str(r["event_id"]) for r in first + second]
+        await wait_for(lambda: _all_present(db, ids))
+    assert loader.rows_loaded == 15  # nothing of the first run was read again
+    assert await count_ids(db, ids) == {i: 1 for i in ids}
+
+
+async def test_a_new_broker_log_resets_offsets_without_duplicates(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    rows = [record(shop) for _ in range(10)]
+    await produce(settings, [orjson.dumps(r) for r in rows])
+    ids = [str(r["event_id"]) for r in rows]
+    async with running_loader(settings, db):
+        await wait_for(lambda: _all_present(db, ids))
+    # Same topic, but the loader is told the log is another one (an embedded broker restart).
+    reset = settings.model_copy(update={"kafka_log_id": "another-log"})
+    async with running_loader(reset, db) as loader:
+        await wait_for(lambda: _offsets_in_log(db, settings, "another-log"))
+        await wait_for(lambda: _loaded(loader, 10))
+    assert await count_ids(db, ids) == {i: 1 for i in ids}
+
+
+async def _offsets_in_log(db: Database, settings: Settings, log_id: str) -> bool:
+    n = await db.pool.fetchval(
+        "SELECT count(*) FROM loader_offsets WHERE topic = $1 AND log_id = $2",
+        settings.topic_behavior,
+        log_id,
+    )
+    return bool(n == settings.topic_partitions)
+
+
+async def _loaded(loader: Loader, n: int) -> bool:
+    return loader.rows_loaded >= n
