@@ -28,6 +28,7 @@ from consumers import dead_letters
 from consumers.copy_writer import CopyWriter, Pending, Rejected
 from consumers.offsets import Fenced, OffsetStore
 from consumers.rows import RecordRejected, TableSpec
+from ingest.app import HttpServer, metrics_app
 from ingest.db import Database
 from ingest.errors import OutsideRetentionWindow, StartupError
 from ingest.partitions import PartitionManager, month_start
@@ -311,6 +312,10 @@ class Loader:
 async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.Event) -> None:
     """Run one loader per spec until ``stop`` is set; a loader that fails ends the process."""
     async with contextlib.AsyncExitStack() as stack:
+        if settings.loader_metrics_port:
+            await stack.enter_async_context(
+                HttpServer(metrics_app(), settings.collector_host, settings.loader_metrics_port)
+            )
         db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
         partitions = PartitionManager(db)
         loaders = [Loader(settings, spec, db, partitions) for spec in specs]

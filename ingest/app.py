@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 import orjson
+import prometheus_client
 import pydantic
 import structlog
 from aiohttp import web
@@ -116,6 +117,27 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: the broker is reachable, so accepted events can be promised."""
+    if await request.app[PRODUCER].ready():
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "broker unreachable"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus exposition of this process's metrics."""
+    body = prometheus_client.generate_latest()
+    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+def metrics_app() -> web.Application:
+    """A bare application serving ``/metrics`` and ``/healthz`` (for loader processes)."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
 def create_app(
     settings: Settings, producer: EventProducer, shops: ShopDirectory
 ) -> web.Application:
@@ -126,6 +148,8 @@ def create_app(
     app[SHOPS] = shops
     app.router.add_post("/v1/behavior", post_behavior)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -153,7 +177,8 @@ class HttpServer:
             await self._runner.cleanup()
             raise StartupError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
-                hint="choose another port with --port or EVENTPIPE_COLLECTOR_PORT",
+                hint="choose another port (--port, EVENTPIPE_COLLECTOR_PORT or "
+                "EVENTPIPE_LOADER_METRICS_PORT)",
             ) from exc
         if self.port == 0:
             server = site._server

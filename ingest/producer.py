@@ -60,6 +60,19 @@ class EventProducer:
             await self._producer.stop()
             self._producer = None
 
+    async def ready(self) -> bool:
+        """True when the producer knows at least one live broker."""
+        if self._producer is None:
+            return False
+        client = self._producer.client
+        node = client.get_random_node()
+        if node is None:
+            return False
+        try:
+            return bool(await client.ready(node))
+        except KafkaError:
+            return False
+
     async def send_batch(self, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> None:
         """Send ``(key, value)`` pairs; return once the broker has acknowledged all of them."""
         assert self._producer is not None, "EventProducer not started"

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     max_events_per_batch: int = Field(default=500, ge=1)
     write_key_cache_seconds: float = Field(default=10.0, ge=0)
 
+    loader_metrics_port: int = Field(
+        default=9108, ge=0, le=65535, description="loader's /metrics port; 0: none"
+    )
     consumer_group: str = "eventpipe-loader"
     batch_max_rows: int = Field(default=5000, ge=1)
     batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

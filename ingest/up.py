@@ -27,7 +27,7 @@ from ingest.errors import StartupError
 from ingest.migrate import migrate
 from ingest.partitions import PartitionManager
 from ingest.postgres_process import EmbeddedPostgres
-from ingest.processes import ensure_port_free, ensure_writable_dir
+from ingest.processes import ensure_port_free, ensure_writable_dir, free_port
 from ingest.settings import Settings, StackInfo
 from ingest.shops import ensure_shop
 from ingest.supervisor import Child, Supervisor
@@ -161,6 +161,7 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
                 "EVENTPIPE_COLLECTOR_HOST": settings.collector_host,
                 "EVENTPIPE_COLLECTOR_PORT": str(settings.collector_port),
             }
+            env.setdefault("EVENTPIPE_LOADER_METRICS_PORT", str(free_port()))
             if not settings.kafka_bootstrap:  # Tansu joins a group in half the session timeout
                 env.setdefault("EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS", "6000")
             cli = [sys.executable, "-m", "ingest.cli"]
