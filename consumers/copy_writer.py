@@ -9,7 +9,7 @@ halves under savepoints until it is alone; the good rows still load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -31,6 +31,7 @@ class Pending:
     partition: int
     offset: int
     raw: bytes
+    context: object = None  # the collector's session facts, for user_sessions
 
 
 @dataclass
@@ -43,6 +44,14 @@ class Rejected:
     raw: bytes
     reason: str
     error: str
+
+
+@dataclass
+class Written:
+    """What one write did: the items that became new rows, and those refused."""
+
+    inserted: list[Pending] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
 
 
 class CopyWriter:
@@ -60,59 +69,67 @@ class CopyWriter:
         )
         self._merge = (
             f"INSERT INTO {self.table} ({cols}) SELECT DISTINCT ON ({key}) {cols} "
-            f"FROM {self.stage} ON CONFLICT DO NOTHING"
+            f"FROM {self.stage} ON CONFLICT DO NOTHING RETURNING {key}"
         )
+        self._key_at = (spec.columns.index("event_id"), spec.time_index)
 
-    async def write(self, conn: asyncpg.Connection, items: list[Pending]) -> list[Rejected]:
-        """Load ``items``; return those PostgreSQL refused. Must run inside a transaction."""
-        rejected: list[Rejected] = []
+    async def write(self, conn: asyncpg.Connection, items: list[Pending]) -> Written:
+        """Load ``items`` inside the caller's transaction.
+
+        Returns the items that became new rows (duplicates of stored rows are
+        not among them) and the records PostgreSQL refused.
+        """
+        written = Written()
         if items:
-            await self._load(conn, items, rejected, staged=False)
-        return rejected
+            await self._load(conn, items, written, staged=False)
+        return written
 
     async def _load(
-        self,
-        conn: asyncpg.Connection,
-        items: list[Pending],
-        rejected: list[Rejected],
-        *,
-        staged: bool,
+        self, conn: asyncpg.Connection, items: list[Pending], out: Written, *, staged: bool
     ) -> None:
         try:
             async with conn.transaction():  # a savepoint
-                await self._insert(conn, [i.row for i in items], staged=staged)
-            return
+                inserted = await self._insert(conn, items, staged=staged)
         except asyncpg.UniqueViolationError:
             if staged:
                 raise  # cannot happen: ON CONFLICT DO NOTHING
-            await self._load(conn, items, rejected, staged=True)
+            await self._load(conn, items, out, staged=True)
         except ROW_ERRORS as exc:
-            if len(items) == 1:
-                item = items[0]
-                rejected.append(
-                    Rejected(
-                        item.topic,
-                        item.partition,
-                        item.offset,
-                        item.raw,
-                        "rejected_by_postgres",
-                        f"{type(exc).__name__}: {exc}",
-                    )
-                )
+            if len(items) > 1:
+                middle = len(items) // 2
+                await self._load(conn, items[:middle], out, staged=staged)
+                await self._load(conn, items[middle:], out, staged=staged)
                 return
-            middle = len(items) // 2
-            await self._load(conn, items[:middle], rejected, staged=staged)
-            await self._load(conn, items[middle:], rejected, staged=staged)
+            item = items[0]
+            error = f"{type(exc).__name__}: {exc}"
+            out.rejected.append(
+                Rejected(
+                    item.topic, item.partition, item.offset, item.raw, "rejected_by_postgres", error
+                )
+            )
+        else:
+            out.inserted += inserted
 
-    async def _insert(self, conn: asyncpg.Connection, rows: list[Row], *, staged: bool) -> None:
+    async def _insert(
+        self, conn: asyncpg.Connection, items: list[Pending], *, staged: bool
+    ) -> list[Pending]:
+        rows: list[Row] = [i.row for i in items]
         if not staged:
             await conn.copy_records_to_table(
                 self.spec.table, records=rows, columns=self.spec.columns
             )
-            return
+            return items
         await conn.execute(self._create_stage)
         await conn.execute(f"TRUNCATE {self.stage}")
         await conn.copy_records_to_table(
             f"_stage_{self.spec.table}", records=rows, columns=self.spec.columns
         )
-        await conn.execute(self._merge)
+        new = {(r[0], r[1]) for r in await conn.fetch(self._merge)}
+        id_at, time_at = self._key_at
+        inserted: list[Pending] = []
+        for item in items:
+            key = (item.row[id_at], item.row[time_at])
+            if key in new:
+                inserted.append(item)
+                new.discard(key)  # a duplicate inside the batch counts once
+        return inserted

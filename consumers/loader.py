@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date
@@ -24,10 +25,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from consumers import dead_letters
-from consumers.copy_writer import CopyWriter, Pending, Rejected
+from consumers import dead_letters, sessions
+from consumers.copy_writer import CopyWriter, Pending, Rejected, Written
 from consumers.offsets import Fenced, OffsetStore
 from consumers.rows import RecordRejected, TableSpec
+from ingest import metrics
 from ingest.app import HttpServer, metrics_app
 from ingest.db import Database
 from ingest.errors import OutsideRetentionWindow, StartupError
@@ -253,33 +255,52 @@ class Loader:
             for record in fresh:
                 raw = record.value or b""
                 try:
-                    row = self.spec.decode(record.value)
+                    row, context = self.spec.decode(record.value)
                 except RecordRejected as exc:
                     rejected.append(
                         Rejected(tp.topic, tp.partition, record.offset, raw, exc.reason, exc.error)
                     )
                     continue
-                items.append(Pending(row, tp.topic, tp.partition, record.offset, raw))
+                items.append(Pending(row, tp.topic, tp.partition, record.offset, raw, context))
         if not ranges:
             return
         items = await self._ensure_partitions(items, rejected)
+        started = time.perf_counter()
         async with self.db.pool.acquire() as conn, conn.transaction():
-            refused = await self.writer.write(conn, items)
-            rejected += refused
+            written = await self.writer.write(conn, items)
+            rejected += written.rejected
+            if self.spec.stream == "behavior":
+                await sessions.upsert(conn, written.inserted)
             await dead_letters.record(conn, self.group, rejected)
             for tp, (start, end) in ranges.items():
                 await self.offsets.advance(conn, tp.partition, start, end)
         for tp, (_, end) in ranges.items():
             self.positions[tp] = end
-        self.rows_loaded += len(items) - len(refused)
+        self._observe(batch, written, rejected, time.perf_counter() - started)
+        with contextlib.suppress(KafkaError):  # for lag tools only; PostgreSQL is the truth
+            await self.consumer.commit({tp: end for tp, (_, end) in ranges.items()})
+
+    def _observe(
+        self, batch: Batch, written: Written, rejected: list[Rejected], seconds: float
+    ) -> None:
+        table = self.spec.table
+        self.rows_loaded += len(written.inserted)
+        metrics.ROWS_LOADED.labels(table).inc(len(written.inserted))
+        metrics.BATCH_ROWS.labels(table).observe(batch.count)
+        metrics.COPY_LATENCY.labels(table).observe(seconds)
+        for tp in batch.records:
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and tp in self.positions:
+                lag = max(highwater - self.positions[tp], 0)
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+        for r in rejected:
+            metrics.DEAD_LETTERS.labels(table, r.reason).inc()
         if rejected:
             log.warning(
                 "records dead-lettered",
                 count=len(rejected),
                 reasons=sorted({r.reason for r in rejected}),
             )
-        with contextlib.suppress(KafkaError):  # for lag tools only; PostgreSQL is the truth
-            await self.consumer.commit({tp: end for tp, (_, end) in ranges.items()})
 
     async def _ensure_partitions(
         self, items: list[Pending], rejected: list[Rejected]

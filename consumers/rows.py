@@ -77,8 +77,8 @@ class TableSpec:
         """Position of the event-time column in a row."""
         return self.columns.index(self.time_column)
 
-    def decode(self, raw: bytes | None) -> Row:
-        """Bytes of a Kafka record to a row; RecordRejected when that can't be done."""
+    def decode(self, raw: bytes | None) -> tuple[Row, object]:
+        """Bytes of a Kafka record to (row, context); RecordRejected when that can't be done."""
         if raw is None:
             raise RecordRejected("decode_error", "record has no value")
         try:
@@ -88,7 +88,7 @@ class TableSpec:
         if not isinstance(data, dict):
             raise RecordRejected("invalid_record", "record is not a JSON object")
         try:
-            return self.convert(data)
+            return self.convert(data), data.get("context")
         except KeyError as exc:
             raise RecordRejected("invalid_record", f"missing field {exc}") from exc
         except (TypeError, ValueError) as exc:

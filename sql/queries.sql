@@ -85,3 +85,35 @@ SELECT pg_advisory_xact_lock(hashtext('eventpipe:partition:' || $1));
 
 -- name: claimed_partitions
 SELECT count(*) FROM loader_offsets WHERE log_id = $1 AND topic = ANY($2::text[]);
+
+-- name: upsert_sessions
+-- One row per session touched by a batch (only rows that were new), folded in:
+-- landing page of the earliest event, exit page of the latest, page views added.
+INSERT INTO user_sessions AS s (
+  shop_id, session_id, user_agent, referrer, landing_page, exit_page, device_type,
+  screen_resolution, language, country_code, first_seen_at, last_seen_at, page_count,
+  duration_seconds
+)
+SELECT u.*, EXTRACT(EPOCH FROM (u.last_seen_at - u.first_seen_at))::int
+FROM unnest(
+  $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+  $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::int[]
+) AS u(shop_id, session_id, user_agent, referrer, landing_page, exit_page, device_type,
+       screen_resolution, language, country_code, first_seen_at, last_seen_at, page_count)
+ON CONFLICT (shop_id, session_id) DO UPDATE SET
+  landing_page = CASE WHEN EXCLUDED.first_seen_at < s.first_seen_at
+                      THEN EXCLUDED.landing_page ELSE s.landing_page END,
+  exit_page = CASE WHEN EXCLUDED.last_seen_at >= s.last_seen_at
+                   THEN EXCLUDED.exit_page ELSE s.exit_page END,
+  first_seen_at = LEAST(s.first_seen_at, EXCLUDED.first_seen_at),
+  last_seen_at = GREATEST(s.last_seen_at, EXCLUDED.last_seen_at),
+  page_count = s.page_count + EXCLUDED.page_count,
+  duration_seconds = EXTRACT(EPOCH FROM (GREATEST(s.last_seen_at, EXCLUDED.last_seen_at)
+                                       - LEAST(s.first_seen_at, EXCLUDED.first_seen_at)))::int,
+  user_agent = COALESCE(s.user_agent, EXCLUDED.user_agent),
+  referrer = COALESCE(s.referrer, EXCLUDED.referrer),
+  device_type = COALESCE(s.device_type, EXCLUDED.device_type),
+  screen_resolution = COALESCE(s.screen_resolution, EXCLUDED.screen_resolution),
+  language = COALESCE(s.language, EXCLUDED.language),
+  country_code = COALESCE(s.country_code, EXCLUDED.country_code),
+  updated_at = now();

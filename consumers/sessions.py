@@ -1,0 +1,92 @@
+"""``user_sessions`` kept up to date from the behavior rows each batch inserted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from consumers.copy_writer import Pending
+from consumers.rows import BEHAVIOR
+from ingest.db import QUERIES
+
+_AT = {name: BEHAVIOR.columns.index(name) for name in BEHAVIOR.columns}
+_DEVICES = {"mobile", "desktop", "tablet"}
+_CONTEXT_TEXT = ("user_agent", "referrer", "screen_resolution", "language")
+
+
+@dataclass
+class _Session:
+    first_seen: datetime
+    landing_page: str
+    last_seen: datetime
+    exit_page: str
+    page_views: int
+    context: dict[str, str | None]
+
+
+def _context(raw: Any) -> dict[str, str | None]:
+    """Session facts the collector attached; anything malformed is dropped, never fatal."""
+    ctx = raw if isinstance(raw, dict) else {}
+    out: dict[str, str | None] = {
+        k: v[:1024] if isinstance(v := ctx.get(k), str) else None for k in _CONTEXT_TEXT
+    }
+    device = ctx.get("device_type")
+    out["device_type"] = device if device in _DEVICES else None
+    country = ctx.get("country_code")
+    out["country_code"] = (
+        country.upper() if isinstance(country, str) and len(country) == 2 else None
+    )
+    return out
+
+
+def aggregate(items: list[Pending]) -> list[tuple[Any, ...]]:
+    """One upsert row per (shop, session) touched by ``items``, in ``upsert_sessions`` order."""
+    sessions: dict[tuple[UUID, str], _Session] = {}
+    for item in items:
+        row = item.row
+        key = (row[_AT["shop_id"]], row[_AT["session_id"]])
+        at, url = row[_AT["timestamp"]], row[_AT["page_url"]]
+        views = 1 if row[_AT["event_type"]] == "page_view" else 0
+        s = sessions.get(key)
+        if s is None:
+            sessions[key] = _Session(at, url, at, url, views, _context(item.context))
+            continue
+        if at < s.first_seen:
+            s.first_seen, s.landing_page = at, url
+        if at >= s.last_seen:
+            s.last_seen, s.exit_page = at, url
+        s.page_views += views
+        for name, value in _context(item.context).items():
+            if s.context.get(name) is None:
+                s.context[name] = value
+    return [
+        (
+            shop,
+            session,
+            s.context["user_agent"],
+            s.context["referrer"],
+            s.landing_page,
+            s.exit_page,
+            s.context["device_type"],
+            s.context["screen_resolution"],
+            s.context["language"],
+            s.context["country_code"],
+            s.first_seen,
+            s.last_seen,
+            s.page_views,
+        )
+        for (shop, session), s in sessions.items()
+    ]
+
+
+async def upsert(conn: asyncpg.Connection, items: list[Pending]) -> int:
+    """Fold newly inserted behavior rows into ``user_sessions``; returns sessions touched."""
+    rows = aggregate(items)
+    if rows:
+        columns = list(zip(*rows, strict=True))
+        await conn.execute(QUERIES["upsert_sessions"], *columns)
+    return len(rows)
