@@ -1,11 +1,12 @@
-"""The dead-letter table: records that could not be loaded, kept with their coordinates."""
+"""The dead-letter table: records that could not be loaded, kept to look at and replay."""
 
 from __future__ import annotations
 
 import asyncpg
 
 from consumers.copy_writer import Rejected
-from ingest.db import QUERIES
+from ingest.db import QUERIES, Database
+from ingest.producer import EventProducer
 
 
 async def record(conn: asyncpg.Connection, group: str, rejected: list[Rejected]) -> None:
@@ -18,3 +19,33 @@ async def record(conn: asyncpg.Connection, group: str, rejected: list[Rejected])
                 for r in rejected
             ],
         )
+
+
+async def listing(
+    db: Database, *, reason: str | None = None, include_replayed: bool = False, limit: int = 100
+) -> list[asyncpg.Record]:
+    """Dead letters, oldest first."""
+    return await db.fetch("list_dead_letters", reason, include_replayed, limit)
+
+
+async def replay(
+    db: Database,
+    producer: EventProducer,
+    *,
+    ids: list[int] | None = None,
+    reason: str | None = None,
+    everything: bool = False,
+) -> int:
+    """Produce the chosen dead letters' raw records to their topics again; returns how many.
+
+    A replayed record is loaded like any other: if it is still bad it comes back
+    as a new dead letter; if it was loaded before, deduplication keeps one row.
+    """
+    rows = await db.fetch("dead_letters_to_replay", ids or [], reason, everything)
+    by_topic: dict[str, list[tuple[bytes, bytes]]] = {}
+    for row in rows:
+        by_topic.setdefault(row["topic"], []).append((b"replay", bytes(row["raw"])))
+    for topic, messages in by_topic.items():
+        await producer.send_batch(topic, messages)
+    await db.execute("mark_replayed", [row["id"] for row in rows])
+    return len(rows)

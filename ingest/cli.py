@@ -14,6 +14,7 @@ import pydantic
 from rich.console import Console
 from rich.text import Text
 
+from consumers import dead_letters_cli
 from consumers.loader import run_loaders
 from consumers.rows import SPECS
 from ingest import logs, partitions_cli
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(func=migrate_command)
 
     partitions_cli.add_parser(sub, common)
+    dead_letters_cli.add_parser(sub, common)
     return parser
 
 

@@ -117,3 +117,20 @@ ON CONFLICT (shop_id, session_id) DO UPDATE SET
   language = COALESCE(s.language, EXCLUDED.language),
   country_code = COALESCE(s.country_code, EXCLUDED.country_code),
   updated_at = now();
+
+-- name: list_dead_letters
+SELECT id, consumer_group, topic, kafka_partition, kafka_offset, reason, error, created_at,
+       replayed_at, length(raw) AS size
+FROM dead_letters
+WHERE ($1::text IS NULL OR reason = $1) AND ($2::bool OR replayed_at IS NULL)
+ORDER BY id
+LIMIT $3;
+
+-- name: dead_letters_to_replay
+SELECT id, topic, raw FROM dead_letters
+WHERE replayed_at IS NULL AND (id = ANY($1::bigint[]) OR ($2::text IS NOT NULL AND reason = $2)
+                               OR $3::bool)
+ORDER BY id;
+
+-- name: mark_replayed
+UPDATE dead_letters SET replayed_at = now() WHERE id = ANY($1::bigint[]);

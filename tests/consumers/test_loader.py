@@ -178,3 +178,30 @@ async def _offsets_in_log(db: Database, settings: Settings, log_id: str, upto: i
         log_id,
     )
     return bool(row and row["n"] == settings.topic_partitions and row["upto"] == upto)
+
+
+async def test_dead_letters_list_and_replay_after_a_fix(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    from consumers import dead_letters
+    from ingest.producer import EventProducer
+
+    good = record(shop)
+    broken = dict(good, page_url=123)  # a record the loader can't use ...
+    await produce(settings, [orjson.dumps(broken)])
+    async with running_loader(settings, db):
+        await wait_for(lambda: _dead_count(db, settings, 1))
+        letters = [
+            r for r in await dead_letters.listing(db) if r["topic"] == settings.topic_behavior
+        ]
+        assert [r["reason"] for r in letters] == ["invalid_record"]
+        assert "expected text" in letters[0]["error"]
+        # ... fixed by hand (as an operator would, after fixing the producer) and replayed.
+        await db.pool.execute(
+            "UPDATE dead_letters SET raw = $1 WHERE id = $2", orjson.dumps(good), letters[0]["id"]
+        )
+        async with EventProducer(settings) as producer:
+            assert await dead_letters.replay(db, producer, ids=[letters[0]["id"]]) == 1
+            assert await dead_letters.replay(db, producer, ids=[letters[0]["id"]]) == 0
+        await wait_for(lambda: _all_present(db, [str(good["event_id"])]))
+    assert await count_ids(db, [str(good["event_id"])]) == {str(good["event_id"]): 1}
