@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from ingest.db import Database
 from ingest.errors import OutsideRetentionWindow, StartupError
 from ingest.partitions import PartitionManager, month_start
 from ingest.settings import Settings
+from ingest.supervisor import Child, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -349,3 +352,35 @@ async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.
         for task in done:
             if task is not stopped and (error := task.exception()) is not None:
                 raise error
+
+
+async def run_loader_processes(
+    settings: Settings, stream: str, processes: int, stop: asyncio.Event
+) -> int:
+    """Run ``processes`` loader processes of ``stream`` in one consumer group, supervised.
+
+    Each child gets its own metrics port (``loader_metrics_port + i``) when one is set.
+    """
+    argv = [sys.executable, "-m", "ingest.cli", "loader", "--stream", stream]
+    children = [
+        Child(
+            f"loader-{i}",
+            argv,
+            env={
+                "EVENTPIPE_LOADER_METRICS_PORT": str(
+                    settings.loader_metrics_port + i if settings.loader_metrics_port else 0
+                )
+            },
+        )
+        for i in range(processes)
+    ]
+    async with Supervisor(children, {**os.environ, **settings.to_env()}) as supervisor:
+        failed = asyncio.create_task(supervisor.failed.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        stopped.cancel()
+    if supervisor.failed.is_set():
+        log.error("loader processes failed", reason=supervisor.failure)
+        return 1
+    return 0

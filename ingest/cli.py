@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from consumers import dead_letters_cli
-from consumers.loader import run_loaders
+from consumers.loader import run_loader_processes, run_loaders
 from consumers.rows import SPECS
 from ingest import logs, partitions_cli
 from ingest.collector import run_collector
@@ -49,8 +49,11 @@ async def collector_command(settings: Settings, args: argparse.Namespace, consol
 
 async def loader_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
     """Run loaders for one stream or all."""
+    settings = settings.resolve_stack()
+    if args.processes > 1:
+        return await run_loader_processes(settings, args.stream, args.processes, _stop_event())
     streams = list(SPECS) if args.stream == "all" else [args.stream]
-    await run_loaders(settings.resolve_stack(), [SPECS[s] for s in streams], _stop_event())
+    await run_loaders(settings, [SPECS[s] for s in streams], _stop_event())
     return 0
 
 
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     loader = sub.add_parser("loader", parents=[common], help="run loaders (Kafka -> PostgreSQL)")
     loader.add_argument("--stream", choices=[*SPECS, "all"], default="all")
+    loader.add_argument(
+        "--processes", type=int, default=1, help="loader processes in the group (default 1)"
+    )
     loader.set_defaults(func=loader_command)
 
     mig = sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")

@@ -145,6 +145,13 @@ class Settings(BaseSettings):
             raise ConfigError("no Kafka bootstrap servers", hint="set EVENTPIPE_KAFKA_BOOTSTRAP")
         return self.kafka_bootstrap
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``EVENTPIPE_*`` variables, for child processes."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            env[f"EVENTPIPE_{name.upper()}"] = str(value)
+        return env
+
     def topic_for(self, stream: str) -> str:
         """The Kafka topic of a stream (``behavior`` or ``storefront``)."""
         return {"behavior": self.topic_behavior, "storefront": self.topic_storefront}[stream]

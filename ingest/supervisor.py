@@ -24,6 +24,7 @@ class Child:
 
     name: str
     argv: Sequence[str]
+    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
 
@@ -50,7 +51,7 @@ class Supervisor:
         child.proc = subprocess.Popen(
             list(child.argv),
             stdin=subprocess.DEVNULL,
-            env=self.env,
+            env={**self.env, **child.env},
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops children in order
             preexec_fn=die_with_parent(signal.SIGTERM),
         )

@@ -68,7 +68,7 @@ async def loaded(db: Database, ids: list[str]) -> int:
     )
 
 
-def loader_process(settings: Settings) -> subprocess.Popen[bytes]:
+def loader_process(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "EVENTPIPE_POSTGRES_DSN": settings.dsn,
@@ -83,7 +83,7 @@ def loader_process(settings: Settings) -> subprocess.Popen[bytes]:
         "EVENTPIPE_LOG_LEVEL": "warning",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "ingest.cli", "loader", "--stream", "behavior"], env=env
+        [sys.executable, "-m", "ingest.cli", "loader", "--stream", "behavior", *extra], env=env
     )
 
 
@@ -156,3 +156,26 @@ async def test_postgres_restarted_during_load(settings: Settings, tmp_path: Path
             assert await reconcile(db, ids) == (0, 0)
     finally:
         await pg.stop()
+
+
+async def test_loader_processes_share_the_group(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    import psutil
+
+    ids = await produce_many(settings, shop, 6000)
+    proc = loader_process(settings, "--processes", "2")
+    try:
+        await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=90)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not any(c.is_running() and c.status() != "zombie" for c in children)
+    finally:
+        proc.kill()
+    assert await reconcile(db, ids) == (0, 0)
+    owners = await db.pool.fetchval(
+        "SELECT count(*) FROM loader_offsets WHERE topic = $1", settings.topic_behavior
+    )
+    assert owners == settings.topic_partitions
