@@ -124,7 +124,8 @@ class CopyWriter:
         await conn.copy_records_to_table(
             f"_stage_{self.spec.table}", records=rows, columns=self.spec.columns
         )
-        new = {(r[0], r[1]) for r in await conn.fetch(self._merge)}
+        # Rows hold event ids as canonical strings (see rows._uuid).
+        new = {(str(r[0]), r[1]) for r in await conn.fetch(self._merge)}
         id_at, time_at = self._key_at
         inserted: list[Pending] = []
         for item in items:

@@ -55,13 +55,31 @@ DB_UNAVAILABLE = (
 
 @dataclass
 class Batch:
-    """Records read since the last commit, by Kafka partition."""
+    """Records read since the last commit, decoded, by Kafka partition (in offset order)."""
 
-    records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = field(
+    records: dict[TopicPartition, list[Pending | Rejected]] = field(
         default_factory=lambda: defaultdict(list)
     )
     count: int = 0
     size: int = 0
+
+    def add(
+        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]], spec: TableSpec
+    ) -> None:
+        """Decode ``records`` of ``tp`` into the batch."""
+        out = self.records[tp]
+        for record in records:
+            raw = record.value or b""
+            try:
+                row, context = spec.decode(record.value)
+            except RecordRejected as exc:
+                out.append(
+                    Rejected(tp.topic, tp.partition, record.offset, raw, exc.reason, exc.error)
+                )
+            else:
+                out.append(Pending(row, tp.topic, tp.partition, record.offset, raw, context))
+            self.size += len(raw)
+        self.count += len(records)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -99,6 +117,7 @@ class Loader:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._kafka_commit: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Join the consumer group and start loading in the background."""
@@ -109,6 +128,8 @@ class Loader:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=1024 * 1024,
             fetch_max_bytes=min(self.settings.batch_max_bytes, 50 * 1024 * 1024),
+            # A fetch never waits longer than a batch may age.
+            fetch_max_wait_ms=min(self.settings.batch_max_age_ms, 500),
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(self.settings.kafka_session_timeout_ms // 6, 100),
         )
@@ -129,6 +150,8 @@ class Loader:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._kafka_commit is not None:
+            await self._kafka_commit
         if self._consumer is not None:
             await self._consumer.stop()
         log.info("loader stopped", stream=self.spec.stream, rows_loaded=self.rows_loaded)
@@ -192,10 +215,21 @@ class Loader:
             self.positions[tp] = offset
 
     async def _run(self) -> None:
-        while not self._stopping.is_set():
-            batch = await self._collect()
-            if batch.count:
-                await self._apply_with_retry(batch)
+        # Two stages: while PostgreSQL commits one batch, the next is fetched and
+        # decoded, so Python's work overlaps the database's. Batches still commit
+        # one at a time, in order.
+        committing: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping.is_set():
+                batch = await self._collect()
+                if committing is not None:
+                    await committing
+                    committing = None
+                if batch.count:
+                    committing = asyncio.create_task(self._apply_with_retry(batch))
+        finally:
+            if committing is not None:
+                await committing
 
     async def _collect(self) -> Batch:
         """Read until the batch is full by rows or bytes, or its first record is old enough."""
@@ -210,9 +244,7 @@ class Loader:
                 max_records=self.settings.batch_max_rows - batch.count,
             )
             for tp, records in got.items():
-                batch.records[tp].extend(records)
-                batch.count += len(records)
-                batch.size += sum(len(r.value or b"") for r in records)
+                batch.add(tp, records, self.spec)
             if batch.count and first_at is None:
                 first_at = loop.time()
             if first_at is not None and (
@@ -255,16 +287,11 @@ class Loader:
             if not fresh:
                 continue
             ranges[tp] = (start, fresh[-1].offset + 1)
-            for record in fresh:
-                raw = record.value or b""
-                try:
-                    row, context = self.spec.decode(record.value)
-                except RecordRejected as exc:
-                    rejected.append(
-                        Rejected(tp.topic, tp.partition, record.offset, raw, exc.reason, exc.error)
-                    )
-                    continue
-                items.append(Pending(row, tp.topic, tp.partition, record.offset, raw, context))
+            for entry in fresh:
+                if isinstance(entry, Pending):
+                    items.append(entry)
+                else:
+                    rejected.append(entry)
         if not ranges:
             return
         items = await self._ensure_partitions(items, rejected)
@@ -275,13 +302,24 @@ class Loader:
             if self.spec.stream == "behavior":
                 await sessions.upsert(conn, written.inserted)
             await dead_letters.record(conn, self.group, rejected)
-            for tp, (start, end) in ranges.items():
-                await self.offsets.advance(conn, tp.partition, start, end)
+            await self.offsets.advance(
+                conn, [(tp.partition, start, end) for tp, (start, end) in ranges.items()]
+            )
         for tp, (_, end) in ranges.items():
             self.positions[tp] = end
         self._observe(batch, written, rejected, time.perf_counter() - started)
-        with contextlib.suppress(KafkaError):  # for lag tools only; PostgreSQL is the truth
-            await self.consumer.commit({tp: end for tp, (_, end) in ranges.items()})
+        self._commit_to_kafka({tp: end for tp, (_, end) in ranges.items()})
+
+    def _commit_to_kafka(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit to Kafka in the background, for lag tools only: PostgreSQL is the truth."""
+        if self._kafka_commit is not None and not self._kafka_commit.done():
+            return  # the next batch's commit will carry these offsets forward
+
+        async def commit() -> None:
+            with contextlib.suppress(KafkaError, asyncio.CancelledError):
+                await self.consumer.commit(offsets)
+
+        self._kafka_commit = asyncio.create_task(commit())
 
     def _observe(
         self, batch: Batch, written: Written, rejected: list[Rejected], seconds: float

@@ -42,15 +42,14 @@ class OffsetStore:
         """Overwrite the position of ``partition`` (after a broker log reset)."""
         await self.db.execute("reset_offset", self.group, self.topic, partition, offset, log_id)
 
-    async def advance(
-        self, conn: asyncpg.Connection, partition: int, expected: int, new: int
-    ) -> None:
-        """Move ``partition`` from ``expected`` to ``new`` in the caller's transaction.
+    async def advance(self, conn: asyncpg.Connection, moves: list[tuple[int, int, int]]) -> None:
+        """Move each ``(partition, expected, new)`` in the caller's transaction, in one statement.
 
-        Raises Fenced when the stored offset is not ``expected``.
+        Raises Fenced when a stored offset is not its ``expected``.
         """
+        partitions, expected, new = (list(c) for c in zip(*moves, strict=True))
         status = await conn.execute(
-            self.db.q["advance_offset"], self.group, self.topic, partition, expected, new
+            self.db.q["advance_offsets"], self.group, self.topic, partitions, expected, new
         )
-        if status != "UPDATE 1":
-            raise Fenced(f"{self.topic}[{partition}] is no longer at offset {expected}")
+        if status != f"UPDATE {len(moves)}":
+            raise Fenced(f"{self.topic}{partitions}: a stored offset moved under this loader")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 import asyncpg
 
@@ -45,7 +44,7 @@ def _context(raw: Any) -> dict[str, str | None]:
 
 def aggregate(items: list[Pending]) -> list[tuple[Any, ...]]:
     """One upsert row per (shop, session) touched by ``items``, in ``upsert_sessions`` order."""
-    sessions: dict[tuple[UUID, str], _Session] = {}
+    sessions: dict[tuple[str, str], _Session] = {}
     for item in items:
         row = item.row
         key = (row[_AT["shop_id"]], row[_AT["session_id"]])

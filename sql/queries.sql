@@ -50,11 +50,13 @@ ON CONFLICT (consumer_group, topic, kafka_partition) DO NOTHING;
 UPDATE loader_offsets SET next_offset = $4, log_id = $5, updated_at = now()
 WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3;
 
--- name: advance_offset
--- Fenced: only moves from the position this loader believes in, so a loader
--- that lost the partition in a rebalance cannot apply a batch twice.
-UPDATE loader_offsets SET next_offset = $5, updated_at = now()
-WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3 AND next_offset = $4;
+-- name: advance_offsets
+-- Fenced: each partition only moves from the position this loader believes in,
+-- so a loader that lost a partition in a rebalance cannot apply a batch twice.
+UPDATE loader_offsets o SET next_offset = m.new, updated_at = now()
+FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS m(kafka_partition, expected, new)
+WHERE o.consumer_group = $1 AND o.topic = $2
+  AND o.kafka_partition = m.kafka_partition AND o.next_offset = m.expected;
 
 -- name: insert_dead_letter
 INSERT INTO dead_letters

@@ -1,0 +1,84 @@
+"""What every benchmark shares: an embedded stack, machine facts, result files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ingest.broker_process import EmbeddedBroker
+from ingest.migrate import migrate
+from ingest.postgres_process import EmbeddedPostgres
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Stack:
+    """Embedded PostgreSQL (or a given DSN) and broker for one benchmark run."""
+
+    dsn: str
+    bootstrap: str
+    log_id: str
+
+
+@contextlib.asynccontextmanager
+async def embedded_stack(dsn: str | None = None) -> AsyncIterator[Stack]:
+    """Start what isn't given, in a temporary directory, and migrate."""
+    with tempfile.TemporaryDirectory(prefix="eventpipe-bench-") as tmp:
+        async with contextlib.AsyncExitStack() as stack:
+            if dsn is None:
+                pg = await stack.enter_async_context(EmbeddedPostgres(Path(tmp)))
+                dsn = pg.dsn
+            broker = await stack.enter_async_context(EmbeddedBroker(Path(tmp) / "broker"))
+            await migrate(dsn)
+            yield Stack(dsn, broker.bootstrap, broker.log_id)
+
+
+def machine() -> dict[str, Any]:
+    """A description of the machine the figures were measured on."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of ``values``; 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: list[float]) -> float:
+    """The median, 0 when empty."""
+    return statistics.median(values) if values else 0.0
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path

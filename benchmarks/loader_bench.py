@@ -1,0 +1,157 @@
+"""Loader throughput vs raw asyncpg binary COPY of the same rows, in the same run.
+
+Usage: python -m benchmarks.loader_bench [--rows N] [--repeat K] [--dsn DSN]
+
+Both sides write the same decoded rows into the same table (`events`, with its
+indexes), in batches of the same size, over one connection. The loader also
+fetches from Kafka, decodes, deduplicates, and commits its offsets in the same
+transaction: the exactly-once guarantees stay on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from benchmarks.common import Stack, embedded_stack, machine, median, write_result
+from consumers.loader import Loader
+from consumers.rows import STOREFRONT
+from ingest import logs
+from ingest.db import Database
+from ingest.partitions import PartitionManager
+from ingest.settings import Settings
+from ingest.shops import ensure_shop
+from ingest.topics import ensure_topics
+
+
+def storefront_records(shop_id: str, n: int) -> list[bytes]:
+    """``n`` realistic storefront records as the collector would produce them."""
+    now = datetime.now(UTC).isoformat()
+    kinds = ["page_view", "product_view", "add_to_cart", "begin_checkout", "purchase"]
+    return [
+        orjson.dumps(
+            {
+                "event_id": str(uuid.uuid4()),
+                "shop_id": shop_id,
+                "anon_id": f"anon-{i % 5000}",
+                "session_id": f"sess-{i % 20000}",
+                "event_type": kinds[i % len(kinds)],
+                "ts": now,
+                "props": {"url": f"https://shop.example/products/{i % 300}", "value": i % 97},
+                "product_id": f"gid://shopify/Product/{i % 300}",
+                "experiment_id": None,
+                "variant": None,
+                "received_at": now,
+            }
+        )
+        for i in range(n)
+    ]
+
+
+async def prefill(settings: Settings, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024
+    )
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(settings.topic_storefront, v, key=str(i % 64).encode())
+            for i, v in enumerate(values)
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def raw_copy(db: Database, values: list[bytes], batch: int) -> float:
+    """Seconds for plain binary COPY of the decoded rows, batch by batch, one connection."""
+    rows = [STOREFRONT.decode(v)[0] for v in values]
+    await db.pool.execute("TRUNCATE events")
+    async with db.pool.acquire() as conn:
+        started = time.perf_counter()
+        for i in range(0, len(rows), batch):
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "events", records=rows[i : i + batch], columns=STOREFRONT.columns
+                )
+        return time.perf_counter() - started
+
+
+async def loader_run(settings: Settings, db: Database, n: int) -> float:
+    """Seconds for the loader to load all ``n`` records once it owns its partitions."""
+    await db.pool.execute("TRUNCATE events")
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    run = settings.model_copy(update={"consumer_group": group})
+    loader = Loader(run, STOREFRONT, db, PartitionManager(db))
+    await loader.start()
+    try:
+        while len(loader.positions) < run.topic_partitions:
+            await asyncio.sleep(0.005)
+        started = time.perf_counter()
+        while loader.rows_loaded < n:
+            await asyncio.sleep(0.005)
+        return time.perf_counter() - started
+    finally:
+        await loader.stop()
+
+
+async def bench(stack: Stack, rows: int, repeat: int) -> dict[str, Any]:
+    """Alternate raw COPY and loader runs; report medians and their ratio."""
+    settings = Settings(
+        postgres_dsn=stack.dsn,
+        kafka_bootstrap=stack.bootstrap,
+        kafka_log_id=stack.log_id,
+        topic_storefront=f"bench.storefront.{uuid.uuid4().hex[:6]}",
+        kafka_session_timeout_ms=6000,
+        loader_metrics_port=0,
+    )
+    await ensure_topics(
+        settings.bootstrap, [settings.topic_storefront], partitions=settings.topic_partitions
+    )
+    async with Database(stack.dsn, max_size=4) as db:
+        shop = await ensure_shop(db, "bench.myshopify.com")
+        await PartitionManager(db).maintain()
+        values = storefront_records(str(shop.shop_id), rows)
+        await prefill(settings, values)
+        copy_s: list[float] = []
+        loader_s: list[float] = []
+        for _ in range(repeat):
+            copy_s.append(await raw_copy(db, values, settings.batch_max_rows))
+            loader_s.append(await loader_run(settings, db, rows))
+    copy_rate, loader_rate = rows / median(copy_s), rows / median(loader_s)
+    return {
+        "rows": rows,
+        "batch_rows": settings.batch_max_rows,
+        "connections": 1,
+        "copy_rows_per_s": round(copy_rate),
+        "loader_rows_per_s": round(loader_rate),
+        "ratio_vs_copy": round(loader_rate / copy_rate, 3),
+        "copy_seconds": [round(s, 3) for s in copy_s],
+        "loader_seconds": [round(s, 3) for s in loader_s],
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dsn", help="PostgreSQL to use instead of an embedded one")
+    args = parser.parse_args()
+    logs.configure("warning")
+    async with embedded_stack(args.dsn) as stack:
+        result = await bench(stack, args.rows, args.repeat)
+    result = {"machine": machine(), "loader": result}
+    path = write_result("loader", result)
+    print(orjson.dumps(result["loader"], option=orjson.OPT_INDENT_2).decode())
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
