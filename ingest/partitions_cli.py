@@ -17,7 +17,14 @@ from rich.table import Table
 
 from ingest.db import Database
 from ingest.errors import ConfigError, PartitionError
-from ingest.partitions import MODES, MaintenanceReport, PartitionManager, Policy, StatusReport
+from ingest.partitions import (
+    MODES,
+    MaintenanceReport,
+    PartitionManager,
+    Policy,
+    StatusReport,
+    add_months,
+)
 from ingest.settings import Settings
 
 
@@ -142,18 +149,18 @@ def _print_status(console: Console, report: StatusReport) -> None:
             f"{p.retention_text or 'forever'}, {p.mode})"
         )
         table = Table(title=title, title_justify="left")
-        for col in ("partition", "from", "to", "est. rows", "size", "state"):
-            table.add_column(col, justify="right" if col in ("est. rows", "size") else "left")
+        table.add_column("partition", no_wrap=True)
+        table.add_column("range (UTC)", no_wrap=True)
+        table.add_column("est. rows", justify="right")
+        table.add_column("size", justify="right")
+        table.add_column("state")
         for part in st.partitions:
-            d = part.as_dict()
-            table.add_row(
-                part.name,
-                d["range_from"] or "",
-                d["range_to"] or "",
-                str(part.est_rows),
-                _size(part.size_bytes),
-                part.state,
+            span = (
+                f"{part.month:%Y-%m-%d} .. {add_months(part.month, 1):%Y-%m-%d}"
+                if part.month
+                else ""
             )
+            table.add_row(part.name, span, str(part.est_rows), _size(part.size_bytes), part.state)
         console.print(table)
         for warning in st.warnings:
             console.print(f"[yellow]warning[/] {p.table}: {warning}", soft_wrap=True)
