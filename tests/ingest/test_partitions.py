@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from ingest.cli import main
 from ingest.db import Database
@@ -451,6 +452,15 @@ async def test_status_warnings_and_default_partition_rows(fresh: Database) -> No
 async def test_cli_status_maintain_policy(
     fresh: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The CLI end to end; main() reconfigures structlog, so the config is restored after."""
+    saved = structlog.get_config()
+    try:
+        await _cli(fresh, capsys)
+    finally:
+        structlog.configure(**saved)
+
+
+async def _cli(fresh: Database, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--postgres-dsn", fresh.dsn]
     run = functools.partial(asyncio.to_thread, main)
     assert await run(["partitions", "status", "--json", *common]) == 1
