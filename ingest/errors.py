@@ -46,4 +46,18 @@ class PartitionError(EventpipeError):
 
 
 class OutsideRetentionWindow(PartitionError):
-    """An event's time falls outside the months a table keeps; it goes to dead letters."""
+    """An event's time falls outside the months a table keeps; it goes to dead letters.
+
+    ``reason`` is ``too_old`` (older than retention) or ``too_new`` (beyond the
+    months made ahead).
+    """
+
+    def __init__(self, message: str, *, hint: str = "", reason: str = "outside_window") -> None:
+        super().__init__(message, hint=hint)
+        self.reason = reason
+
+
+class MaintenanceLocked(PartitionError):
+    """Another ``partitions maintain`` holds the maintenance lock past the wait allowed."""
+
+    exit_code = 6

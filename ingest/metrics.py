@@ -55,3 +55,13 @@ RETENTION_OVERDUE = Gauge(
     "Partitions older than retention still attached",
     ["table"],
 )
+PARTITION_REFUSED_MONTHS = Counter(
+    "eventpipe_partition_refused_months_total",
+    "Months of incoming events refused by the partition window (their rows go to dead letters)",
+    ["table", "reason"],
+)
+PARTITION_ACTIONS = Counter(
+    "eventpipe_partition_actions_total",
+    "Partition maintenance actions done (create, detach, drop, archive, purge_shop)",
+    ["table", "kind"],
+)

@@ -107,6 +107,35 @@ class Settings(BaseSettings):
 
     months_ahead: int = Field(default=3, ge=0, le=24)
     maintenance_interval_s: float = Field(default=3600.0, gt=0)
+    archive_dir: Path | None = Field(
+        default=None,
+        description="where archive-mode retention writes partition archives when the policy "
+        "names no archive_location; unset: <state_dir>/archive",
+    )
+    maintenance_lock_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long `partitions maintain` waits for another run's lock before "
+        "giving up with exit code 6",
+    )
+    partition_lock_timeout_ms: int = Field(
+        default=1000,
+        ge=10,
+        description="lock_timeout of each partition DDL transaction (retried with backoff)",
+    )
+    partition_lock_retries: int = Field(
+        default=5, ge=1, description="attempts per partition DDL step before giving up"
+    )
+    retention_batch_rows: int = Field(
+        default=5000,
+        ge=1,
+        description="rows per DELETE batch when enforcing a shop's shorter data_retention_days",
+    )
+
+    @property
+    def archive_path(self) -> Path:
+        """The default archive directory."""
+        return self.archive_dir or self.state_dir / "archive"
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"

@@ -23,9 +23,10 @@ from rich.console import Console
 
 from ingest.broker_process import EmbeddedBroker
 from ingest.db import Database
-from ingest.errors import StartupError
+from ingest.errors import MaintenanceLocked, StartupError
 from ingest.migrate import migrate
 from ingest.partitions import PartitionManager
+from ingest.partitions_cli import partition_manager
 from ingest.postgres_process import EmbeddedPostgres
 from ingest.processes import ensure_port_free, ensure_writable_dir, free_port
 from ingest.settings import Settings, StackInfo
@@ -94,14 +95,15 @@ async def _wait_loaders(
         await asyncio.sleep(0.2)
 
 
-async def _maintenance(db: Database, interval: float) -> None:
-    manager = PartitionManager(db)
+async def _maintenance(manager: PartitionManager, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            created = await manager.maintain()
-            if created:
-                log.info("partition maintenance", created=len(created))
+            report = await manager.maintain()
+            if report.actions:
+                log.info("partition maintenance", actions=len(report.actions))
+        except MaintenanceLocked:
+            log.info("partition maintenance skipped: another run holds the lock")
         except Exception as exc:  # keep the timer alive; the next run retries
             log.error("partition maintenance failed", error=str(exc))
 
@@ -140,7 +142,8 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
             )
             db = await stack.enter_async_context(Database(dsn, max_size=2))
             shop = await ensure_shop(db, DEMO_SHOP)
-            await PartitionManager(db).maintain()
+            manager = partition_manager(db, settings)
+            await manager.maintain()
             info = StackInfo(
                 collector_url=f"http://{settings.collector_host}:{settings.collector_port}",
                 postgres_dsn=dsn,
@@ -176,7 +179,7 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
             await _wait_http(f"{info.collector_url}/healthz", supervisor)
             topics = [settings.topic_behavior, settings.topic_storefront]
             await _wait_loaders(db, log_id, topics, settings.topic_partitions, supervisor)
-            timer = asyncio.create_task(_maintenance(db, settings.maintenance_interval_s))
+            timer = asyncio.create_task(_maintenance(manager, settings.maintenance_interval_s))
             stack.callback(timer.cancel)
             console.print(
                 f"\n[bold green]eventpipe is up[/]  (state in {state}, facts in {stack_file})\n"

@@ -136,3 +136,94 @@ ORDER BY id;
 
 -- name: mark_replayed
 UPDATE dead_letters SET replayed_at = now() WHERE id = ANY($1::bigint[]);
+
+-- partition manager
+
+-- name: pm_policies
+-- Retention split into whole months and the rest, so the cutoff is computed
+-- with calendar months in UTC (asyncpg would turn months into 30-day blocks).
+SELECT table_name, partition_column, months_ahead, retention_mode, archive_location,
+       retention::text AS retention_text,
+       (extract(year FROM retention) * 12 + extract(month FROM retention))::int
+         AS retention_months,
+       retention - date_trunc('month', retention) AS retention_rest
+FROM partition_policies
+WHERE $1::text IS NULL OR table_name = $1
+ORDER BY table_name;
+
+-- name: pm_upsert_policy
+INSERT INTO partition_policies
+  (table_name, partition_column, months_ahead, retention, retention_mode, archive_location)
+VALUES ($1, $2, $3, $4::text::interval, $5, $6)
+ON CONFLICT (table_name) DO UPDATE SET
+  partition_column = EXCLUDED.partition_column,
+  months_ahead = EXCLUDED.months_ahead,
+  retention = EXCLUDED.retention,
+  retention_mode = EXCLUDED.retention_mode,
+  archive_location = EXCLUDED.archive_location,
+  updated_at = now();
+
+-- name: pm_parent
+-- The partitioned table a policy names, with what new partitions must copy.
+SELECT c.relkind::text AS relkind, quote_ident(pg_get_userbyid(c.relowner)) AS owner,
+       c.relrowsecurity, c.relforcerowsecurity,
+       pg_get_partkeydef(c.oid) AS partkey,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum) AS columns
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = $1 AND n.nspname = current_schema();
+
+-- name: pm_parent_grants
+-- grantee NULL: PUBLIC.
+SELECT CASE WHEN x.grantee = 0 THEN NULL ELSE quote_ident(pg_get_userbyid(x.grantee)) END
+         AS grantee,
+       x.privilege_type, x.is_grantable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+     LATERAL aclexplode(c.relacl) x
+WHERE c.relname = $1 AND n.nspname = current_schema() AND x.grantee <> c.relowner
+ORDER BY 1, 2;
+
+-- name: pm_children
+-- Attached partitions (bound 'DEFAULT' for a default partition), with size estimates.
+SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound,
+       i.inhdetachpending AS detach_pending,
+       greatest(c.reltuples, 0)::bigint AS est_rows,
+       pg_total_relation_size(c.oid) AS size_bytes
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+JOIN pg_namespace n ON n.oid = p.relnamespace
+WHERE p.relname = $1 AND n.nspname = current_schema()
+ORDER BY c.relname;
+
+-- name: pm_detached
+-- Plain tables named like a partition of $1 that are not attached: detached
+-- by retention (mode detach, or a run interrupted before drop/archive).
+SELECT c.relname::text AS name, greatest(c.reltuples, 0)::bigint AS est_rows,
+       pg_total_relation_size(c.oid) AS size_bytes
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition
+  AND c.relname ~ ('^' || $1 || '_p[0-9]{4}_[0-9]{2}$')
+ORDER BY c.relname;
+
+-- name: pm_has_column
+SELECT EXISTS (
+  SELECT 1 FROM pg_attribute a
+  JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.relname = $1 AND n.nspname = current_schema() AND a.attname = $2
+    AND a.attnum > 0 AND NOT a.attisdropped);
+
+-- name: pm_shop_retention
+-- Shops with their own data_retention_days (source documents: shops.settings).
+SELECT id, floor((settings->>'data_retention_days')::numeric)::int AS days
+FROM shops
+WHERE jsonb_typeof(settings->'data_retention_days') = 'number'
+  AND (settings->>'data_retention_days')::numeric >= 0
+ORDER BY id;
+
+-- name: pm_maintenance_try_lock
+SELECT pg_try_advisory_lock(hashtext('eventpipe:partitions:maintain'));
+
+-- name: pm_maintenance_unlock
+SELECT pg_advisory_unlock(hashtext('eventpipe:partitions:maintain'));
