@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ingest.broker_process import EmbeddedBroker
 from ingest.migrate import migrate
 from ingest.postgres_process import EmbeddedPostgres
@@ -28,6 +30,35 @@ class Stack:
     dsn: str
     bootstrap: str
     log_id: str
+    pids: dict[str, int | None]
+
+
+class CpuMeter:
+    """CPU seconds used by this process, the broker and PostgreSQL between start and stop."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {"python": os.getpid(), **pids}
+        self._start: dict[str, float] = {}
+
+    def _sample(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, pid in self.pids.items():
+            if pid is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                procs = [proc, *proc.children(recursive=True)] if name == "postgres" else [proc]
+                out[name] = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        return out
+
+    def start(self) -> None:
+        """Take the first sample."""
+        self._start = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per process since ``start``."""
+        end = self._sample()
+        return {k: round(end[k] - self._start.get(k, 0.0), 3) for k in end}
 
 
 @contextlib.asynccontextmanager
@@ -35,12 +66,15 @@ async def embedded_stack(dsn: str | None = None) -> AsyncIterator[Stack]:
     """Start what isn't given, in a temporary directory, and migrate."""
     with tempfile.TemporaryDirectory(prefix="eventpipe-bench-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
+            pg_pid: int | None = None
             if dsn is None:
                 pg = await stack.enter_async_context(EmbeddedPostgres(Path(tmp)))
-                dsn = pg.dsn
+                dsn, pg_pid = pg.dsn, pg.pid
             broker = await stack.enter_async_context(EmbeddedBroker(Path(tmp) / "broker"))
             await migrate(dsn)
-            yield Stack(dsn, broker.bootstrap, broker.log_id)
+            yield Stack(
+                dsn, broker.bootstrap, broker.log_id, {"postgres": pg_pid, "broker": broker.pid}
+            )
 
 
 def machine() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from benchmarks.common import Stack, embedded_stack, machine, median, write_result
+from benchmarks.common import CpuMeter, Stack, embedded_stack, machine, median, write_result
 from consumers.loader import Loader
 from consumers.rows import STOREFRONT
 from ingest import logs
@@ -70,11 +70,12 @@ async def prefill(settings: Settings, values: list[bytes]) -> None:
         await producer.stop()
 
 
-async def raw_copy(db: Database, values: list[bytes], batch: int) -> float:
+async def raw_copy(db: Database, values: list[bytes], batch: int, cpu: CpuMeter) -> float:
     """Seconds for plain binary COPY of the decoded rows, batch by batch, one connection."""
     rows = [STOREFRONT.decode(v)[0] for v in values]
     await db.pool.execute("TRUNCATE events")
     async with db.pool.acquire() as conn:
+        cpu.start()
         started = time.perf_counter()
         for i in range(0, len(rows), batch):
             async with conn.transaction():
@@ -84,7 +85,7 @@ async def raw_copy(db: Database, values: list[bytes], batch: int) -> float:
         return time.perf_counter() - started
 
 
-async def loader_run(settings: Settings, db: Database, n: int) -> float:
+async def loader_run(settings: Settings, db: Database, n: int, cpu: CpuMeter) -> float:
     """Seconds for the loader to load all ``n`` records once it owns its partitions."""
     await db.pool.execute("TRUNCATE events")
     group = f"bench-{uuid.uuid4().hex[:8]}"
@@ -94,6 +95,7 @@ async def loader_run(settings: Settings, db: Database, n: int) -> float:
     try:
         while len(loader.positions) < run.topic_partitions:
             await asyncio.sleep(0.005)
+        cpu.start()
         started = time.perf_counter()
         while loader.rows_loaded < n:
             await asyncio.sleep(0.005)
@@ -122,9 +124,12 @@ async def bench(stack: Stack, rows: int, repeat: int) -> dict[str, Any]:
         await prefill(settings, values)
         copy_s: list[float] = []
         loader_s: list[float] = []
+        cpu = CpuMeter(stack.pids)
         for _ in range(repeat):
-            copy_s.append(await raw_copy(db, values, settings.batch_max_rows))
-            loader_s.append(await loader_run(settings, db, rows))
+            copy_s.append(await raw_copy(db, values, settings.batch_max_rows, cpu))
+            copy_cpu = cpu.stop()
+            loader_s.append(await loader_run(settings, db, rows, cpu))
+            loader_cpu = cpu.stop()
     copy_rate, loader_rate = rows / median(copy_s), rows / median(loader_s)
     return {
         "rows": rows,
@@ -135,6 +140,10 @@ async def bench(stack: Stack, rows: int, repeat: int) -> dict[str, Any]:
         "ratio_vs_copy": round(loader_rate / copy_rate, 3),
         "copy_seconds": [round(s, 3) for s in copy_s],
         "loader_seconds": [round(s, 3) for s in loader_s],
+        # Where the cores went (last run): on a 2-core machine the loader's
+        # Python, PostgreSQL and the broker share them, while raw COPY has no broker.
+        "cpu_seconds_copy": copy_cpu,
+        "cpu_seconds_loader": loader_cpu,
     }
 
 

@@ -53,6 +53,9 @@ DB_UNAVAILABLE = (
 )
 
 
+_DECODE_SLICE = 250  # records decoded between two yields to the event loop
+
+
 @dataclass
 class Batch:
     """Records read since the last commit, decoded, by Kafka partition (in offset order)."""
@@ -244,7 +247,10 @@ class Loader:
                 max_records=self.settings.batch_max_rows - batch.count,
             )
             for tp, records in got.items():
-                batch.add(tp, records, self.spec)
+                for i in range(0, len(records), _DECODE_SLICE):
+                    batch.add(tp, records[i : i + _DECODE_SLICE], self.spec)
+                    # Let the batch being committed send its rows meanwhile.
+                    await asyncio.sleep(0)
             if batch.count and first_at is None:
                 first_at = loop.time()
             if first_at is not None and (

@@ -103,7 +103,7 @@ class TableSpec:
             raise RecordRejected("invalid_record", str(exc)) from exc
 
 
-def _behavior(d: dict[str, Any]) -> Row:
+def _behavior_checked(d: dict[str, Any]) -> Row:
     return (
         _uuid(d["event_id"]),
         _uuid(d["shop_id"]),
@@ -123,7 +123,7 @@ def _behavior(d: dict[str, Any]) -> Row:
     )
 
 
-def _storefront(d: dict[str, Any]) -> Row:
+def _storefront_checked(d: dict[str, Any]) -> Row:
     return (
         _uuid(d["event_id"]),
         _uuid(d["shop_id"]),
@@ -136,6 +136,123 @@ def _storefront(d: dict[str, Any]) -> Row:
         _text(d.get("experiment_id")),
         _text(d.get("variant")),
         _time(d["received_at"]),
+    )
+
+
+# The fast paths below are hand-unrolled because decoding is the loader's
+# hottest Python code (it must keep up with COPY). They accept only
+# well-formed records; anything else goes through the *_checked converters,
+# which return the same row or raise with a precise reason.
+
+_is_uuid = _UUID.fullmatch
+_from_iso = datetime.fromisoformat
+_dumps = orjson.dumps
+_NONE = type(None)
+
+
+def _opt_text(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+def _behavior(d: dict[str, Any]) -> Row:
+    try:
+        event_id, shop_id, session_id = d["event_id"], d["shop_id"], d["session_id"]
+        event_type, page_url = d["event_type"], d["page_url"]
+        ts, received = _from_iso(d["timestamp"]), _from_iso(d["received_at"])
+    except (KeyError, TypeError, ValueError):
+        return _behavior_checked(d)
+    get = d.get
+    path, etype, etext, component = (
+        get("element_path"),
+        get("element_type"),
+        get("element_text"),
+        get("component_id"),
+    )
+    coords, viewport, data, meta = (
+        get("coordinates"),
+        get("viewport_size"),
+        get("event_data"),
+        get("metadata"),
+    )
+    if not (
+        type(event_id) is str
+        and _is_uuid(event_id)
+        and type(shop_id) is str
+        and _is_uuid(shop_id)
+        and type(session_id) is str
+        and type(event_type) is str
+        and type(page_url) is str
+        and _opt_text(path)
+        and _opt_text(etype)
+        and _opt_text(etext)
+        and _opt_text(component)
+        and type(data) in (dict, _NONE)
+        and type(meta) in (dict, _NONE)
+        and ts.tzinfo is not None
+        and received.tzinfo is not None
+    ):
+        return _behavior_checked(d)
+    return (
+        event_id,
+        shop_id,
+        session_id,
+        event_type,
+        path,
+        etype,
+        etext,
+        None if coords is None else _dumps(coords).decode(),
+        None if viewport is None else _dumps(viewport).decode(),
+        "{}" if data is None else _dumps(data).decode(),
+        ts,
+        page_url,
+        component,
+        "{}" if meta is None else _dumps(meta).decode(),
+        received,
+    )
+
+
+def _storefront(d: dict[str, Any]) -> Row:
+    try:
+        event_id, shop_id, anon_id = d["event_id"], d["shop_id"], d["anon_id"]
+        session_id, event_type = d["session_id"], d["event_type"]
+        ts, received = _from_iso(d["ts"]), _from_iso(d["received_at"])
+    except (KeyError, TypeError, ValueError):
+        return _storefront_checked(d)
+    get = d.get
+    props, product, experiment, variant = (
+        get("props"),
+        get("product_id"),
+        get("experiment_id"),
+        get("variant"),
+    )
+    if not (
+        type(event_id) is str
+        and _is_uuid(event_id)
+        and type(shop_id) is str
+        and _is_uuid(shop_id)
+        and type(anon_id) is str
+        and type(session_id) is str
+        and type(event_type) is str
+        and _opt_text(product)
+        and _opt_text(experiment)
+        and _opt_text(variant)
+        and type(props) in (dict, _NONE)
+        and ts.tzinfo is not None
+        and received.tzinfo is not None
+    ):
+        return _storefront_checked(d)
+    return (
+        event_id,
+        shop_id,
+        anon_id,
+        session_id,
+        event_type,
+        ts,
+        "{}" if props is None else _dumps(props).decode(),
+        product,
+        experiment,
+        variant,
+        received,
     )
 
 
