@@ -12,6 +12,7 @@ import pydantic
 import structlog
 from aiohttp import web
 
+from ingest import beacon
 from ingest.enrich import behavior_record
 from ingest.errors import StartupError
 from ingest.models import BatchEnvelope, BehaviorEvent
@@ -150,6 +151,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    beacon.add_routes(app)
     return app
 
 

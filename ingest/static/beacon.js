@@ -1,0 +1,1 @@
+/* eventpipe beacon: placeholder, see issue 8 */
