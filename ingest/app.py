@@ -1,7 +1,9 @@
-"""The collector's HTTP application (aiohttp): authenticate, validate, enrich, produce."""
+"""The collector's HTTP application (aiohttp): read, authenticate, validate, enrich, deliver."""
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -12,159 +14,326 @@ import pydantic
 import structlog
 from aiohttp import web
 
-from ingest import beacon
-from ingest.enrich import behavior_record
+from ingest import beacon, metrics, openapi, webhooks
+from ingest.delivery import Delivery, Unavailable
+from ingest.enrich import Received, behavior_record, storefront_record
 from ingest.errors import StartupError
-from ingest.models import BatchEnvelope, BehaviorEvent
-from ingest.producer import EventProducer, ProduceFailed
+from ingest.models import BatchEnvelope, BehaviorEvent, StorefrontEvent
+from ingest.ratelimit import RateLimiter
 from ingest.settings import Settings
 from ingest.shops import Shop, ShopDirectory
 
 log = structlog.get_logger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
-PRODUCER = web.AppKey("producer", EventProducer)
+DELIVERY = web.AppKey("delivery", Delivery)
 SHOPS = web.AppKey("shops", ShopDirectory)
+LIMITER = web.AppKey("limiter", RateLimiter)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACCEPTED_TYPES = {"", "application/json", "text/plain", "application/octet-stream"}
 
 
-def _error(status: int, reason: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": reason, **extra}, status=status, dumps=_dumps)
+class Refused(Exception):
+    """A request answered with a 4xx (or 503) and a reason; never a crash."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 def _reason(exc: pydantic.ValidationError) -> str:
-    first = exc.errors()[0]
+    first = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(p) for p in first["loc"])
     return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
-async def _read_batch(
-    request: web.Request,
-) -> tuple[BatchEnvelope, None] | tuple[None, web.Response]:
+async def read_body(request: web.Request) -> bytes:
+    """The request body, gunzipped if need be, within the configured limits."""
+    settings = request.app[SETTINGS]
+    media = request.content_type.lower() if request.headers.get("Content-Type") else ""
+    if media not in ACCEPTED_TYPES:
+        raise Refused(
+            415, f"Content-Type {media} not accepted: send application/json or text/plain"
+        )
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].max_body_bytes
-        return None, _error(413, f"body larger than max_body_bytes={limit}")
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise Refused(413, f"body larger than max_body_bytes={settings.max_body_bytes}") from exc
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return raw
+    if encoding != "gzip":
+        raise Refused(415, f"Content-Encoding {encoding} not accepted: use gzip or none")
+    limit = settings.max_decompressed_bytes
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        # Inflate at most limit+1 bytes: a gzip bomb is refused, never inflated.
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise Refused(400, f"body is not valid gzip: {exc}") from exc
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise Refused(413, f"body larger than max_decompressed_bytes={limit} once decompressed")
+    if not inflater.eof:
+        raise Refused(400, "gzip body is truncated")
+    return body
+
+
+def _envelope(body: bytes) -> BatchEnvelope:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return None, _error(400, f"body is not JSON: {exc}")
+        raise Refused(400, f"body is not JSON: {exc}") from exc
     if isinstance(data, list):
         data = {"events": data}
     try:
-        envelope = BatchEnvelope.model_validate(data)
+        return BatchEnvelope.model_validate(data)
     except pydantic.ValidationError as exc:
-        return None, _error(400, f"body is not a batch: {_reason(exc)}")
-    limit = request.app[SETTINGS].max_events_per_batch
-    if len(envelope.events) > limit:
-        return None, _error(
-            413, f"batch has {len(envelope.events)} events, max_events_per_batch={limit}"
-        )
-    return envelope, None
+        raise Refused(400, f"body is not a batch: {_reason(exc)}") from exc
 
 
-async def _shop(request: web.Request, envelope: BatchEnvelope) -> Shop | None:
+async def _authenticate(request: web.Request, envelope: BatchEnvelope) -> Shop:
     key = request.query.get("k") or request.headers.get("X-Write-Key") or envelope.write_key
-    if not key:
-        return None
-    return await request.app[SHOPS].by_write_key(key)
-
-
-async def post_behavior(request: web.Request) -> web.Response:
-    """``POST /v1/behavior``: a batch of behavior events, accepted one by one."""
-    received_at = datetime.now(UTC)
-    envelope, failure = await _read_batch(request)
-    if failure is not None:
-        return failure
-    assert envelope is not None
-    shop = await _shop(request, envelope)
+    shop = await request.app[SHOPS].by_write_key(key) if key else None
     if shop is None:
-        return _error(
+        raise Refused(
             401, "missing or unknown write key (query k, header X-Write-Key, or body write_key)"
         )
+    origin = request.headers.get("Origin")
+    if origin and shop.allowed_origins is not None and origin not in shop.allowed_origins:
+        raise Refused(403, f"origin {origin} is not allowed for this write key")
+    wait = request.app[LIMITER].take(key or "")
+    if wait > 0:
+        raise Refused(
+            429, "rate limit of this write key exceeded", {"Retry-After": str(int(wait) + 1)}
+        )
+    return shop
+
+
+async def _accept_batch(request: web.Request, stream: str) -> web.Response:
+    received_at = datetime.now(UTC)
+    settings = request.app[SETTINGS]
+    envelope = _envelope(await read_body(request))
+    shop = await _authenticate(request, envelope)
+    if len(envelope.events) > settings.max_events_per_batch:
+        raise Refused(
+            413,
+            f"batch has {len(envelope.events)} events, max_events_per_batch="
+            f"{settings.max_events_per_batch}",
+        )
+    received = Received.of(request, settings, envelope.sent_at, received_at)
     messages: list[tuple[bytes, bytes]] = []
     rejected: list[dict[str, Any]] = []
     for index, raw in enumerate(envelope.events):
         try:
-            event = BehaviorEvent.model_validate(raw)
-        except pydantic.ValidationError as exc:
-            rejected.append({"index": index, "reason": _reason(exc)})
-            continue
-        record = behavior_record(event, shop, received_at)
-        messages.append((f"{shop.id}:{event.session_id}".encode(), orjson.dumps(record)))
+            messages.append(_message(stream, raw, shop, received, settings.max_event_bytes))
+        except _EventRejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+            metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
     if messages:
-        settings = request.app[SETTINGS]
         try:
-            await request.app[PRODUCER].send_batch(settings.topic_behavior, messages)
-        except ProduceFailed as exc:
-            log.warning("produce failed", error=str(exc), events=len(messages))
-            return web.json_response(
-                {"error": "event broker unavailable, retry later"},
-                status=503,
-                headers={"Retry-After": "5"},
-            )
+            await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)
+        except Unavailable as exc:
+            log.error("batch refused: broker and spool unavailable", error=str(exc))
+            raise Refused(
+                503, "event broker unavailable, retry later", {"Retry-After": "5"}
+            ) from exc
+        metrics.EVENTS_ACCEPTED.labels(stream).inc(len(messages))
     status = 400 if rejected and not messages else 200
-    return web.json_response(
-        {"accepted": len(messages), "rejected": rejected}, status=status, dumps=_dumps
+    return _json({"accepted": len(messages), "rejected": rejected}, status)
+
+
+class _EventRejected(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def _message(
+    stream: str, raw: Any, shop: Shop, received: Received, max_bytes: int
+) -> tuple[bytes, bytes]:
+    """One event as a Kafka (key, value); _EventRejected with the reason when it can't be."""
+    try:
+        if len(orjson.dumps(raw)) > max_bytes:
+            raise _EventRejected("too_large", f"event larger than max_event_bytes={max_bytes}")
+        if stream == "behavior":
+            behavior = BehaviorEvent.model_validate(raw)
+            record = behavior_record(behavior, shop, received)
+            session = behavior.session_id
+        else:
+            storefront = StorefrontEvent.model_validate(raw)
+            record = storefront_record(storefront, shop, received)
+            session = storefront.session_id
+        return f"{shop.id}:{session}".encode(), orjson.dumps(record)
+    except pydantic.ValidationError as exc:
+        raise _EventRejected("invalid", _reason(exc)) from exc
+    except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise _EventRejected("unencodable", f"event cannot be encoded: {exc}") from exc
+
+
+async def post_behavior(request: web.Request) -> web.Response:
+    """``POST /v1/behavior``: a batch of behavior events, accepted one by one."""
+    return await _accept_batch(request, "behavior")
+
+
+async def post_storefront(request: web.Request) -> web.Response:
+    """``POST /v1/storefront``: a batch of storefront events, accepted one by one."""
+    return await _accept_batch(request, "storefront")
+
+
+async def post_shopify_webhook(request: web.Request) -> web.Response:
+    """``POST /v1/webhooks/shopify``: one signed Shopify webhook, stored as a storefront event."""
+    received_at = datetime.now(UTC)
+    body = await read_body(request)
+    headers = request.headers
+    domain, topic = headers.get("X-Shopify-Shop-Domain"), headers.get("X-Shopify-Topic")
+    webhook_id = headers.get("X-Shopify-Webhook-Id")
+    found = await request.app[SHOPS].by_domain(domain) if domain else None
+    if found is None or not webhooks.verify(found[1], body, headers.get("X-Shopify-Hmac-Sha256")):
+        metrics.EVENTS_REJECTED.labels("webhook", "unauthorized").inc()
+        raise Refused(401, "unknown shop or invalid X-Shopify-Hmac-Sha256")
+    shop = found[0]
+    if not topic or not webhook_id:
+        raise Refused(400, "X-Shopify-Topic and X-Shopify-Webhook-Id are required")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Refused(400, f"webhook body is not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise Refused(400, "webhook body is not a JSON object")
+    fields = webhooks.storefront_fields(
+        topic[:200], webhook_id[:200], shop.domain, payload, headers.get("X-Shopify-Triggered-At")
     )
+    settings = request.app[SETTINGS]
+    received = Received.of(request, settings, None, received_at)
+    try:
+        event = StorefrontEvent.model_validate(fields)
+        record = storefront_record(event, shop, received)
+        message = (f"{shop.id}:{event.session_id}".encode(), orjson.dumps(record))
+    except pydantic.ValidationError as exc:
+        raise Refused(400, f"webhook cannot be stored: {_reason(exc)}") from exc
+    except (orjson.JSONEncodeError, TypeError, ValueError) as exc:
+        raise Refused(400, f"webhook cannot be encoded: {exc}") from exc
+    try:
+        await request.app[DELIVERY].deliver("webhook", settings.topic_storefront, [message])
+    except Unavailable as exc:
+        raise Refused(503, "event broker unavailable, retry later", {"Retry-After": "5"}) from exc
+    metrics.EVENTS_ACCEPTED.labels("webhook").inc()
+    return _json({"accepted": 1, "event_id": str(fields["event_id"])})
 
 
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: the process is alive."""
-    return web.json_response({"status": "ok"})
+    return _json({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: the broker is reachable, so accepted events can be promised."""
-    if await request.app[PRODUCER].ready():
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "broker unreachable"}, status=503)
+    """``GET /readyz``: the broker is reachable and the spool is below its high-water mark."""
+    delivery = request.app[DELIVERY]
+    if not delivery.spool_below_high_water:
+        return _json({"status": "spool above its high-water mark"}, 503)
+    if not await delivery.producer.ready():
+        return _json({"status": "broker unreachable"}, 503)
+    return _json({"status": "ready"})
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus exposition of this process's metrics."""
     body = prometheus_client.generate_latest()
     return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /v1/openapi.json``: the OpenAPI 3 document of this API."""
+    return _json(openapi.document())
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """CORS preflight for every ``/v1/`` route: any origin, no credentials."""
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "POST, GET, OPTIONS",
+            "Access-Control-Allow-Headers": "Content-Type, Content-Encoding, X-Write-Key",
+            "Access-Control-Max-Age": "86400",
+        },
+    )
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn refusals into JSON answers, count every answer, add CORS headers."""
+    try:
+        response = await handler(request)
+    except Refused as exc:
+        response = _json({"error": exc.reason}, exc.status, exc.headers)
+    except web.HTTPException as exc:
+        response = _json({"error": exc.reason}, exc.status, dict(exc.headers))
+    except Exception:
+        log.exception("unhandled error", path=request.path)
+        response = _json({"error": "internal error"}, 500)
+    route = request.match_info.route.resource
+    endpoint = route.canonical if route is not None else "unmatched"
+    metrics.HTTP_REQUESTS.labels(endpoint, str(response.status)).inc()
+    if request.path.startswith("/v1/"):
+        response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin", "*")
+        response.headers["Vary"] = "Origin"
+    return response
+
+
 def metrics_app() -> web.Application:
     """A bare application serving ``/metrics`` and ``/healthz`` (for loader processes)."""
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     return app
 
 
-def create_app(
-    settings: Settings, producer: EventProducer, shops: ShopDirectory
-) -> web.Application:
+def create_app(settings: Settings, delivery: Delivery, shops: ShopDirectory) -> web.Application:
     """The aiohttp application with every collector route."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[edge],
+        handler_args={"auto_decompress": False},  # we inflate ourselves, within limits
+    )
     app[SETTINGS] = settings
-    app[PRODUCER] = producer
+    app[DELIVERY] = delivery
     app[SHOPS] = shops
+    app[LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.router.add_post("/v1/behavior", post_behavior)
+    app.router.add_post("/v1/storefront", post_storefront)
+    app.router.add_post("/v1/webhooks/shopify", post_shopify_webhook)
+    app.router.add_get("/v1/openapi.json", openapi_json)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
     beacon.add_routes(app)
     return app
 
 
 class HttpServer:
-    """The collector's HTTP server on ``settings.collector_host:collector_port``.
+    """An aiohttp server on ``host:port``; ``stop`` stops accepting and drains requests.
 
-    ``stop`` stops accepting, lets requests in flight finish, then returns.
+    ``reuse_port`` lets several collector processes share one port (SO_REUSEPORT).
     """
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, *, reuse_port: bool = False
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=5.0
         )
@@ -172,7 +341,7 @@ class HttpServer:
     async def start(self) -> None:
         """Bind and start serving."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=self.reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
@@ -186,7 +355,7 @@ class HttpServer:
             server = site._server
             assert server is not None
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        log.info("collector listening", url=self.url)
+        log.info("listening", url=self.url)
 
     @property
     def url(self) -> str:

@@ -18,7 +18,7 @@ from consumers import dead_letters_cli
 from consumers.loader import run_loader_processes, run_loaders
 from consumers.rows import SPECS
 from ingest import logs, partitions_cli
-from ingest.collector import run_collector
+from ingest.collector import run_collector, run_collector_workers
 from ingest.errors import EventpipeError
 from ingest.migrate import migrate
 from ingest.settings import Settings
@@ -42,8 +42,11 @@ async def up_command(settings: Settings, args: argparse.Namespace, console: Cons
 
 
 async def collector_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
-    """Run the HTTP collector."""
-    await run_collector(settings.resolve_stack(), _stop_event())
+    """Run the HTTP collector (several processes on one port with --workers)."""
+    settings = settings.resolve_stack()
+    if settings.collector_workers > 1:
+        return await run_collector_workers(settings, _stop_event())
+    await run_collector(settings, _stop_event())
     return 0
 
 
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     collector = sub.add_parser("collector", parents=[common], help="run the HTTP collector")
     collector.add_argument("--port", type=int, dest="collector_port")
     collector.add_argument("--host", dest="collector_host")
+    collector.add_argument(
+        "--workers", type=int, dest="collector_workers", help="processes sharing the port"
+    )
     collector.set_defaults(func=collector_command)
 
     loader = sub.add_parser("loader", parents=[common], help="run loaders (Kafka -> PostgreSQL)")
@@ -113,6 +119,7 @@ _FLAG_FIELDS = (
     "log_format",
     "collector_port",
     "collector_host",
+    "collector_workers",
 )
 
 

@@ -1,30 +1,70 @@
-"""The collector process: database pool, shop directory, producer and HTTP server, in order."""
+"""The collector process: pool, shop directory, producer, spool and HTTP server, in order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 
 import structlog
 
 from ingest.app import HttpServer, create_app
 from ingest.db import Database
+from ingest.delivery import Delivery
 from ingest.producer import EventProducer
 from ingest.settings import Settings
 from ingest.shops import ShopDirectory
+from ingest.spool import Spool
+from ingest.supervisor import Child, Supervisor
 
 log = structlog.get_logger(__name__)
 
 
+def spool_for(settings: Settings) -> Spool | None:
+    """This worker's spool (``<state>/spool/w<index>``), or None when spooling is off."""
+    if not settings.spool_enabled:
+        return None
+    directory = settings.state_dir / "spool" / f"w{settings.collector_worker_index}"
+    return Spool(directory, settings.spool_max_bytes)
+
+
 async def run_collector(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then stop accepting, drain requests and flush the producer."""
+    """Serve until ``stop`` is set; then stop accepting, finish requests, flush or spool."""
     async with contextlib.AsyncExitStack() as stack:
         db = await stack.enter_async_context(Database(settings.dsn, max_size=4))
         producer = await stack.enter_async_context(EventProducer(settings))
-        app = create_app(settings, producer, ShopDirectory(db, settings.write_key_cache_seconds))
-        server = await stack.enter_async_context(
-            HttpServer(app, settings.collector_host, settings.collector_port)
+        delivery = await stack.enter_async_context(
+            Delivery(settings, producer, spool_for(settings))
         )
-        log.info("collector ready", url=server.url)
+        app = create_app(settings, delivery, ShopDirectory(db, settings.write_key_cache_seconds))
+        server = await stack.enter_async_context(
+            HttpServer(
+                app,
+                settings.collector_host,
+                settings.collector_port,
+                reuse_port=settings.collector_workers > 1,
+            )
+        )
+        log.info("collector ready", url=server.url, worker=settings.collector_worker_index)
         await stop.wait()
-        log.info("collector stopping")
+        log.info("collector stopping: draining requests")
+
+
+async def run_collector_workers(settings: Settings, stop: asyncio.Event) -> int:
+    """``collector_workers`` processes on one port (SO_REUSEPORT), each with its own spool."""
+    argv = [sys.executable, "-m", "ingest.cli", "collector"]
+    children = [
+        Child(f"collector-{i}", argv, env={"EVENTPIPE_COLLECTOR_WORKER_INDEX": str(i)})
+        for i in range(settings.collector_workers)
+    ]
+    async with Supervisor(children, {**os.environ, **settings.to_env()}) as supervisor:
+        failed = asyncio.create_task(supervisor.failed.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        stopped.cancel()
+    if supervisor.failed.is_set():
+        log.error("collector workers failed", reason=supervisor.failure)
+        return 1
+    return 0

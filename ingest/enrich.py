@@ -1,21 +1,138 @@
-"""Server-side enrichment of a validated event into the record that goes to Kafka."""
+"""Server-side enrichment: ids, receive time, clock-skew correction, device, IP, country."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import uuid
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from ingest.models import BehaviorEvent
+from aiohttp import web
+
+from ingest.models import BehaviorEvent, StorefrontEvent
+from ingest.settings import Settings
 from ingest.shops import Shop
 
+_TABLET = re.compile(r"iPad|Tablet|PlayBook|Silk|Kindle|(Android(?!.*Mobile))", re.I)
+_MOBILE = re.compile(r"Mobi|iPhone|iPod|Android|Windows Phone|BlackBerry|Opera Mini", re.I)
+_SESSION_FACTS = ("referrer", "language", "screen_resolution")
 
-def behavior_record(event: BehaviorEvent, shop: Shop, received_at: datetime) -> dict[str, Any]:
-    """The Kafka record of a behavior event: its fields plus shop_id, event_id, received_at."""
+
+def device_type(user_agent: str | None) -> str | None:
+    """``mobile``, ``tablet`` or ``desktop`` from a User-Agent (None when there is none)."""
+    if not user_agent:
+        return None
+    if _TABLET.search(user_agent):
+        return "tablet"
+    if _MOBILE.search(user_agent):
+        return "mobile"
+    return "desktop"
+
+
+def _networks(cidrs: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
+def client_ip(request: web.Request, settings: Settings) -> str | None:
+    """The client's address: the peer, or X-Forwarded-For when the peer is a trusted proxy.
+
+    Truncated to /24 (IPv4) or /48 (IPv6) unless ``keep_full_ip`` is set.
+    """
+    trusted = _networks(settings.trusted_proxies)
+    address = _parse(request.remote)
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if address is not None and forwarded and any(address in n for n in trusted):
+        # Walk right to left past our own proxies; the first other hop is the client.
+        for hop in reversed([h.strip() for h in forwarded.split(",")]):
+            parsed = _parse(hop)
+            if parsed is None:
+                break
+            address = parsed
+            if not any(parsed in n for n in trusted):
+                break
+    if address is None:
+        return None
+    if settings.keep_full_ip:
+        return str(address)
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+
+
+def _parse(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value) if value else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the collector knows about one request, shared by its events."""
+
+    at: datetime
+    skew: timedelta
+    max_future: timedelta
+    context: dict[str, str | None]
+
+    @classmethod
+    def of(
+        cls, request: web.Request, settings: Settings, sent_at: datetime | None, at: datetime
+    ) -> Received:
+        """Build from the request; ``sent_at`` is the client's clock when it sent the batch."""
+        agent = request.headers.get("User-Agent")
+        country = request.headers.get(settings.country_header) if settings.country_header else None
+        context: dict[str, str | None] = {
+            "user_agent": agent[:1024] if agent else None,
+            "device_type": device_type(agent),
+            "client_ip": client_ip(request, settings),
+            "country_code": country.upper()
+            if country and len(country) == 2 and country.isalpha()
+            else None,
+        }
+        skew = at - sent_at if sent_at is not None else timedelta(0)
+        return cls(at, skew, timedelta(seconds=settings.max_future_skew_s), context)
+
+    def event_time(self, client_time: datetime | None) -> tuple[datetime, datetime | None]:
+        """(time to store, the client's original when it differs).
+
+        The client's clock is corrected by (received - sent), as Snowplow and
+        Segment do; a time still too far in the future is clamped to now.
+        """
+        if client_time is None:
+            return self.at, None
+        corrected = client_time + self.skew
+        if corrected > self.at + self.max_future:
+            corrected = self.at
+        return corrected, (client_time if corrected != client_time else None)
+
+
+def behavior_record(event: BehaviorEvent, shop: Shop, received: Received) -> dict[str, Any]:
+    """The Kafka record of a behavior event: its fields, server facts, and session context."""
     record = event.model_dump()
     record["event_id"] = event.event_id or uuid.uuid4()
     record["shop_id"] = shop.id
-    record["received_at"] = received_at
-    if record["timestamp"] is None:
-        record["timestamp"] = received_at
+    record["received_at"] = received.at
+    record["timestamp"], original = received.event_time(event.timestamp)
+    if original is not None:
+        record["metadata"] = {**record["metadata"], "client_timestamp": original.isoformat()}
+    context = dict(received.context)
+    for fact in _SESSION_FACTS:
+        value = event.metadata.get(fact)
+        context[fact] = value[:1024] if isinstance(value, str) else None
+    record["context"] = context
+    return record
+
+
+def storefront_record(event: StorefrontEvent, shop: Shop, received: Received) -> dict[str, Any]:
+    """The Kafka record of a storefront event."""
+    record = event.model_dump()
+    record["event_id"] = event.event_id or uuid.uuid4()
+    record["shop_id"] = shop.id
+    record["received_at"] = received.at
+    record["ts"], original = received.event_time(event.ts)
+    if original is not None:
+        record["props"] = {**record["props"], "client_ts": original.isoformat()}
+    record["context"] = received.context
     return record

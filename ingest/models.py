@@ -82,6 +82,25 @@ class BehaviorEvent(_Event):
         return self.timestamp
 
 
+class StorefrontEvent(_Event):
+    """One storefront event; fields named as the columns of ``events``."""
+
+    event_type: ShortText
+    anon_id: ShortText
+    session_id: ShortText
+    ts: datetime | None = None
+    props: dict[str, Any] = Field(default_factory=dict)
+    product_id: Annotated[str, Field(max_length=256)] | None = None
+    experiment_id: Annotated[str, Field(max_length=256)] | None = None
+    variant: Annotated[str, Field(max_length=256)] | None = None
+
+    _utc_ts = field_validator("ts")(classmethod(lambda cls, v: _utc(v)))
+
+    def event_time(self) -> datetime | None:
+        """The client's event time, if it sent one."""
+        return self.ts
+
+
 class BatchEnvelope(BaseModel):
     """A batch body: ``{"events": [...], "sent_at": ..., "write_key": ...}``.
 
@@ -98,4 +117,7 @@ class BatchEnvelope(BaseModel):
     _utc_sent = field_validator("sent_at")(classmethod(lambda cls, v: _utc(v)))
 
 
-STREAM_MODELS: dict[str, type[_Event]] = {"behavior": BehaviorEvent}
+STREAM_MODELS: dict[str, type[BehaviorEvent] | type[StorefrontEvent]] = {
+    "behavior": BehaviorEvent,
+    "storefront": StorefrontEvent,
+}

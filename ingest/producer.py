@@ -57,7 +57,10 @@ class EventProducer:
     async def stop(self) -> None:
         """Flush what is buffered and disconnect."""
         if self._producer is not None:
-            await self._producer.stop()
+            try:  # flushing to a broker that is down would wait out every timeout
+                await asyncio.wait_for(self._producer.stop(), timeout=5)
+            except TimeoutError:
+                log.warning("producer stop timed out; unacknowledged batches are spooled")
             self._producer = None
 
     async def ready(self) -> bool:

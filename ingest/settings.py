@@ -93,9 +93,44 @@ class Settings(BaseSettings):
 
     collector_host: str = "127.0.0.1"
     collector_port: int = Field(default=8780, ge=0, le=65535)
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="largest request body as sent (compressed)"
+    )
+    max_decompressed_bytes: int = Field(
+        default=4_194_304, ge=1024, description="largest request body after gzip decoding"
+    )
     max_events_per_batch: int = Field(default=500, ge=1)
+    max_event_bytes: int = Field(default=32_768, ge=256, description="largest single event")
     write_key_cache_seconds: float = Field(default=10.0, ge=0)
+    rate_limit_per_s: float = Field(
+        default=200.0, ge=0, description="requests per second per write key; 0: no limit"
+    )
+    rate_limit_burst: int = Field(default=400, ge=1)
+    max_future_skew_s: float = Field(
+        default=300.0, ge=0, description="event times further ahead than this are clamped"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDRs whose X-Forwarded-For is believed (e.g. 10.0.0.0/8)",
+    )
+    keep_full_ip: bool = Field(
+        default=False, description="keep client IPs whole (default: /24 and /48 truncated)"
+    )
+    country_header: str | None = Field(
+        default=None, description="header carrying the client's country (e.g. CF-IPCountry)"
+    )
+    produce_timeout_s: float = Field(
+        default=2.0, gt=0, description="wait for the broker's ack before spooling a batch"
+    )
+    spool_enabled: bool = True
+    spool_max_bytes: int = Field(default=1 << 30, ge=0, description="spool size cap")
+    spool_high_water: float = Field(
+        default=0.8, gt=0, le=1, description="/readyz fails above this fraction of the cap"
+    )
+    collector_workers: int = Field(default=1, ge=1, le=64)
+    collector_worker_index: int = Field(
+        default=0, ge=0, description="set by `collector --workers`: picks the worker's spool"
+    )
 
     loader_metrics_port: int = Field(
         default=9108, ge=0, le=65535, description="loader's /metrics port; 0: none"

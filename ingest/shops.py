@@ -5,7 +5,10 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 from uuid import UUID
+
+import asyncpg
 
 from ingest.db import Database
 
@@ -20,7 +23,7 @@ class Shop:
 
 
 class ShopDirectory:
-    """Resolves write keys to shops, caching answers (unknown keys too) for ``ttl`` seconds.
+    """Resolves write keys and shop domains, caching answers (misses too) for ``ttl`` seconds.
 
     A revoked key is therefore refused at most ``ttl`` seconds after revocation.
     """
@@ -28,24 +31,34 @@ class ShopDirectory:
     def __init__(self, db: Database, ttl: float) -> None:
         self.db = db
         self.ttl = ttl
-        self._cache: dict[str, tuple[float, Shop | None]] = {}
+        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+
+    async def _cached(self, query: str, key: str) -> asyncpg.Record | None:
+        now = time.monotonic()
+        hit = self._cache.get((query, key))
+        if hit is not None and hit[0] > now:
+            return cast("asyncpg.Record | None", hit[1])
+        row = await self.db.fetchrow(query, key)
+        if len(self._cache) > 10_000:  # bound memory against key-guessing clients
+            self._cache.clear()
+        self._cache[(query, key)] = (now + self.ttl, row)
+        return row
 
     async def by_write_key(self, write_key: str) -> Shop | None:
         """The live shop of ``write_key``, or None when the key is unknown or revoked."""
-        now = time.monotonic()
-        hit = self._cache.get(write_key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        row = await self.db.fetchrow("shop_by_write_key", write_key)
-        shop = None
-        if row is not None:
-            origins = tuple(row["allowed_origins"]) if row["allowed_origins"] else None
-            # asyncpg's UUID subclass is not orjson-serialisable; keep the stdlib type.
-            shop = Shop(UUID(bytes=row["id"].bytes), row["domain"], origins)
-        if len(self._cache) > 10_000:  # bound memory against key-guessing clients
-            self._cache.clear()
-        self._cache[write_key] = (now + self.ttl, shop)
-        return shop
+        row = await self._cached("shop_by_write_key", write_key)
+        return _shop(row) if row is not None else None
+
+    async def by_domain(self, domain: str) -> tuple[Shop, str] | None:
+        """The live shop of ``domain`` with its webhook secret, or None."""
+        row = await self._cached("shop_by_domain", domain)
+        return (_shop(row), row["webhook_secret"]) if row is not None else None
+
+
+def _shop(row: asyncpg.Record) -> Shop:
+    origins = tuple(row["allowed_origins"]) if row["allowed_origins"] else None
+    # asyncpg's UUID subclass is not orjson-serialisable; keep the stdlib type.
+    return Shop(UUID(bytes=row["id"].bytes), row["domain"], origins)
 
 
 @dataclass(frozen=True)

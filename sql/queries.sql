@@ -23,6 +23,10 @@ SELECT s.id, s.domain, s.allowed_origins
 FROM shop_write_keys k JOIN shops s ON s.id = k.shop_id
 WHERE k.write_key = $1 AND k.revoked_at IS NULL AND s.uninstalled_at IS NULL;
 
+-- name: shop_by_domain
+SELECT id, domain, allowed_origins, webhook_secret FROM shops
+WHERE domain = $1 AND uninstalled_at IS NULL;
+
 -- name: upsert_shop
 INSERT INTO shops (domain, webhook_secret) VALUES ($1, $2)
 ON CONFLICT (domain) DO UPDATE SET updated_at = shops.updated_at

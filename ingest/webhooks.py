@@ -1,0 +1,86 @@
+"""Shopify-style webhooks: HMAC verification and the mapping of topics to storefront events."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+# Redeliveries of one webhook (same X-Shopify-Webhook-Id) get the same event_id,
+# so the loaders store them once.
+WEBHOOK_NAMESPACE = uuid.UUID("5f0d3c3e-8a5e-4c43-9d0f-2f1c9e0b7a11")
+
+TOPIC_EVENT_TYPES = {
+    "orders/create": "purchase",
+    "orders/paid": "order_paid",
+    "checkouts/create": "begin_checkout",
+    "checkouts/update": "checkout_update",
+    "carts/create": "add_to_cart",
+    "carts/update": "cart_update",
+}
+
+
+def signature(secret: str, body: bytes) -> str:
+    """Shopify's ``X-Shopify-Hmac-Sha256``: base64 of HMAC-SHA256 of the raw body."""
+    return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
+
+
+def verify(secret: str, body: bytes, header: str | None) -> bool:
+    """Constant-time check of the signature header."""
+    return bool(header) and hmac.compare_digest(signature(secret, body), header or "")
+
+
+def event_type(topic: str) -> str:
+    """The storefront event type of a webhook topic (unknown topics keep their name)."""
+    return TOPIC_EVENT_TYPES.get(topic, "shopify_" + topic.replace("/", "_")[:100])
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+        return str(value)[:256]
+    return None
+
+
+def storefront_fields(
+    topic: str, webhook_id: str, shop_domain: str, payload: dict[str, Any], triggered_at: str | None
+) -> dict[str, Any]:
+    """The fields of the storefront event a webhook becomes (the payload kept in props)."""
+    customer = payload.get("customer")
+    customer_id = _text(customer.get("id")) if isinstance(customer, dict) else None
+    token = (
+        _text(payload.get("cart_token"))
+        or _text(payload.get("checkout_token"))
+        or _text(payload.get("token"))
+    )
+    props: dict[str, Any] = {
+        "webhook_topic": topic,
+        "webhook_id": webhook_id,
+        "payload": payload,
+    }
+    value = payload.get("total_price") or payload.get("subtotal_price")
+    if value is not None:
+        props["value"] = value
+    if isinstance(payload.get("currency"), str):
+        props["currency"] = payload["currency"]
+    ts = _time(triggered_at) or _time(payload.get("updated_at")) or _time(payload.get("created_at"))
+    return {
+        "event_id": uuid.uuid5(WEBHOOK_NAMESPACE, f"{shop_domain}:{topic}:{webhook_id}"),
+        "event_type": event_type(topic),
+        "anon_id": customer_id or token or "shopify",
+        "session_id": token or f"webhook:{webhook_id}"[:256],
+        "ts": ts,
+        "props": props,
+    }
