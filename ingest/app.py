@@ -277,7 +277,12 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Refused as exc:
         response = _json({"error": exc.reason}, exc.status, exc.headers)
     except web.HTTPException as exc:
-        response = _json({"error": exc.reason}, exc.status, dict(exc.headers))
+        kept = {
+            k: v
+            for k, v in exc.headers.items()
+            if k.lower() not in ("content-type", "content-length")
+        }
+        response = _json({"error": exc.reason}, exc.status, kept)
     except Exception:
         log.exception("unhandled error", path=request.path)
         response = _json({"error": "internal error"}, 500)

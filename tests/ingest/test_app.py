@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import orjson
@@ -24,15 +28,17 @@ def beacon(**overrides: object) -> dict[str, object]:
     return event
 
 
-async def read_topic(settings: Settings, count: int) -> list[dict[str, object]]:
+async def read_topic(
+    settings: Settings, count: int, topic: str | None = None
+) -> list[dict[str, Any]]:
     consumer = AIOKafkaConsumer(
-        settings.topic_behavior,
+        topic or settings.topic_behavior,
         bootstrap_servers=settings.bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
     await consumer.start()
-    out: list[dict[str, object]] = []
+    out: list[dict[str, Any]] = []
     try:
         for _ in range(50):
             for records in (await consumer.getmany(timeout_ms=200)).values():
@@ -118,3 +124,188 @@ async def test_body_limits_are_413(
         huge = b"[" + b" " * settings.max_body_bytes + b"]"
         async with http.post(url, data=huge) as resp:
             assert resp.status == 413
+
+
+async def test_storefront_batch(collector: str, settings: Settings, shop: ShopCredentials) -> None:
+    event = {
+        "event_type": "add_to_cart",
+        "anon_id": "a1",
+        "session_id": "s1",
+        "props": {"value": 12.5, "currency": "EUR"},
+        "product_id": "p-9",
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{collector}/v1/storefront",
+            json={"events": [event, {"anon_id": "x"}]},
+            headers={"X-Write-Key": shop.write_key},
+        ) as resp,
+    ):
+        assert resp.status == 200
+        result = await resp.json()
+    assert result["accepted"] == 1
+    assert "event_type" in result["rejected"][0]["reason"]
+    [record] = await read_topic(settings, 1, settings.topic_storefront)
+    assert (record["product_id"], record["props"]["currency"]) == ("p-9", "EUR")
+
+
+async def test_gzip_bodies_and_bombs(
+    collector: str, settings: Settings, shop: ShopCredentials
+) -> None:
+    url = f"{collector}/v1/behavior?k={shop.write_key}"
+    gz = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+    async with aiohttp.ClientSession() as http:
+        body = gzip.compress(orjson.dumps([beacon(), beacon()]))
+        async with http.post(url, data=body, headers=gz) as resp:
+            assert resp.status == 200 and (await resp.json())["accepted"] == 2
+        # 1 KiB on the wire, 100 MB inflated: refused without inflating it.
+        bomb = gzip.compress(b"[" + b" " * 100_000_000 + b"]", compresslevel=9)
+        assert len(bomb) < settings.max_body_bytes
+        async with http.post(url, data=bomb, headers=gz) as resp:
+            assert resp.status == 413
+            assert "max_decompressed_bytes" in (await resp.json())["error"]
+        async with http.post(url, data=b"not gzip at all", headers=gz) as resp:
+            assert resp.status == 400
+        async with http.post(url, data=body[:-20], headers=gz) as resp:
+            assert resp.status == 400
+        async with http.post(url, data=body, headers={"Content-Encoding": "br"}) as resp:
+            assert resp.status == 415
+        async with http.post(url, data=b"[]", headers={"Content-Type": "image/png"}) as resp:
+            assert resp.status == 415
+
+
+async def test_cors_preflight_and_origins(collector: str, shop: ShopCredentials, db: Any) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.options(
+            f"{collector}/v1/behavior",
+            headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"},
+        ) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+            assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+            assert "Access-Control-Allow-Credentials" not in resp.headers
+        url = f"{collector}/v1/behavior?k={shop.write_key}"
+        async with http.post(url, json=[beacon()], headers={"Origin": "https://a.example"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Access-Control-Allow-Origin"] == "https://a.example"
+        await db.pool.execute(
+            "UPDATE shops SET allowed_origins = $1 WHERE id = $2",
+            ["https://a.example"],
+            shop.shop_id,
+        )
+        await asyncio.sleep(0.6)  # the fixture's key cache lives 0.5 s
+        async with http.post(url, json=[beacon()], headers={"Origin": "https://b.example"}) as resp:
+            assert resp.status == 403
+        async with http.post(url, json=[beacon()], headers={"Origin": "https://a.example"}) as resp:
+            assert resp.status == 200
+
+
+async def test_rate_limit_is_429_with_retry_after(
+    settings: Settings, shop: ShopCredentials, db: Any
+) -> None:
+    from ingest.app import HttpServer, create_app
+    from ingest.delivery import Delivery
+    from ingest.producer import EventProducer
+    from ingest.shops import ShopDirectory
+
+    tight = settings.model_copy(update={"rate_limit_per_s": 1.0, "rate_limit_burst": 3})
+    async with (
+        EventProducer(tight) as producer,
+        Delivery(tight, producer, None) as delivery,
+        HttpServer(create_app(tight, delivery, ShopDirectory(db, 10)), "127.0.0.1", 0) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        statuses = []
+        for _ in range(5):
+            async with http.post(
+                f"{server.url}/v1/behavior?k={shop.write_key}", json=[beacon()]
+            ) as resp:
+                statuses.append(resp.status)
+                retry_after = resp.headers.get("Retry-After")
+    assert statuses == [200, 200, 200, 429, 429]
+    assert retry_after is not None and int(retry_after) >= 1
+
+
+async def test_enrichment_skew_clamp_device_and_ip(
+    collector: str, settings: Settings, shop: ShopCredentials
+) -> None:
+    now = datetime.now(UTC)
+    slow_clock = now - timedelta(hours=2)  # the device's clock is two hours behind
+    events = [
+        beacon(
+            event_id=str(uuid.uuid4()), timestamp=(slow_clock - timedelta(seconds=30)).isoformat()
+        ),
+        beacon(event_id=str(uuid.uuid4()), timestamp=(slow_clock + timedelta(days=30)).isoformat()),
+    ]
+    headers = {"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{collector}/v1/behavior?k={shop.write_key}",
+            json={"events": events, "sent_at": slow_clock.isoformat()},
+            headers=headers,
+        ) as resp,
+    ):
+        assert resp.status == 200
+    records = {r["event_id"]: r for r in await read_topic(settings, 2)}
+    corrected = records[events[0]["event_id"]]
+    stored = datetime.fromisoformat(corrected["timestamp"])
+    assert abs((stored - (now - timedelta(seconds=30))).total_seconds()) < 5
+    assert corrected["metadata"]["client_timestamp"].startswith(events[0]["timestamp"][:19])
+    clamped = records[events[1]["event_id"]]
+    assert datetime.fromisoformat(clamped["timestamp"]) == datetime.fromisoformat(
+        clamped["received_at"]
+    )
+    assert corrected["context"]["device_type"] == "mobile"
+    assert corrected["context"]["client_ip"] == "127.0.0.0"  # truncated by default
+
+
+async def test_event_size_limit_is_per_event(
+    collector: str, settings: Settings, shop: ShopCredentials
+) -> None:
+    big = beacon(event_data={"blob": "x" * settings.max_event_bytes})
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{collector}/v1/behavior?k={shop.write_key}", json=[beacon(), big]) as resp,
+    ):
+        result = await resp.json()
+    assert result["accepted"] == 1
+    assert "max_event_bytes" in result["rejected"][0]["reason"]
+
+
+async def test_health_ready_metrics_openapi(collector: str, shop: ShopCredentials) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{collector}/healthz") as resp:
+            assert resp.status == 200
+        async with http.get(f"{collector}/readyz") as resp:
+            assert resp.status == 200, await resp.text()
+        async with http.post(f"{collector}/v1/behavior?k={shop.write_key}", json=[beacon()]):
+            pass
+        async with http.get(f"{collector}/metrics") as resp:
+            text = await resp.text()
+        for name in (
+            "eventpipe_http_requests_total",
+            "eventpipe_events_accepted_total",
+            "eventpipe_produce_latency_seconds_bucket",
+            "eventpipe_spool_bytes",
+        ):
+            assert name in text
+        assert 'endpoint="/v1/behavior",status="200"' in text
+        async with http.get(f"{collector}/v1/openapi.json") as resp:
+            doc = await resp.json()
+    assert doc["openapi"].startswith("3.")
+
+
+def test_openapi_lists_exactly_the_routes() -> None:
+    from ingest.app import create_app
+    from ingest.openapi import document
+
+    app = create_app(Settings(), None, None)  # type: ignore[arg-type]
+    routes = {
+        (r.method.lower(), r.resource.canonical)
+        for r in app.router.routes()
+        if r.method not in ("HEAD", "OPTIONS") and r.resource is not None
+    }
+    documented = {(m, p) for p, ops in document()["paths"].items() for m in ops}
+    assert routes == documented

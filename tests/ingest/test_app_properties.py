@@ -1,0 +1,124 @@
+"""Property-based: whatever a client sends to any endpoint, never a 5xx, never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import http.client
+import json
+from urllib.parse import urlsplit
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest.shops import ShopCredentials
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+FIELDS = [
+    "event_type",
+    "session_id",
+    "page_url",
+    "timestamp",
+    "event_id",
+    "anon_id",
+    "ts",
+    "props",
+    "coordinates",
+    "event_data",
+    "metadata",
+    "sent_at",
+    "events",
+    "write_key",
+]
+EVENTISH = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8)
+BODIES = st.one_of(
+    st.binary(max_size=2000),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.lists(EVENTISH, max_size=5).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"events": st.lists(EVENTISH, max_size=5)}).map(
+        lambda v: json.dumps(v).encode()
+    ),
+    st.just(b"[" * 5000 + b"]" * 5000),  # deep nesting
+    st.just(b'{"events": [{"event_type": "click", "event_type": "scroll"}]}'),  # duplicate keys
+    st.just(b'{"events": [{"page_url": "\\u0000"}], "sent_at": 1e400}'),
+    st.just(b'["\\ud800"]'),  # a lone surrogate
+)
+PATHS = [
+    "/v1/behavior",
+    "/v1/storefront",
+    "/v1/webhooks/shopify",
+    "/v1/openapi.json",
+    "/healthz",
+    "/readyz",
+    "/v1/beacon.js",
+    "/nope",
+]
+CONTENT_TYPES = ["application/json", "text/plain;charset=UTF-8", "image/png", "", "text/plain; x"]
+ENCODINGS = ["", "gzip", "deflate", "gzip, br", "GZIP"]
+
+
+def _exchange(base: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> int:
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=15)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+async def test_no_request_gets_a_5xx(collector: str, shop: ShopCredentials) -> None:
+    @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "OPTIONS"]),
+        path=st.sampled_from(PATHS),
+        key=st.sampled_from(["", "?k=" + shop.write_key, "?k=wk_bad", "?k=%00"]),
+        body=BODIES,
+        content_type=st.sampled_from(CONTENT_TYPES),
+        encoding=st.sampled_from(ENCODINGS),
+        compress=st.booleans(),
+        extra=st.dictionaries(
+            st.sampled_from(
+                [
+                    "X-Write-Key",
+                    "X-Shopify-Hmac-Sha256",
+                    "X-Shopify-Shop-Domain",
+                    "X-Shopify-Topic",
+                    "X-Shopify-Webhook-Id",
+                    "Origin",
+                    "X-Forwarded-For",
+                    "User-Agent",
+                ]
+            ),
+            st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+            max_size=4,
+        ),
+    )
+    def check(
+        method: str,
+        path: str,
+        key: str,
+        body: bytes,
+        content_type: str,
+        encoding: str,
+        compress: bool,
+        extra: dict[str, str],
+    ) -> None:
+        if extra.get("X-Shopify-Shop-Domain") == "x":
+            extra["X-Shopify-Shop-Domain"] = shop.domain
+        payload = gzip.compress(body) if compress else body
+        headers = {**extra}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        status = _exchange(collector, method, path + key, payload, headers)
+        assert status < 500, (method, path, body[:200], headers, status)
+
+    await asyncio.to_thread(check)

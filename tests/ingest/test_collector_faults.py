@@ -1,0 +1,203 @@
+"""Collector faults on the real stack: every event answered 2xx reaches PostgreSQL exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from consumers.loader import Loader
+from consumers.rows import BEHAVIOR
+from ingest.app import HttpServer, create_app
+from ingest.broker_process import EmbeddedBroker
+from ingest.collector import spool_for
+from ingest.db import Database
+from ingest.delivery import Delivery
+from ingest.partitions import PartitionManager
+from ingest.processes import free_port
+from ingest.producer import EventProducer
+from ingest.settings import Settings
+from ingest.shops import ShopCredentials, ShopDirectory
+from ingest.topics import ensure_topics
+from tests.conftest import wait_for
+from tests.consumers.test_loader_faults import reconcile
+
+pytestmark = pytest.mark.slow
+
+
+def batch(n: int = 5) -> list[dict[str, Any]]:
+    return [
+        {
+            "event_id": str(uuid.uuid4()),
+            "event_type": "click",
+            "session_id": f"s{i}",
+            "page_url": "https://x/",
+        }
+        for i in range(n)
+    ]
+
+
+async def post(http: aiohttp.ClientSession, url: str, events: list[dict[str, Any]]) -> int:
+    try:
+        async with http.post(url, json=events, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            return resp.status
+    except (TimeoutError, aiohttp.ClientError):
+        return 0
+
+
+@contextlib.asynccontextmanager
+async def own_broker(
+    tmp_path: Path, settings: Settings
+) -> AsyncIterator[tuple[EmbeddedBroker, Settings]]:
+    """A broker of this test's own (it gets paused), and settings pointing at it."""
+    async with EmbeddedBroker(tmp_path / "broker") as broker:
+        own = settings.model_copy(
+            update={
+                "kafka_bootstrap": broker.bootstrap,
+                "kafka_log_id": broker.log_id,
+                "produce_timeout_s": 0.5,
+                "state_dir": tmp_path,
+            }
+        )
+        await ensure_topics(broker.bootstrap, [own.topic_behavior], partitions=own.topic_partitions)
+        yield broker, own
+
+
+async def test_broker_paused_while_events_keep_coming(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    async with own_broker(tmp_path, settings) as (broker, own):
+        assert broker.pid is not None
+        accepted: list[str] = []
+        statuses: list[int] = []
+        most_spooled = 0
+        async with (
+            EventProducer(own) as producer,
+            Delivery(own, producer, spool_for(own)) as delivery,
+            HttpServer(create_app(own, delivery, ShopDirectory(db, 5)), "127.0.0.1", 0) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            url = f"{server.url}/v1/behavior?k={shop.write_key}"
+            for i in range(45):
+                if i == 10:
+                    os.kill(broker.pid, signal.SIGSTOP)
+                if i == 35:
+                    os.kill(broker.pid, signal.SIGCONT)
+                events = batch()
+                status = await post(http, url, events)
+                statuses.append(status)
+                if status == 200:
+                    accepted += [e["event_id"] for e in events]
+                assert delivery.spool is not None
+                most_spooled = max(most_spooled, delivery.spool.frames)
+                await asyncio.sleep(0.05)
+            assert most_spooled >= 20  # the paused broker's share went to disk
+            assert statuses.count(200) == 45, statuses  # the spool took what the broker couldn't
+            await wait_for(lambda: _spool_empty(delivery), timeout=60)
+        async with Loader(own, BEHAVIOR, db, PartitionManager(db)):
+            await wait_for(lambda: _loaded(db, accepted), timeout=60)
+        assert await reconcile(db, accepted) == (0, 0)
+
+
+async def _spool_empty(delivery: Delivery) -> bool:
+    return delivery.spool is not None and delivery.spool.empty
+
+
+async def _loaded(db: Database, ids: list[str]) -> bool:
+    n = await db.pool.fetchval(
+        "SELECT count(DISTINCT event_id) FROM behavior_events WHERE event_id = ANY($1::uuid[])", ids
+    )
+    return bool(n == len(ids))
+
+
+def collector_process(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "EVENTPIPE_COLLECTOR_PORT": str(port),
+        "EVENTPIPE_LOG_LEVEL": "warning",
+    }
+    return subprocess.Popen([sys.executable, "-m", "ingest.cli", "collector"], env=env)
+
+
+async def wait_ready(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise AssertionError("collector did not start")
+
+
+async def test_sigterm_under_load_loses_nothing(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    own = settings.model_copy(update={"state_dir": tmp_path})
+    port = free_port()
+    proc = collector_process(own, port)
+    base = f"http://127.0.0.1:{port}"
+    await wait_ready(base)
+    accepted: list[str] = []
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        while proc.poll() is None:
+            events = batch()
+            if await post(http, f"{base}/v1/behavior?k={shop.write_key}", events) == 200:
+                accepted.extend(e["event_id"] for e in events)
+
+    async with aiohttp.ClientSession() as http:
+        clients = [asyncio.create_task(client(http)) for _ in range(8)]
+        await asyncio.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 15)
+        await asyncio.gather(*clients)
+    assert code == 0
+    assert len(accepted) > 100
+    async with Loader(own, BEHAVIOR, db, PartitionManager(db)):
+        await wait_for(lambda: _loaded(db, accepted), timeout=60)
+    assert await reconcile(db, accepted) == (0, 0)
+
+
+async def test_sigkill_with_a_full_spool_replays_it_on_restart(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    async with own_broker(tmp_path, settings) as (broker, own):
+        assert broker.pid is not None
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = collector_process(own, port)
+        await wait_ready(base)
+        accepted: list[str] = []
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(10):
+                    events = batch()
+                    assert await post(http, f"{base}/v1/behavior?k={shop.write_key}", events) == 200
+                    accepted += [e["event_id"] for e in events]
+            assert list((tmp_path / "spool" / "w0").glob("*.seg"))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        proc = collector_process(own, port)  # a new collector finds the spool and sends it
+        try:
+            await wait_ready(base)
+            async with Loader(own, BEHAVIOR, db, PartitionManager(db)):
+                await wait_for(lambda: _loaded(db, accepted), timeout=60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 15)
+        assert await reconcile(db, accepted) == (0, 0)
