@@ -43,7 +43,7 @@ async def run_collector(settings: Settings, stop: asyncio.Event) -> None:
                 app,
                 settings.collector_host,
                 settings.collector_port,
-                reuse_port=settings.collector_workers > 1,
+                reuse_port=settings.collector_reuse_port,
             )
         )
         log.info("collector ready", url=server.url, worker=settings.collector_worker_index)
@@ -55,7 +55,15 @@ async def run_collector_workers(settings: Settings, stop: asyncio.Event) -> int:
     """``collector_workers`` processes on one port (SO_REUSEPORT), each with its own spool."""
     argv = [sys.executable, "-m", "ingest.cli", "collector"]
     children = [
-        Child(f"collector-{i}", argv, env={"EVENTPIPE_COLLECTOR_WORKER_INDEX": str(i)})
+        Child(
+            f"collector-{i}",
+            argv,
+            env={
+                "EVENTPIPE_COLLECTOR_WORKER_INDEX": str(i),
+                "EVENTPIPE_COLLECTOR_WORKERS": "1",  # a worker serves; it doesn't spawn
+                "EVENTPIPE_COLLECTOR_REUSE_PORT": "true",
+            },
+        )
         for i in range(settings.collector_workers)
     ]
     async with Supervisor(children, {**os.environ, **settings.to_env()}) as supervisor:

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
         default=0.8, gt=0, le=1, description="/readyz fails above this fraction of the cap"
     )
     collector_workers: int = Field(default=1, ge=1, le=64)
+    collector_reuse_port: bool = Field(
+        default=False, description="bind with SO_REUSEPORT (set for `collector --workers`)"
+    )
     collector_worker_index: int = Field(
         default=0, ge=0, description="set by `collector --workers`: picks the worker's spool"
     )

@@ -201,3 +201,35 @@ async def test_sigkill_with_a_full_spool_replays_it_on_restart(
             proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(proc.wait, 15)
         assert await reconcile(db, accepted) == (0, 0)
+
+
+async def test_workers_share_one_port(
+    tmp_path: Path, settings: Settings, shop: ShopCredentials
+) -> None:
+    import psutil
+
+    own = settings.model_copy(update={"state_dir": tmp_path})
+    port = free_port()
+    env = {**os.environ, **own.to_env(), "EVENTPIPE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest.cli", "collector", "--workers", "2", "--port", str(port)],
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base)
+        await asyncio.sleep(1)  # both workers bound
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        async with aiohttp.ClientSession() as http:
+            statuses = [
+                await post(http, f"{base}/v1/behavior?k={shop.write_key}", batch(1))
+                for _ in range(20)
+            ]
+        assert statuses == [200] * 20
+        assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["w0", "w1"]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert not any(w.is_running() and w.status() != "zombie" for w in workers)
+    finally:
+        proc.kill()
