@@ -38,6 +38,7 @@ from ingest.errors import OutsideRetentionWindow, StartupError
 from ingest.partitions import PartitionManager, month_start
 from ingest.settings import Settings
 from ingest.supervisor import Child, Supervisor
+from ingest.topics import cluster_id
 
 log = structlog.get_logger(__name__)
 
@@ -187,7 +188,7 @@ class Loader:
         tps = sorted(assigned, key=lambda tp: tp.partition)
         begin = await self.consumer.beginning_offsets(tps)
         end = await self.consumer.end_offsets(tps)
-        log_id = self.settings.kafka_log_id
+        log_id = self.settings.kafka_log_id or await cluster_id(self.settings.bootstrap)
         stored = await self.offsets.load([tp.partition for tp in tps])
         for tp in tps:
             current = stored.get(tp.partition)
@@ -289,6 +290,12 @@ class Loader:
             start = self.positions.get(tp)
             if start is None:
                 continue  # revoked while we read: its new owner loads it
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and highwater < start:
+                # The log is shorter than what we loaded: the broker lost it
+                # (an in-memory broker restarted). Re-read where to start.
+                await self.position({tp})
+                continue
             fresh = [r for r in records if r.offset >= start]
             if not fresh:
                 continue

@@ -76,7 +76,9 @@ class EmbeddedBroker:
             ensure_port_free(self.host, self.port, "embedded Kafka broker", "EVENTPIPE_BROKER_PORT")
         else:
             self.port = free_port(self.host)
-        self.log_id = uuid.uuid4().hex
+        # A fresh cluster id per start: loaders compare it with the one stored
+        # beside their offsets to notice that this in-memory log is a new one.
+        self.log_id = f"eventpipe-{uuid.uuid4().hex}"
         url = f"tcp://{self.host}:{self.port}"
         argv = [
             str(binary),
@@ -86,7 +88,7 @@ class EmbeddedBroker:
             "--advertised-listener-url",
             url,
             "--cluster-id",
-            f"eventpipe-{self.log_id}",
+            self.log_id,
         ]
         self.log_path.unlink(missing_ok=True)  # one log per broker life: its data dies with it
         self._proc = spawn(argv, log_path=self.log_path, env={"RUST_LOG": "warn"})
@@ -109,6 +111,11 @@ class EmbeddedBroker:
         if self._proc is not None:
             await stop_process(self._proc, signal.SIGTERM, timeout=5)
             self._proc = None
+
+    @property
+    def running(self) -> bool:
+        """True while the broker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
 
     def kill(self) -> None:
         """SIGKILL the broker (fault tests)."""

@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     )
     kafka_log_id: str = Field(
         default="",
-        description="Identity of the broker's log; a change means the log was reset "
-        "(set by `up` for the in-memory embedded broker, leave empty for real Kafka)",
+        description="Identity of the broker's log; empty (the default): the cluster id the "
+        "brokers report, which changes when an in-memory embedded broker restarts",
     )
     topic_behavior: str = "eventpipe.behavior"
     topic_storefront: str = "eventpipe.storefront"

@@ -36,6 +36,17 @@ async def broker_reachable(bootstrap: str, timeout: float = 5.0) -> bool:
             await admin.close()
 
 
+async def cluster_id(bootstrap: str) -> str:
+    """The cluster id the brokers report: it changes when an embedded broker restarts."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        return str((await admin.describe_cluster()).get("cluster_id") or "")
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
 async def ensure_topics(
     bootstrap: str, topics: list[str], *, partitions: int, replication: int = 1
 ) -> None:

@@ -32,7 +32,7 @@ from ingest.processes import ensure_port_free, ensure_writable_dir, free_port
 from ingest.settings import Settings, StackInfo
 from ingest.shops import ensure_shop
 from ingest.supervisor import Child, Supervisor
-from ingest.topics import ensure_topics
+from ingest.topics import cluster_id, ensure_topics
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +95,28 @@ async def _wait_loaders(
         await asyncio.sleep(0.2)
 
 
+async def _keep_broker(broker: EmbeddedBroker, settings: Settings) -> None:
+    """Restart the embedded broker on its port if it dies, and recreate the topics.
+
+    Its log was in memory: events accepted but not yet loaded when it died are
+    lost (see the README); loaders notice the new log and start over on it.
+    """
+    while True:
+        await asyncio.sleep(0.5)
+        if broker.running:
+            continue
+        log.error("the embedded broker died; restarting it (its unloaded events are lost)")
+        try:
+            await broker.start()
+            await ensure_topics(
+                broker.bootstrap,
+                [settings.topic_behavior, settings.topic_storefront],
+                partitions=settings.topic_partitions,
+            )
+        except Exception as exc:  # try again on the next tick
+            log.error("broker restart failed", error=str(exc))
+
+
 async def _maintenance(manager: PartitionManager, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
@@ -126,13 +148,13 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
                 await stack.enter_async_context(pg)
                 dsn = pg.dsn
             if settings.kafka_bootstrap:
-                bootstrap, log_id = settings.kafka_bootstrap, settings.kafka_log_id
+                bootstrap = settings.kafka_bootstrap
             else:
                 broker = EmbeddedBroker(
                     state, port=settings.broker_port, binary=settings.broker_bin
                 )
                 await stack.enter_async_context(broker)
-                bootstrap, log_id = broker.bootstrap, broker.log_id
+                bootstrap = broker.bootstrap
             await migrate(dsn)
             await ensure_topics(
                 bootstrap,
@@ -148,7 +170,6 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
                 collector_url=f"http://{settings.collector_host}:{settings.collector_port}",
                 postgres_dsn=dsn,
                 kafka_bootstrap=bootstrap,
-                kafka_log_id=log_id,
                 write_key=shop.write_key,
                 webhook_secret=shop.webhook_secret,
                 shop_id=str(shop.shop_id),
@@ -160,7 +181,6 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
                 "EVENTPIPE_STATE_DIR": str(state),
                 "EVENTPIPE_POSTGRES_DSN": dsn,
                 "EVENTPIPE_KAFKA_BOOTSTRAP": bootstrap,
-                "EVENTPIPE_KAFKA_LOG_ID": log_id,
                 "EVENTPIPE_COLLECTOR_HOST": settings.collector_host,
                 "EVENTPIPE_COLLECTOR_PORT": str(settings.collector_port),
             }
@@ -178,9 +198,13 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
             await stack.enter_async_context(supervisor)
             await _wait_http(f"{info.collector_url}/healthz", supervisor)
             topics = [settings.topic_behavior, settings.topic_storefront]
+            log_id = settings.kafka_log_id or await cluster_id(bootstrap)
             await _wait_loaders(db, log_id, topics, settings.topic_partitions, supervisor)
             timer = asyncio.create_task(_maintenance(manager, settings.maintenance_interval_s))
             stack.callback(timer.cancel)
+            if not settings.kafka_bootstrap:
+                keeper = asyncio.create_task(_keep_broker(broker, settings))
+                stack.callback(keeper.cancel)
             console.print(
                 f"\n[bold green]eventpipe is up[/]  (state in {state}, facts in {stack_file})\n"
                 f"  collector   {info.collector_url}\n"

@@ -233,3 +233,38 @@ async def test_workers_share_one_port(
         assert not any(w.is_running() and w.status() != "zombie" for w in workers)
     finally:
         proc.kill()
+
+
+async def test_embedded_broker_restart_recovers_by_itself(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """An in-memory broker restart empties its log: later events must still all land."""
+    async with own_broker(tmp_path, settings) as (broker, own):
+        own = own.model_copy(update={"kafka_log_id": ""})  # follow the live cluster id
+        before: list[str] = []
+        after: list[str] = []
+        async with (
+            EventProducer(own) as producer,
+            Delivery(own, producer, spool_for(own)) as delivery,
+            HttpServer(create_app(own, delivery, ShopDirectory(db, 5)), "127.0.0.1", 0) as server,
+            aiohttp.ClientSession() as http,
+            Loader(own, BEHAVIOR, db, PartitionManager(db)),
+        ):
+            url = f"{server.url}/v1/behavior?k={shop.write_key}"
+            for _ in range(10):
+                events = batch()
+                assert await post(http, url, events) == 200
+                before += [e["event_id"] for e in events]
+            await wait_for(lambda: _loaded(db, before), timeout=60)
+            broker.kill()
+            await broker.stop()
+            await broker.start()  # same port, new empty log, new cluster id
+            await ensure_topics(
+                broker.bootstrap, [own.topic_behavior], partitions=own.topic_partitions
+            )
+            for _ in range(10):
+                events = batch()
+                assert await post(http, url, events) == 200
+                after += [e["event_id"] for e in events]
+            await wait_for(lambda: _loaded(db, after), timeout=90)
+        assert await reconcile(db, before + after) == (0, 0)
