@@ -143,7 +143,6 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     batch_max_age_ms: int = Field(default=200, ge=1)
 
-    months_ahead: int = Field(default=3, ge=0, le=24)
     maintenance_interval_s: float = Field(default=3600.0, gt=0)
     archive_dir: Path | None = Field(
         default=None,

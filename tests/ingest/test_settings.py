@@ -48,3 +48,13 @@ def test_no_stack_is_a_clear_error(tmp_path: Path) -> None:
 def test_redact_hides_passwords() -> None:
     assert redact("postgresql://app:s3cret@db:5432/x") == "postgresql://app:***@db:5432/x"
     assert "s3cret" not in redact("dsn=postgresql://app:s3cret@db/x other")
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        f"EVENTPIPE_{name.upper()}"
+        for name in Settings.model_fields
+        if f"EVENTPIPE_{name.upper()}" not in readme
+    ]
+    assert missing == []
