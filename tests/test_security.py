@@ -375,7 +375,11 @@ def test_role_settings_refuse_hostile_names() -> None:
 # (or catalog names quoted by quote()), integers and UTC timestamps they make
 # themselves. Any other module must use the named queries of sql/queries.sql
 # with bind parameters; a new SQL-building module fails here until reviewed.
-SQL_BUILDERS = {"ingest/partitions.py", "consumers/copy_writer.py"}
+SQL_BUILDERS = {
+    "ingest/partitions.py",
+    "consumers/copy_writer.py",
+    "ingest/postgres_process.py",  # CREATE DATABASE of a constant name
+}
 _SQL_START = (
     "SELECT",
     "INSERT",
