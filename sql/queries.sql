@@ -273,3 +273,19 @@ SELECT string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.att
 FROM pg_attribute a
 WHERE a.attrelid = $1::text::regclass AND a.attname = ANY($2::text[])
   AND a.attnum > 0 AND NOT a.attisdropped;
+
+-- write keys
+
+-- name: shop_by_domain
+SELECT id, domain FROM shops WHERE domain = $1;
+
+-- name: list_write_keys
+SELECT write_key, created_at, revoked_at FROM shop_write_keys
+WHERE shop_id = $1 ORDER BY created_at, write_key;
+
+-- name: revoke_write_keys
+-- $2 NULL: every live key of the shop except $3 (the one just made), else that key only.
+UPDATE shop_write_keys SET revoked_at = now()
+WHERE shop_id = $1 AND revoked_at IS NULL
+  AND ($2::text IS NULL OR write_key = $2) AND ($3::text IS NULL OR write_key <> $3)
+RETURNING write_key;

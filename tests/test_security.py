@@ -479,3 +479,31 @@ async def test_write_keys_rotate_and_revoked_key_is_refused_within_ttl(
         assert asyncio.get_running_loop().time() - revoked_at <= ttl + 1.0
         assert await status(new_key) == 200
         assert await status(shop.write_key) == 401
+
+
+async def test_keys_cli_rotates_then_revokes_the_old_key(
+    settings: Settings, db: Database, shop: ShopCredentials, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ingest.cli import main
+
+    flags = ["--shop", shop.domain, "--postgres-dsn", settings.dsn]
+    flags += ["--kafka-bootstrap", settings.bootstrap]
+    try:
+        assert await asyncio.to_thread(main, ["keys", "rotate", *flags]) == 0
+        new_key = capsys.readouterr().out.strip()
+        directory = ShopDirectory(db, ttl=0)
+        assert new_key != shop.write_key
+        assert await directory.by_write_key(new_key) is not None
+        assert await directory.by_write_key(shop.write_key) is not None  # both live
+        assert await asyncio.to_thread(main, ["keys", "revoke", *flags]) == 0
+        assert shop.write_key in capsys.readouterr().out
+        assert await directory.by_write_key(shop.write_key) is None
+        assert await directory.by_write_key(new_key) is not None
+        assert await asyncio.to_thread(main, ["keys", "list", *flags]) == 0
+        listing = capsys.readouterr().out
+        assert "live" in listing and new_key in listing
+        assert await asyncio.to_thread(main, ["keys", "revoke", *flags]) == 1  # none left to revoke
+        unknown = ["keys", "list", "--shop", "nope.example", *flags[2:]]
+        assert await asyncio.to_thread(main, unknown) == 2
+    finally:
+        structlog.reset_defaults()
