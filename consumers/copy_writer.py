@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from consumers.rows import Row, TableSpec
+from ingest.db import QUERIES
 from ingest.partitions import ident
 
 # Errors that belong to a row, not to the database's health: class 22 (data
@@ -63,10 +64,7 @@ class CopyWriter:
         self.stage = ident(f"_stage_{spec.table}")
         cols = ", ".join(ident(c) for c in spec.columns)
         key = f"{ident('event_id')}, {ident(spec.time_column)}"
-        self._create_stage = (
-            f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} "
-            f"(LIKE {self.table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
+        self._create_stage = ""  # needs the column types: made on first use
         self._merge = (
             f"INSERT INTO {self.table} ({cols}) SELECT DISTINCT ON ({key}) {cols} "
             f"FROM {self.stage} ON CONFLICT DO NOTHING RETURNING {key}"
@@ -119,6 +117,13 @@ class CopyWriter:
                 self.spec.table, records=rows, columns=self.spec.columns
             )
             return items
+        if not self._create_stage:
+            columns = await conn.fetchval(
+                QUERIES["stage_columns"], self.spec.table, self.spec.columns
+            )
+            self._create_stage = (
+                f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} ({columns}) ON COMMIT DELETE ROWS"
+            )
         await conn.execute(self._create_stage)
         await conn.execute(f"TRUNCATE {self.stage}")
         await conn.copy_records_to_table(

@@ -122,9 +122,11 @@ class Loader:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._kafka_commit: asyncio.Task[None] | None = None
+        self.role: str | None = None
 
     async def start(self) -> None:
         """Join the consumer group and start loading in the background."""
+        self.role = await self.db.role_for(self.settings.loader_role, copies=True)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
             group_id=self.group,
@@ -310,6 +312,8 @@ class Loader:
         items = await self._ensure_partitions(items, rejected)
         started = time.perf_counter()
         async with self.db.pool.acquire() as conn, conn.transaction():
+            if self.role:
+                await conn.execute(self.db.q["set_local_role"], self.role)
             written = await self.writer.write(conn, items)
             rejected += written.rejected
             if self.spec.stream == "behavior":
@@ -392,7 +396,7 @@ async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.
                 HttpServer(metrics_app(), settings.collector_host, settings.loader_metrics_port)
             )
         db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
-        partitions = PartitionManager(db)
+        partitions = PartitionManager(db, role=await db.role_for(settings.partition_role))
         loaders = [Loader(settings, spec, db, partitions) for spec in specs]
         # Joining a consumer group takes seconds: join all streams at once.
         await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))

@@ -34,6 +34,11 @@ def load_queries(path: Path) -> dict[str, str]:
 
 QUERIES = load_queries(sql_dir() / "queries.sql")
 
+# The group roles of sql/migrations/0002_roles.sql.
+INGEST_ROLE = "eventpipe_ingest"
+PARTITION_ADMIN_ROLE = "eventpipe_partition_admin"
+ANALYST_ROLE = "eventpipe_analyst"
+
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     """One connection, with a clear StartupError when the server can't be reached."""
@@ -103,6 +108,26 @@ class Database:
     async def execute(self, name: str, *args: Any) -> str:
         """Run named query ``name`` and return its status."""
         return str(await self.pool.execute(self.q[name], *args))
+
+    async def role_for(self, role: str, *, copies: bool = False) -> str | None:
+        """``role`` if this pool's user should ``SET ROLE`` to it, else None.
+
+        Only a non-superuser member switches: a superuser or owner DSN (the
+        embedded default) keeps its own rights. ``role`` empty means don't switch.
+        With ``copies``, raises StartupError when the role lacks BYPASSRLS:
+        PostgreSQL refuses COPY FROM into a table with row level security.
+        """
+        if not role:
+            return None
+        row = await self.fetchrow("switchable_role", role)
+        if row is None:
+            return None
+        if copies and not row["bypass_rls"]:
+            raise StartupError(
+                f"role {role} lacks BYPASSRLS, which COPY into the event tables needs",
+                hint=f"as a superuser: ALTER ROLE {role} BYPASSRLS",
+            )
+        return str(row["role"])
 
     async def __aenter__(self) -> Database:
         await self.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ingest.logs import redact
+
 
 class EventpipeError(Exception):
     """Base of every error eventpipe raises on purpose.
@@ -13,6 +15,8 @@ class EventpipeError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, *, hint: str = "") -> None:
+        # Messages quote DSNs and driver errors: no password may reach a terminal or log.
+        message, hint = redact(message), redact(hint)
         super().__init__(message)
         self.message = message
         self.hint = hint

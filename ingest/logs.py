@@ -9,11 +9,34 @@ import sys
 import structlog
 
 _DSN_PASSWORD = re.compile(r"(//[^:/@\s]+:)([^@\s]+)(@)")
+# key=value DSNs (libpq) and query strings: password=..., sslpassword=...
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('[^']*'|[^\s&'\"]+)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """Hide the password of every DSN in ``text``."""
-    return _DSN_PASSWORD.sub(r"\1***\3", text)
+    """Hide the password of every DSN in ``text`` (URL or key=value form)."""
+    return _KV_PASSWORD.sub(r"\1***", _DSN_PASSWORD.sub(r"\1***\3", text))
+
+
+def _redact_event(
+    logger: object, method: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """structlog processor: ``redact`` every string value (and exception text) of a log line."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact(value)
+        elif isinstance(value, BaseException):
+            event[key] = redact(f"{type(value).__name__}: {value}")
+    return event
+
+
+class _RedactingFilter(logging.Filter):
+    """The same for stdlib logging (asyncpg, aiohttp, aiokafka log through it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
 
 
 def configure(level: str = "info", fmt: str = "console") -> None:
@@ -22,6 +45,9 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     logging.basicConfig(
         level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+            handler.addFilter(_RedactingFilter())
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -33,6 +59,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redact_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

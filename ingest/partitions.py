@@ -46,6 +46,7 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 _BOUND = re.compile(r"FROM \('([^']+)'\)")
 _CHILD = re.compile(r"_p(\d{4})_(\d{2})$")
 _PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
+_POLICY_CMDS = {"ALL", "SELECT", "INSERT", "UPDATE", "DELETE"}
 _POLICY_TTL_S = 60.0
 T = TypeVar("T")
 
@@ -188,6 +189,36 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class RowPolicy:
+    """A row level security policy of a parent table, as ``pg_policies`` shows it."""
+
+    name: str
+    permissive: str
+    cmd: str
+    roles: list[str]
+    qual: str | None
+    with_check: str | None
+
+    def create_on(self, child: str) -> str:
+        """``CREATE POLICY`` of the same name and meaning on ``child`` (already quoted).
+
+        The expressions are the parent's, as the server deparses them from its
+        catalog (written by the table's owner), never request data.
+        """
+        if self.permissive not in ("PERMISSIVE", "RESTRICTIVE") or self.cmd not in _POLICY_CMDS:
+            raise PartitionError(f"unexpected policy {self.name!r}: {self.permissive} {self.cmd}")
+        sql = (
+            f"CREATE POLICY {quote(self.name)} ON {child} AS {self.permissive} FOR {self.cmd} "
+            f"TO {', '.join(self.roles)}"
+        )
+        if self.qual is not None:
+            sql += f" USING ({self.qual})"
+        if self.with_check is not None:
+            sql += f" WITH CHECK ({self.with_check})"
+        return sql
+
+
+@dataclass(frozen=True)
 class Parent:
     """What new partitions copy from their parent: owner, grants, row level security."""
 
@@ -198,6 +229,8 @@ class Parent:
     columns: list[str]
     grants: list[tuple[str | None, str, bool]]
     default: str | None = None
+    column_grants: list[tuple[str | None, str, str, bool]] = field(default_factory=list)
+    policies: list[RowPolicy] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -363,12 +396,19 @@ def _create_parts(
 
 
 def _inherit_statements(child: str, parent: Parent) -> list[str]:
-    """Grants, row level security and owner of the parent, for a new partition."""
+    """Grants (table and column), row level security, policies and owner of the parent."""
     out = []
     for grantee, privilege, grantable in parent.grants:
         if privilege in _PRIVILEGES:
             option = " WITH GRANT OPTION" if grantable else ""
             out.append(f"GRANT {privilege} ON {child} TO {grantee or 'PUBLIC'}{option}")
+    for grantee, privilege, column, grantable in parent.column_grants:
+        if privilege in _PRIVILEGES:
+            option = " WITH GRANT OPTION" if grantable else ""
+            out.append(
+                f"GRANT {privilege} ({quote(column)}) ON {child} TO {grantee or 'PUBLIC'}{option}"
+            )
+    out += [policy.create_on(child) for policy in parent.policies]
     if parent.rls:
         out.append(f"ALTER TABLE {child} ENABLE ROW LEVEL SECURITY")
     if parent.force_rls:
@@ -402,7 +442,11 @@ def purge_statement(
 
 
 class PartitionManager:
-    """Creates partitions ahead and on demand, enforces retention, reports status."""
+    """Creates partitions ahead and on demand, enforces retention, reports status.
+
+    ``role``: partitions made by ``create`` are made under ``SET LOCAL ROLE role``
+    (the loaders pass the partition admin role when their user is a member).
+    """
 
     def __init__(
         self,
@@ -413,8 +457,10 @@ class PartitionManager:
         lock_wait_s: float = 30.0,
         archive_dir: Path | None = None,
         batch_rows: int = 5000,
+        role: str | None = None,
     ) -> None:
         self.db = db
+        self.role = role
         self.lock_timeout_ms = lock_timeout_ms
         self.lock_retries = lock_retries
         self.lock_wait_s = lock_wait_s
@@ -482,6 +528,16 @@ class PartitionManager:
             (g["grantee"], g["privilege_type"], g["is_grantable"])
             for g in await self.db.fetch("pm_parent_grants", table)
         ]
+        column_grants = [
+            (g["grantee"], g["privilege_type"], g["column_name"], g["is_grantable"])
+            for g in await self.db.fetch("pm_parent_column_grants", table)
+        ]
+        policies = [
+            RowPolicy(
+                p["name"], p["permissive"], p["cmd"], list(p["roles"]), p["qual"], p["with_check"]
+            )
+            for p in await self.db.fetch("pm_parent_policies", table)
+        ]
         children = await self.children(table)
         default = next((c.name for c in children if c.state == "default"), None)
         return Parent(
@@ -492,6 +548,8 @@ class PartitionManager:
             list(row["columns"]),
             grants,
             default,
+            column_grants,
+            policies,
         )
 
     async def children(
@@ -569,6 +627,9 @@ class PartitionManager:
 
         async def attempt() -> bool:
             async with self.db.pool.acquire() as conn, conn.transaction():
+                if self.role:
+                    # The partition (and anything half-made) belongs to this role.
+                    await conn.execute(self.db.q["set_local_role"], self.role)
                 await self._lock_table(conn, policy.table)
                 if month in {c.month for c in await self.children(policy.table, conn)}:
                     return False

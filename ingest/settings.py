@@ -139,6 +139,17 @@ class Settings(BaseSettings):
         default=9108, ge=0, le=65535, description="loader's /metrics port; 0: none"
     )
     consumer_group: str = "eventpipe-loader"
+    loader_role: str = Field(
+        default="eventpipe_ingest",
+        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        description="role the loaders' batch transactions SET LOCAL ROLE to, when the "
+        "connected user is a (non-superuser) member of it; empty: never switch",
+    )
+    partition_role: str = Field(
+        default="eventpipe_partition_admin",
+        pattern=r"^([a-z_][a-z0-9_]{0,62})?$",
+        description="role the loaders create partitions as, on the same terms; empty: never switch",
+    )
     batch_max_rows: int = Field(default=5000, ge=1)
     batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     batch_max_age_ms: int = Field(default=200, ge=1)

@@ -24,6 +24,7 @@ from rich.console import Console
 from ingest.broker_process import EmbeddedBroker
 from ingest.db import Database
 from ingest.errors import MaintenanceLocked, StartupError
+from ingest.logs import redact
 from ingest.migrate import migrate
 from ingest.partitions import PartitionManager
 from ingest.partitions_cli import partition_manager
@@ -208,7 +209,7 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
             console.print(
                 f"\n[bold green]eventpipe is up[/]  (state in {state}, facts in {stack_file})\n"
                 f"  collector   {info.collector_url}\n"
-                f"  postgres    {dsn}\n"
+                f"  postgres    {redact(dsn)}\n"
                 f"  kafka       {bootstrap}\n"
                 f"  shop        {info.shop_domain}  write key [bold]{info.write_key}[/]\n\n"
                 "Send a beacon:\n",

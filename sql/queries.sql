@@ -231,3 +231,65 @@ SELECT pg_try_advisory_lock(hashtext('eventpipe:partitions:maintain'));
 
 -- name: pm_maintenance_unlock
 SELECT pg_advisory_unlock(hashtext('eventpipe:partitions:maintain'));
+
+-- name: pm_parent_column_grants
+-- Column privileges (e.g. the ingest role's SELECT of the dedup key); grantee NULL: PUBLIC.
+SELECT CASE WHEN x.grantee = 0 THEN NULL ELSE quote_ident(pg_get_userbyid(x.grantee)) END
+         AS grantee,
+       x.privilege_type, a.attname::text AS column_name, x.is_grantable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped,
+     LATERAL aclexplode(a.attacl) x
+WHERE c.relname = $1 AND n.nspname = current_schema() AND x.grantee <> c.relowner
+ORDER BY 1, 2, a.attnum;
+
+-- name: pm_parent_policies
+-- Row level security policies, copied to each new partition so that reading a
+-- partition directly is filtered like reading the parent.
+SELECT p.policyname::text AS name, p.permissive, p.cmd,
+       ARRAY(SELECT quote_ident(r) FROM unnest(p.roles) r) AS roles,
+       p.qual, p.with_check
+FROM pg_policies p
+WHERE p.tablename = $1 AND p.schemaname = current_schema()
+ORDER BY p.policyname;
+
+-- roles
+
+-- name: switchable_role
+-- $1 when the connected user may SET ROLE to it as a member (superusers, who
+-- are members of everything, keep their own rights); with whether it bypasses
+-- row level security.
+SELECT r.rolname::text AS role, r.rolbypassrls AS bypass_rls
+FROM pg_roles r
+WHERE r.rolname = $1
+  AND NOT (SELECT u.rolsuper FROM pg_roles u WHERE u.rolname = current_user)
+  AND pg_has_role(current_user, r.oid, 'MEMBER');
+
+-- name: set_local_role
+SELECT set_config('role', $1, true);
+
+-- name: stage_columns
+-- Column definitions of a loader's staging table, from the catalog: CREATE
+-- TABLE ... (LIKE t) needs SELECT on all of t, which the ingest role lacks.
+SELECT string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod)
+                    || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END,
+                  ', ' ORDER BY a.attnum)
+FROM pg_attribute a
+WHERE a.attrelid = $1::text::regclass AND a.attname = ANY($2::text[])
+  AND a.attnum > 0 AND NOT a.attisdropped;
+
+-- write keys
+
+-- name: shop_by_domain
+SELECT id, domain FROM shops WHERE domain = $1;
+
+-- name: list_write_keys
+SELECT write_key, created_at, revoked_at FROM shop_write_keys
+WHERE shop_id = $1 ORDER BY created_at, write_key;
+
+-- name: revoke_write_keys
+-- $2 NULL: every live key of the shop except $3 (the one just made), else that key only.
+UPDATE shop_write_keys SET revoked_at = now()
+WHERE shop_id = $1 AND revoked_at IS NULL
+  AND ($2::text IS NULL OR write_key = $2) AND ($3::text IS NULL OR write_key <> $3)
+RETURNING write_key;

@@ -1,0 +1,509 @@
+"""Security of issue 7: roles and row level security, secrets, SQL identifiers, write keys.
+
+Runs on the session's real PostgreSQL and broker. Login users are made per
+session with unique names (roles are cluster-wide) and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import io
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import orjson
+import prometheus_client
+import pytest
+import structlog
+
+from consumers.loader import run_loaders
+from consumers.rows import BEHAVIOR
+from ingest import logs
+from ingest.app import HttpServer, create_app
+from ingest.db import Database
+from ingest.errors import PartitionError, StartupError
+from ingest.migrate import migrate
+from ingest.partitions import (
+    PartitionManager,
+    add_months,
+    detach_statement,
+    ident,
+    month_start,
+    partition_name,
+)
+from ingest.producer import EventProducer
+from ingest.settings import Settings
+from ingest.shops import ShopCredentials, ShopDirectory, ensure_shop
+from tests.conftest import wait_for
+from tests.consumers.test_loader import produce, record
+
+ROOT = Path(__file__).resolve().parent.parent
+UserFactory = Callable[..., Awaitable[str]]
+
+
+def _as_user(dsn: str, user: str, password: str | None = None) -> str:
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    auth = f"{user}:{password}" if password else user
+    return urlunsplit(parts._replace(netloc=f"{auth}@{host}"))
+
+
+@pytest.fixture(scope="session")
+async def login_user(pg_dsn: str) -> AsyncIterator[UserFactory]:
+    """Makes LOGIN users granted the given roles; returns a DSN connecting as each."""
+    made: list[str] = []
+
+    async def make(*roles: str, password: str | None = None, superuser: bool = False) -> str:
+        name = f"ep_sec_{uuid.uuid4().hex[:10]}"
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            attrs = " SUPERUSER" if superuser else ""
+            await conn.execute(f"CREATE ROLE {name} LOGIN{attrs}")
+            if password:  # a literal can't be a parameter of CREATE ROLE
+                await conn.execute(f"ALTER ROLE {name} PASSWORD '{password}'")
+            for role in roles:
+                await conn.execute(f"GRANT {role} TO {name}")
+        finally:
+            await conn.close()
+        made.append(name)
+        return _as_user(pg_dsn, name, password)
+
+    yield make
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for name in made:
+            await conn.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
+    finally:
+        await conn.close()
+
+
+async def _insert_event(
+    conn: asyncpg.Connection | asyncpg.Pool, shop_id: uuid.UUID, when: datetime
+) -> uuid.UUID:
+    event_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, page_url, "
+        "\"timestamp\", received_at) VALUES ($1, $2, $3, 'click', 'https://x/', $4, $4)",
+        event_id,
+        shop_id,
+        f"sec-{event_id}",
+        when,
+    )
+    return event_id
+
+
+# -- roles and row level security ------------------------------------------------------------
+
+
+async def test_analyst_sees_only_its_shop(db: Database, login_user: UserFactory) -> None:
+    now = datetime.now(UTC)
+    await PartitionManager(db).ensure_months("behavior_events", {month_start(now)})
+    shop_a, shop_b = uuid.uuid4(), uuid.uuid4()
+    ids_a = [await _insert_event(db.pool, shop_a, now) for _ in range(3)]
+    ids_b = [await _insert_event(db.pool, shop_b, now) for _ in range(2)]
+    ids = ids_a + ids_b
+    child = partition_name("behavior_events", month_start(now))
+    conn = await asyncpg.connect(await login_user("eventpipe_analyst"))
+    try:
+        by_parent = "SELECT event_id FROM behavior_events WHERE event_id = ANY($1::uuid[])"
+        by_child = f"SELECT event_id FROM {ident(child)} WHERE event_id = ANY($1::uuid[])"
+        # No shop chosen: nothing at all.
+        assert await conn.fetch(by_parent, ids) == []
+        assert await conn.fetch(by_child, ids) == []
+        await conn.execute("SELECT set_config('app.current_shop', $1, false)", str(shop_a))
+        assert {r[0] for r in await conn.fetch(by_parent, ids)} == set(ids_a)
+        assert {r[0] for r in await conn.fetch(by_child, ids)} == set(ids_a)
+        assert (
+            await conn.fetchval("SELECT count(*) FROM behavior_events WHERE shop_id = $1", shop_b)
+            == 0
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(f"DELETE FROM behavior_events WHERE event_id = '{ids_a[0]}'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await _insert_event(conn, shop_a, now)
+    finally:
+        await conn.close()
+
+
+async def test_ingest_role_inserts_but_cannot_read_update_or_delete(
+    db: Database, login_user: UserFactory
+) -> None:
+    now = datetime.now(UTC)
+    await PartitionManager(db).ensure_months("behavior_events", {month_start(now)})
+    child = partition_name("behavior_events", month_start(now))
+    conn = await asyncpg.connect(await login_user("eventpipe_ingest"))
+    try:
+        for as_role in (False, True):  # as a member, and after SET ROLE (what the loader does)
+            if as_role:
+                await conn.execute("SET ROLE eventpipe_ingest")
+            event_id = await _insert_event(conn, uuid.uuid4(), now)
+            # The dedup key is readable (INSERT ... RETURNING of the staging path needs it).
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM behavior_events WHERE event_id = $1", event_id
+                )
+                == 1
+            )
+            for sql in (
+                "SELECT page_url FROM behavior_events LIMIT 1",
+                "SELECT * FROM behavior_events LIMIT 1",
+                f"SELECT * FROM {ident(child)} LIMIT 1",
+                "SELECT * FROM events LIMIT 1",
+                "UPDATE behavior_events SET page_url = 'x'",
+                "DELETE FROM behavior_events",
+                f"DELETE FROM {ident(child)}",
+                "TRUNCATE behavior_events",
+                "SELECT webhook_secret FROM shops",
+                f"ALTER TABLE behavior_events DETACH PARTITION {ident(child)}",
+            ):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(sql)
+    finally:
+        await conn.close()
+    assert await db.pool.fetchval(f"SELECT count(*) FROM {ident(child)}") > 0
+
+
+async def test_partition_admin_creates_and_detaches_partitions(
+    db: Database, login_user: UserFactory
+) -> None:
+    month = add_months(month_start(datetime.now(UTC)), 60)  # far from any other test's
+    name = partition_name("behavior_events", month)
+    async with Database(await login_user("eventpipe_partition_admin")) as admin:
+        manager = PartitionManager(admin)
+        assert await manager.create(await manager.policy("behavior_events"), month)
+        facts = await db.pool.fetchrow(
+            "SELECT pg_get_userbyid(relowner) AS owner, relrowsecurity, "
+            "(SELECT array_agg(policyname::text ORDER BY policyname) FROM pg_policies "
+            " WHERE tablename = $1) AS policies, "
+            "has_table_privilege('eventpipe_ingest', $1, 'INSERT') AS ingest_insert, "
+            "has_column_privilege('eventpipe_ingest', $1, 'event_id', 'SELECT') AS key_select, "
+            "has_column_privilege('eventpipe_ingest', $1, 'page_url', 'SELECT') AS content_select "
+            "FROM pg_class WHERE relname = $1",
+            name,
+        )
+        assert facts["owner"] == "eventpipe_partition_admin" and facts["relrowsecurity"]
+        assert facts["policies"] == [
+            "analyst_own_shop",
+            "ingest_insert",
+            "ingest_returning",
+            "partition_admin_all",
+        ]
+        assert facts["ingest_insert"] and facts["key_select"] and not facts["content_select"]
+        await admin.pool.execute(detach_statement("behavior_events", name, concurrently=True))
+        await admin.pool.execute(f"DROP TABLE {ident(name)}")
+    assert await db.pool.fetchval("SELECT to_regclass($1)", name) is None
+
+
+async def test_loader_as_member_of_ingest_and_partition_admin(
+    settings: Settings, db: Database, shop: ShopCredentials, login_user: UserFactory
+) -> None:
+    dsn = await login_user("eventpipe_ingest", "eventpipe_partition_admin")
+    loader_settings = settings.model_copy(update={"postgres_dsn": dsn, "loader_metrics_port": 0})
+    async with Database(dsn) as member:
+        assert await member.role_for(loader_settings.loader_role, copies=True) == "eventpipe_ingest"
+        assert await member.role_for("") is None
+    assert await db.role_for("eventpipe_ingest") is None  # superuser: keeps its own rights
+    # A month the loader must create itself.
+    month = add_months(month_start(datetime.now(UTC)), 3)
+    child = partition_name("behavior_events", month)
+    await db.pool.execute(f"DROP TABLE IF EXISTS {ident(child)}")
+    later = datetime.combine(month.replace(day=2), datetime.min.time(), UTC).isoformat()
+    session = f"sess-{uuid.uuid4().hex[:8]}"
+    first = record(shop, session_id=session, event_type="page_view")
+    others = [record(shop, session_id=session, event_type="page_view") for _ in range(3)]
+    future = record(shop, timestamp=later)
+    ids = [first["event_id"], future["event_id"]] + [o["event_id"] for o in others]
+
+    async def count(event_id: object) -> int:
+        return int(
+            await db.pool.fetchval(
+                "SELECT count(*) FROM behavior_events WHERE event_id = $1::uuid", event_id
+            )
+        )
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_loaders(loader_settings, [BEHAVIOR], stop))
+    try:
+        await produce(settings, [orjson.dumps(first), orjson.dumps(future)])
+        await wait_for(lambda: _all(count, [first["event_id"], future["event_id"]]), 30)
+        # The first event again: the COPY meets a duplicate, the batch goes through staging.
+        await produce(settings, [orjson.dumps(first), *(orjson.dumps(o) for o in others)])
+        await wait_for(lambda: _all(count, ids), 30)
+    finally:
+        stop.set()
+        await task
+    assert [await count(i) for i in ids] == [1] * len(ids)
+    owner = await db.pool.fetchval(
+        "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = $1", child
+    )
+    assert owner == "eventpipe_partition_admin"
+    pages = await db.pool.fetchval(
+        "SELECT page_count FROM user_sessions WHERE shop_id = $1 AND session_id = $2",
+        shop.shop_id,
+        session,
+    )
+    assert pages == 4  # folded in by two batches: the second one an ON CONFLICT DO UPDATE
+
+
+async def _all(count: Callable[[object], Awaitable[int]], ids: list[object]) -> bool:
+    return all([await count(i) for i in ids])
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+
+async def test_secrets_never_reach_logs_errors_or_metrics(
+    settings: Settings,
+    login_user: UserFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    password = f"S3cretPW{uuid.uuid4().hex[:8]}"
+    dsn = await login_user(password=password, superuser=True)
+    run = settings.model_copy(update={"postgres_dsn": dsn, "loader_metrics_port": 0})
+    out = io.StringIO()
+    caplog.set_level(logging.DEBUG)
+    logs.configure("debug", "json")
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=out))
+    texts: list[str] = []
+    try:
+        await migrate(dsn)
+        async with Database(dsn) as db:
+            shop = await ensure_shop(db, f"sec-{uuid.uuid4().hex[:8]}.myshopify.com")
+            secret = shop.webhook_secret
+            stop = asyncio.Event()
+            loaders = asyncio.create_task(run_loaders(run, [BEHAVIOR], stop))
+            try:
+                async with (
+                    EventProducer(run) as producer,
+                    HttpServer(
+                        create_app(run, producer, ShopDirectory(db, ttl=0.5)), "127.0.0.1", 0
+                    ) as server,
+                    aiohttp.ClientSession() as http,
+                ):
+                    event_id = str(uuid.uuid4())
+                    async with http.post(
+                        f"{server.url}/v1/behavior?k={shop.write_key}",
+                        json={
+                            "events": [
+                                {
+                                    "event_type": "click",
+                                    "session_id": "s",
+                                    "page_url": "https://x/",
+                                    "event_id": event_id,
+                                }
+                            ]
+                        },
+                    ) as resp:
+                        assert resp.status == 200
+                    async with http.get(f"{server.url}/metrics") as resp:
+                        texts.append(await resp.text())
+
+                    async def loaded() -> bool:
+                        return bool(
+                            await db.pool.fetchval(
+                                "SELECT count(*) FROM behavior_events WHERE event_id = $1::uuid",
+                                event_id,
+                            )
+                        )
+
+                    await wait_for(loaded, 30)
+            finally:
+                stop.set()
+                await loaders
+        # Errors: a wrong port, with the password in the DSN.
+        wrong = dsn.replace(f":{urlsplit(dsn).port}/", ":1/")
+        for attempt in (migrate(wrong), Database(wrong).start()):
+            with pytest.raises(StartupError) as caught:
+                await attempt
+            texts += [str(caught.value), caught.value.message, caught.value.hint]
+        # A careless log of a DSN, in structlog and in stdlib logging.
+        structlog.get_logger("test").warning("connecting", dsn=dsn, error=ValueError(dsn))
+        logging.getLogger("test").warning("connecting to %s", dsn)
+    finally:
+        structlog.reset_defaults()
+    texts += [out.getvalue(), prometheus_client.generate_latest().decode()]
+    texts += [r.getMessage() for r in caplog.records]
+    everything = "\n".join(texts)
+    assert "loader started" in everything and "***" in everything  # the capture worked
+    assert password not in everything
+    assert secret not in everything
+
+
+def test_redact_covers_url_and_key_value_dsns() -> None:
+    assert logs.redact("postgresql://u:p4ss@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert "p4ss" not in logs.redact("host=h user=u password=p4ss dbname=d")
+    assert "p 4ss" not in logs.redact("host=h password='p 4ss' dbname=d")
+    assert "p4ss" not in StartupError("at postgresql://u:p4ss@h/d", hint="password=p4ss").__str__()
+
+
+# -- identifiers and SQL -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        'x"; DROP TABLE shops; --',
+        "Behavior_Events",
+        "behavior events",
+        "a" * 49,
+        "",
+        "1abc",
+        "x;y",
+        "évents",
+        "x\x00",
+    ],
+)
+def test_ident_refuses_hostile_names(name: str) -> None:
+    with pytest.raises(PartitionError):
+        ident(name)
+
+
+def test_role_settings_refuse_hostile_names() -> None:
+    with pytest.raises(ValueError):
+        Settings(loader_role="x; DROP TABLE shops")
+    assert Settings(loader_role="").loader_role == ""
+
+
+# Modules allowed to build SQL text: only from identifiers checked by ident()
+# (or catalog names quoted by quote()), integers and UTC timestamps they make
+# themselves. Any other module must use the named queries of sql/queries.sql
+# with bind parameters; a new SQL-building module fails here until reviewed.
+SQL_BUILDERS = {
+    "ingest/partitions.py",
+    "consumers/copy_writer.py",
+    "ingest/postgres_process.py",  # CREATE DATABASE of a constant name
+}
+_SQL_START = (
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "CREATE",
+    "ALTER",
+    "DROP",
+    "GRANT",
+    "COPY",
+    "LOCK",
+    "TRUNCATE",
+    "WITH",
+    "SET ",
+    "RESET",
+)
+_SAFE_CALLS = {"ident", "quote", "int", "_literal", "_ts_literal", "partition_name"}
+
+
+def _sql_fstrings(path: Path) -> list[ast.JoinedStr]:
+    tree = ast.parse(path.read_text())
+    compared = {id(n) for c in ast.walk(tree) if isinstance(c, ast.Compare) for n in c.comparators}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.JoinedStr) or id(node) in compared:
+            continue
+        head = node.values[0] if node.values else None
+        if isinstance(head, ast.Constant) and str(head.value).lstrip().startswith(_SQL_START):
+            found.append(node)
+    return found
+
+
+def test_only_reviewed_modules_build_sql_from_names() -> None:
+    builders = set()
+    for path in sorted([*ROOT.glob("ingest/*.py"), *ROOT.glob("consumers/*.py")]):
+        fstrings = _sql_fstrings(path)
+        if not fstrings:
+            continue
+        rel = path.relative_to(ROOT).as_posix()
+        builders.add(rel)
+        for node in fstrings:
+            for value in node.values:
+                if not isinstance(value, ast.FormattedValue):
+                    continue
+                expr = value.value
+                # A call must be one of the checking helpers; a bare name or attribute
+                # is a fragment those helpers made earlier in the same function.
+                if isinstance(expr, ast.Call):
+                    func = expr.func
+                    called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+                    assert called in _SAFE_CALLS or called == "join", (
+                        f"{rel}:{node.lineno}: SQL interpolates {ast.unparse(expr)}"
+                    )
+                else:
+                    assert isinstance(expr, ast.Name | ast.Attribute | ast.BoolOp | ast.IfExp), (
+                        f"{rel}:{node.lineno}: SQL interpolates {ast.unparse(expr)}"
+                    )
+    assert builders == SQL_BUILDERS
+
+
+def test_request_handling_modules_use_named_queries_only() -> None:
+    for name in ("app.py", "models.py", "enrich.py", "beacon.py", "shops.py", "producer.py"):
+        source = (ROOT / "ingest" / name).read_text()
+        assert "execute(f" not in source and "fetch(f" not in source, name
+        assert not _sql_fstrings(ROOT / "ingest" / name), name
+
+
+# -- write keys --------------------------------------------------------------------------------
+
+
+async def test_write_keys_rotate_and_revoked_key_is_refused_within_ttl(
+    collector: str, db: Database, shop: ShopCredentials
+) -> None:
+    ttl = 0.5  # the collector fixture's ShopDirectory
+    new_key = f"wk_{uuid.uuid4().hex}"
+    await db.pool.execute(
+        "INSERT INTO shop_write_keys (write_key, shop_id) VALUES ($1, $2)", new_key, shop.shop_id
+    )
+    body = {"events": [{"event_type": "click", "session_id": "s", "page_url": "https://x/"}]}
+    async with aiohttp.ClientSession() as http:
+
+        async def status(key: str) -> int:
+            async with http.post(f"{collector}/v1/behavior?k={key}", json=body) as resp:
+                return resp.status
+
+        assert await status(shop.write_key) == 200
+        assert await status(new_key) == 200
+        await db.pool.execute(
+            "UPDATE shop_write_keys SET revoked_at = now() WHERE write_key = $1", shop.write_key
+        )
+        revoked_at = asyncio.get_running_loop().time()
+
+        async def refused() -> bool:
+            return await status(shop.write_key) == 401
+
+        await wait_for(refused, timeout=ttl + 1.0, interval=0.05)
+        assert asyncio.get_running_loop().time() - revoked_at <= ttl + 1.0
+        assert await status(new_key) == 200
+        assert await status(shop.write_key) == 401
+
+
+async def test_keys_cli_rotates_then_revokes_the_old_key(
+    settings: Settings, db: Database, shop: ShopCredentials, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ingest.cli import main
+
+    flags = ["--shop", shop.domain, "--postgres-dsn", settings.dsn]
+    flags += ["--kafka-bootstrap", settings.bootstrap]
+    try:
+        assert await asyncio.to_thread(main, ["keys", "rotate", *flags]) == 0
+        new_key = capsys.readouterr().out.strip()
+        directory = ShopDirectory(db, ttl=0)
+        assert new_key != shop.write_key
+        assert await directory.by_write_key(new_key) is not None
+        assert await directory.by_write_key(shop.write_key) is not None  # both live
+        assert await asyncio.to_thread(main, ["keys", "revoke", *flags]) == 0
+        assert shop.write_key in capsys.readouterr().out
+        assert await directory.by_write_key(shop.write_key) is None
+        assert await directory.by_write_key(new_key) is not None
+        assert await asyncio.to_thread(main, ["keys", "list", *flags]) == 0
+        listing = capsys.readouterr().out
+        assert "live" in listing and new_key in listing
+        assert await asyncio.to_thread(main, ["keys", "revoke", *flags]) == 1  # none left to revoke
+        unknown = ["keys", "list", "--shop", "nope.example", *flags[2:]]
+        assert await asyncio.to_thread(main, unknown) == 2
+    finally:
+        structlog.reset_defaults()
