@@ -51,6 +51,9 @@ DB_UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A connection cut in the middle of a COPY can leave asyncpg's protocol
+    # state confused; the pool drops that connection and the retry gets a new one.
+    asyncpg.InternalClientError,
 )
 
 

@@ -28,6 +28,8 @@ def load_queries(path: Path) -> dict[str, str]:
     queries: dict[str, str] = {}
     for block in re.split(r"^-- name: ", path.read_text(), flags=re.M)[1:]:
         name, _, body = block.partition("\n")
+        if name.strip() in queries:
+            raise ValueError(f"{path}: two queries are named {name.strip()}")
         queries[name.strip()] = body.strip().rstrip(";")
     return queries
 

@@ -44,7 +44,7 @@ def add_parser(
 
 
 async def _shop(db: Database, domain: str) -> Any:
-    row = await db.fetchrow("shop_by_domain", domain)
+    row = await db.fetchrow("shop_id_by_domain", domain)
     if row is None:
         raise ConfigError(f"no shop {domain}", hint="check the domain (shops.domain)")
     return row["id"]

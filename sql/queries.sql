@@ -280,7 +280,7 @@ WHERE a.attrelid = $1::text::regclass AND a.attname = ANY($2::text[])
 
 -- write keys
 
--- name: shop_by_domain
+-- name: shop_id_by_domain
 SELECT id, domain FROM shops WHERE domain = $1;
 
 -- name: list_write_keys

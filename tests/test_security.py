@@ -28,6 +28,7 @@ from consumers.rows import BEHAVIOR
 from ingest import logs
 from ingest.app import HttpServer, create_app
 from ingest.db import Database
+from ingest.delivery import Delivery
 from ingest.errors import PartitionError, StartupError
 from ingest.migrate import migrate
 from ingest.partitions import (
@@ -282,8 +283,9 @@ async def test_secrets_never_reach_logs_errors_or_metrics(
             try:
                 async with (
                     EventProducer(run) as producer,
+                    Delivery(run, producer, None) as delivery,
                     HttpServer(
-                        create_app(run, producer, ShopDirectory(db, ttl=0.5)), "127.0.0.1", 0
+                        create_app(run, delivery, ShopDirectory(db, ttl=0.5)), "127.0.0.1", 0
                     ) as server,
                     aiohttp.ClientSession() as http,
                 ):
