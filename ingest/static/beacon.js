@@ -96,11 +96,11 @@
 
   // Rage clicks (>= 3 on one element within 600 ms) and hesitation (> 1.5 s hover).
   var burst = null, hover = null;
-  function rage() {
-    if (burst && burst.n >= 3 && !burst.sent) {
-      burst.sent = true;
-      track("rage_click", Object.assign(describe(burst.el), { coordinates: burst.xy,
-        event_data: { clicks: burst.n, window_ms: 600 } }));
+  function rage(b) {
+    if (b && b.n >= 3 && !b.sent) {
+      b.sent = true;
+      track("rage_click", Object.assign(describe(b.el), { coordinates: b.xy, timestamp: b.at,
+        event_data: { clicks: b.n, window_ms: 600 } }));
     }
   }
   var INTERACTIVE = "a,button,input,select,textarea,[role=button]";
@@ -116,9 +116,10 @@
     }
     hover = null;
     if (burst && burst.el === el && now - burst.t <= 600 && !burst.sent) {
-      burst.n += 1; burst.xy = xy;
-      if (burst.n === 3) setTimeout(guard(rage), Math.max(0, burst.t + 600 - now));
+      burst.n += 1; burst.xy = xy; burst.at = new Date(now).toISOString();
+      if (burst.n === 3) setTimeout(guard(rage.bind(null, burst)), burst.t + 600 - now);
     } else {
+      rage(burst);
       burst = { el: el, t: now, n: 1, xy: xy, sent: false };
     }
   }), true);
@@ -178,7 +179,7 @@
 
   // Leaving: rage burst, abandoned forms, final scroll depth, then one last batch.
   function leave(pagehide) {
-    rage();
+    rage(burst);
     if (pagehide) {
       started.forEach(function (s) {
         if (!s.done) { s.done = true; track("form_abandon", formFields(s.form)); }
