@@ -149,6 +149,7 @@ async def site(collector: str, shop: ShopCredentials) -> AsyncIterator[Site]:
     app.router.add_get("/page1", page1)
     app.router.add_get("/page2", page2)
     app.router.add_get("/dnt", dnt)
+    app.router.add_get("/thanks", page2)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     tcp = web.TCPSite(runner, "127.0.0.1", 0)
@@ -286,3 +287,43 @@ async def test_do_not_track_sends_nothing(
     assert {e["page_url"] for e in events} == {f"{site.url}/dnt?respect=false"}
     assert {e["event_type"] for e in events} == {"page_view", "click"}
     assert len(posted) == 1, posted
+
+
+async def test_hesitation_errors_and_form_submit(
+    browser: Any, site: Site, loader: Loader, db: Database, shop: ShopCredentials
+) -> None:
+    context = await browser.new_context(viewport=VIEWPORT)
+    page = await context.new_page()
+    await page.clock.install()  # a fake clock: hesitate 2 s without waiting 2 s
+    await page.goto(f"{site.url}/page1")
+    await page.wait_for_function("window.eventpipe && window.eventpipe.version")
+    await page.hover("#buy")
+    await page.clock.fast_forward(2000)
+    await page.click("#buy")
+    await page.add_script_tag(content="throw new Error('boom');")
+    await page.add_script_tag(content="Promise.reject(new Error('nope'));")
+    await page.locator("#email").press_sequentially("ada@example.com")
+    await page.click("button[type=submit]")  # submits, navigates to /thanks
+    await page.wait_for_url(f"{site.url}/thanks?email=ada%40example.com")
+    await page.close()
+    await context.close()
+
+    wanted = {"page_view", "click", "hesitation", "error", "form_start", "form_submit"}
+
+    async def landed() -> bool:
+        events = await _events(db, shop)
+        return wanted <= {e["event_type"] for e in events} and len(_of(events, "error")) >= 2
+
+    await wait_for(landed)
+    events = await _events(db, shop)
+    (hesitation,) = _of(events, "hesitation")
+    assert hesitation["element_path"] == "body > div#main > button#buy.buy.primary"
+    assert hesitation["event_data"]["hesitation_ms"] >= 1500
+    errors = {e["event_data"]["message"]: e["event_data"] for e in _of(events, "error")}
+    assert len(errors) == 2, errors
+    (boom,) = (data for message, data in errors.items() if "boom" in message)
+    (nope,) = (data for message, data in errors.items() if "nope" in message)
+    assert boom["line"] == 1
+    assert nope["source"] == "unhandledrejection"
+    assert len(_of(events, "form_submit")) == 1
+    assert not _of(events, "form_abandon")
