@@ -22,6 +22,7 @@
   var TYPES = "click scroll hover rage_click hesitation form_start form_abandon form_submit " +
     "error page_view time_on_element scroll_depth";
   var queue = [], bytes = 0, timer = 0, memSid = null, errors = 0;
+  var utf8 = w.TextEncoder ? new TextEncoder() : null;
 
   function guard(fn) {
     return function (e) { try { fn(e); } catch (x) { /* never break the host page */ } };
@@ -74,10 +75,10 @@
       page_url: location.href.slice(0, 4096), timestamp: new Date().toISOString(),
       viewport_size: { width: w.innerWidth, height: w.innerHeight } };
     for (var k in extra) if (extra[k] != null) e[k] = extra[k];
-    var json = JSON.stringify(e);
-    if (json.length > MAX_BYTES) return;
-    if (queue.length + 1 > MAX_EVENTS || bytes + json.length > MAX_BYTES) flush();
-    queue.push(json); bytes += json.length + 1;
+    var json = JSON.stringify(e), size = utf8 ? utf8.encode(json).length : json.length * 3;
+    if (size > MAX_BYTES) return; // sendBeacon refuses more than 64 KB in flight
+    if (queue.length + 1 > MAX_EVENTS || bytes + size > MAX_BYTES) flush();
+    queue.push(json); bytes += size + 1;
     if (!timer) timer = setTimeout(flush, interval);
   }
   function flush() {
