@@ -61,13 +61,13 @@ def _install_chromium() -> str | None:
         return "no apt-get on this machine"
     if os.geteuid() != 0:
         return "not root, cannot apt-get install chromium"
-    for command in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+    for command, timeout in (
+        (["apt-get", "update", "-q"], 90),
+        (["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], 180),
     ):
         try:
             subprocess.run(
-                command, env=APT_ENV, check=True, capture_output=True, text=True, timeout=600
+                command, env=APT_ENV, check=True, capture_output=True, text=True, timeout=timeout
             )
         except subprocess.CalledProcessError as exc:
             return f"{' '.join(command)} failed: {(exc.stderr or exc.stdout).strip()[-500:]}"
