@@ -1,1 +1,217 @@
-/* eventpipe beacon: placeholder, see issue 8 */
+/* eventpipe beacon: page views, clicks, scroll depth, rage clicks, hesitation,
+ * forms and JS errors, batched to the collector's POST /v1/behavior.
+ * <script src="https://COLLECTOR/v1/beacon.js" data-write-key="wk_..." async></script>
+ * Options: data-respect-dnt="false", data-flush-interval="5000" (ms),
+ * data-endpoint="https://..." (collector base URL, default: the script's). */
+(function () {
+  "use strict";
+  var w = window, d = document, n = navigator;
+  if (w.eventpipe && w.eventpipe.version) return; // included twice
+  var noop = function () {};
+  var api = { version: 1, track: noop, flush: noop, sessionId: noop };
+  w.eventpipe = api;
+  var tag = d.currentScript || d.querySelector("script[data-write-key]");
+  var opt = (tag && tag.dataset) || {};
+  if (!opt.writeKey) { if (w.console) console.warn("eventpipe: no data-write-key"); return; }
+  if (opt.respectDnt !== "false" &&
+      (n.doNotTrack === "1" || w.doNotTrack === "1" || n.globalPrivacyControl === true)) return;
+  var base = (opt.endpoint || tag.src.replace(/\/v1\/beacon\.js([?#].*)?$/, "")).replace(/\/$/, "");
+  var url = base + "/v1/behavior?k=" + encodeURIComponent(opt.writeKey);
+  var interval = +opt.flushInterval > 0 ? +opt.flushInterval : 5000;
+  var MAX_EVENTS = 200, MAX_BYTES = 60000, IDLE = 30 * 60 * 1000;
+  var TYPES = "click scroll hover rage_click hesitation form_start form_abandon form_submit " +
+    "error page_view time_on_element scroll_depth";
+  var queue = [], bytes = 0, timer = 0, memSid = null, errors = 0;
+  var utf8 = w.TextEncoder ? new TextEncoder() : null;
+
+  function guard(fn) {
+    return function (e) { try { fn(e); } catch (x) { /* never break the host page */ } };
+  }
+  function uuid() {
+    var c = w.crypto;
+    if (c && c.randomUUID) return c.randomUUID();
+    var b = new Uint8Array(16);
+    if (c && c.getRandomValues) c.getRandomValues(b);
+    else for (var i = 0; i < 16; i++) b[i] = Math.random() * 256;
+    b[6] = (b[6] & 15) | 64; b[8] = (b[8] & 63) | 128;
+    var h = Array.prototype.map.call(b, function (x) { return (x + 256).toString(16).slice(1); }).join("");
+    return h.slice(0, 8) + "-" + h.slice(8, 12) + "-" + h.slice(12, 16) + "-" + h.slice(16, 20) + "-" + h.slice(20);
+  }
+  // Session id: sessionStorage "id.lastActivity", renewed after 30 minutes idle.
+  function sid() {
+    var now = Date.now(), s = null, id;
+    try { s = sessionStorage.getItem("eventpipe.sid"); } catch (x) { s = memSid; }
+    var parts = s ? s.split(".") : [];
+    id = parts.length === 2 && now - +parts[1] < IDLE ? parts[0] : uuid();
+    memSid = id + "." + now;
+    try { sessionStorage.setItem("eventpipe.sid", memSid); } catch (x) { /* memory only */ }
+    return id;
+  }
+  function path(el) {
+    var out = [];
+    for (; el && el.nodeType === 1 && el !== d.documentElement; el = el.parentElement) {
+      var s = el.tagName.toLowerCase();
+      if (el.id) s += "#" + el.id;
+      var cls = typeof el.className === "string" ? el.className.trim().split(/\s+/).slice(0, 2) : [];
+      if (cls[0]) s += "." + cls.join(".");
+      out.unshift(s);
+    }
+    var p = out.join(" > ");
+    return p.length > 512 ? p.slice(p.length - 512) : p;
+  }
+  function text(el) {
+    if (/^(INPUT|TEXTAREA|SELECT)$/.test(el.tagName)) return null; // never values
+    var t = (el.innerText || el.textContent || "").replace(/\s+/g, " ").trim();
+    return t ? t.slice(0, 100) : null;
+  }
+  function describe(el) {
+    return { element_path: path(el), element_type: el.tagName.toLowerCase(),
+      element_text: text(el), component_id: el.id ? el.id.slice(0, 256) : null };
+  }
+  function elementOf(t) { return t && t.nodeType === 3 ? t.parentElement : t; }
+
+  function track(type, extra) {
+    var e = { event_id: uuid(), event_type: type, session_id: sid(),
+      page_url: location.href.slice(0, 4096), timestamp: new Date().toISOString(),
+      viewport_size: { width: w.innerWidth, height: w.innerHeight } };
+    for (var k in extra) if (extra[k] != null) e[k] = extra[k];
+    var json = JSON.stringify(e), size = utf8 ? utf8.encode(json).length : json.length * 3;
+    if (size > MAX_BYTES) return; // sendBeacon refuses more than 64 KB in flight
+    if (queue.length + 1 > MAX_EVENTS || bytes + size > MAX_BYTES) flush();
+    queue.push(json); bytes += size + 1;
+    if (!timer) timer = setTimeout(flush, interval);
+  }
+  function flush() {
+    clearTimeout(timer); timer = 0;
+    if (!queue.length) return;
+    var body = '{"events":[' + queue.join(",") + '],"sent_at":"' + new Date().toISOString() + '"}';
+    queue = []; bytes = 0;
+    try {
+      if (n.sendBeacon && n.sendBeacon(url, new Blob([body], { type: "text/plain" }))) return;
+    } catch (x) { /* fall back to fetch */ }
+    try {
+      fetch(url, { method: "POST", body: body, keepalive: true, mode: "no-cors",
+        credentials: "omit", headers: { "Content-Type": "text/plain" } }).catch(noop);
+    } catch (x) { /* nothing more to try */ }
+  }
+
+  // Rage clicks (>= 3 on one element within 600 ms) and hesitation (> 1.5 s hover).
+  var burst = null, hover = null;
+  function rage(b) {
+    if (b && b.n >= 3 && !b.sent) {
+      b.sent = true;
+      track("rage_click", Object.assign(describe(b.el), { coordinates: b.xy, timestamp: b.at,
+        event_data: { clicks: b.n, window_ms: 600 } }));
+    }
+  }
+  var INTERACTIVE = "a,button,input,select,textarea,[role=button]";
+  d.addEventListener("click", guard(function (e) {
+    var el = elementOf(e.target);
+    if (!el || !el.tagName) return;
+    var now = Date.now(), xy = { x: Math.round(e.pageX), y: Math.round(e.pageY) };
+    track("click", Object.assign(describe(el), { coordinates: xy }));
+    var target = el.closest(INTERACTIVE);
+    if (target && hover && hover.el === target && now - hover.t > 1500) {
+      track("hesitation", Object.assign(describe(target), { coordinates: xy,
+        event_data: { hesitation_ms: now - hover.t } }));
+    }
+    hover = null;
+    if (burst && burst.el === el && now - burst.t <= 600 && !burst.sent) {
+      burst.n += 1; burst.xy = xy; burst.at = new Date(now).toISOString();
+      if (burst.n === 3) setTimeout(guard(rage.bind(null, burst)), burst.t + 600 - now);
+    } else {
+      rage(burst);
+      burst = { el: el, t: now, n: 1, xy: xy, sent: false };
+    }
+  }), true);
+  d.addEventListener("mouseover", guard(function (e) {
+    var el = elementOf(e.target), target = el && el.closest && el.closest(INTERACTIVE);
+    if (target && (!hover || hover.el !== target)) hover = { el: target, t: Date.now() };
+    else if (!target) hover = null;
+  }), true);
+
+  // Scroll depth: 25/50/75/100 % thresholds as reached, the maximum when the page is left.
+  var maxPct = 0, sentPct = 0, THRESHOLDS = [25, 50, 75, 100];
+  w.addEventListener("scroll", guard(function () {
+    var h = d.documentElement.scrollHeight;
+    var pct = h > 0 ? Math.min(100, Math.round(((w.scrollY + w.innerHeight) / h) * 100)) : 100;
+    if (pct <= maxPct) return;
+    maxPct = pct;
+    THRESHOLDS.forEach(function (t) {
+      if (pct >= t && sentPct < t) {
+        sentPct = t;
+        track("scroll_depth", { event_data: { percentage: t } });
+      }
+    });
+  }), { passive: true });
+
+  // Forms: started on first input, submitted, or abandoned when the page goes away.
+  var started = [];
+  function formOf(el) { return el && (el.form || (el.closest && el.closest("form"))); }
+  function formFields(form, data) {
+    return Object.assign(describe(form), { event_data: data || {} });
+  }
+  d.addEventListener("input", guard(function (e) {
+    var el = elementOf(e.target), form = formOf(el);
+    if (!form || started.some(function (s) { return s.form === form; })) return;
+    started.push({ form: form, done: false });
+    track("form_start", formFields(form, { field: el.name || el.id || null }));
+  }), true);
+  d.addEventListener("submit", guard(function (e) {
+    var form = e.target;
+    started.forEach(function (s) { if (s.form === form) s.done = true; });
+    track("form_submit", formFields(form));
+  }), true);
+
+  // JavaScript errors (at most 20 per page).
+  function error(data) {
+    if (errors++ < 20) track("error", { event_data: data });
+  }
+  w.addEventListener("error", guard(function (e) {
+    error({ message: String(e.message || "").slice(0, 1000), source: e.filename || null,
+      line: e.lineno || null, column: e.colno || null,
+      stack: e.error && e.error.stack ? String(e.error.stack).slice(0, 2000) : null });
+  }));
+  w.addEventListener("unhandledrejection", guard(function (e) {
+    var r = e.reason;
+    error({ message: String((r && r.message) || r).slice(0, 1000), source: "unhandledrejection",
+      stack: r && r.stack ? String(r.stack).slice(0, 2000) : null });
+  }));
+
+  // Leaving: rage burst, abandoned forms, final scroll depth, then one last batch.
+  function leave(pagehide) {
+    rage(burst);
+    if (pagehide) {
+      started.forEach(function (s) {
+        if (!s.done) { s.done = true; track("form_abandon", formFields(s.form)); }
+      });
+    }
+    if (maxPct > sentPct) {
+      sentPct = maxPct;
+      track("scroll_depth", { event_data: { percentage: maxPct, final: true } });
+    }
+    flush();
+  }
+  w.addEventListener("pagehide", guard(function () { leave(true); }));
+  d.addEventListener("visibilitychange", guard(function () {
+    if (d.visibilityState === "hidden") leave(false);
+  }));
+
+  function pageView(extra) {
+    var s = w.screen || {};
+    track("page_view", { metadata: { referrer: d.referrer || null, language: n.language || null,
+      screen_resolution: s.width ? s.width + "x" + s.height : null, title: d.title || null },
+      event_data: extra || {} });
+  }
+  w.addEventListener("pageshow", guard(function (e) {
+    if (e.persisted) pageView({ restored: true }); // back from the bfcache
+  }));
+
+  api.track = guard(function (type, data) {
+    if (TYPES.split(" ").indexOf(type) < 0) return console.warn("eventpipe: unknown type", type);
+    track(type, { event_data: data && typeof data === "object" ? data : {} });
+  });
+  api.flush = guard(flush);
+  api.sessionId = function () { try { return sid(); } catch (x) { return null; } };
+  guard(pageView)();
+})();
