@@ -34,6 +34,8 @@ class ShopDirectory:
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
 
     async def _cached(self, query: str, key: str) -> asyncpg.Record | None:
+        if len(key) > 255 or "\x00" in key:  # no such key; PostgreSQL text can't hold NUL
+            return None
         now = time.monotonic()
         hit = self._cache.get((query, key))
         if hit is not None and hit[0] > now:
