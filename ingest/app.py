@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ingest import beacon, metrics, openapi, webhooks
 from ingest.delivery import Delivery, Unavailable
-from ingest.enrich import Received, behavior_record, storefront_record
+from ingest.enrich import AssignedTimes, Received, behavior_record, storefront_record
 from ingest.errors import StartupError
 from ingest.models import BatchEnvelope, BehaviorEvent, StorefrontEvent
 from ingest.ratelimit import RateLimiter
@@ -29,6 +29,7 @@ SETTINGS = web.AppKey("settings", Settings)
 DELIVERY = web.AppKey("delivery", Delivery)
 SHOPS = web.AppKey("shops", ShopDirectory)
 LIMITER = web.AppKey("limiter", RateLimiter)
+TIMES = web.AppKey("times", AssignedTimes)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTED_TYPES = {"", "application/json", "text/plain", "application/octet-stream"}
@@ -134,7 +135,9 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     rejected: list[dict[str, Any]] = []
     for index, raw in enumerate(envelope.events):
         try:
-            messages.append(_message(stream, raw, shop, received, settings.max_event_bytes))
+            messages.append(
+                _message(stream, raw, shop, received, settings.max_event_bytes, request.app[TIMES])
+            )
         except _EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
@@ -159,7 +162,7 @@ class _EventRejected(Exception):
 
 
 def _message(
-    stream: str, raw: Any, shop: Shop, received: Received, max_bytes: int
+    stream: str, raw: Any, shop: Shop, received: Received, max_bytes: int, times: AssignedTimes
 ) -> tuple[bytes, bytes]:
     """One event as a Kafka (key, value); _EventRejected with the reason when it can't be."""
     try:
@@ -167,11 +170,17 @@ def _message(
             raise _EventRejected("too_large", f"event larger than max_event_bytes={max_bytes}")
         if stream == "behavior":
             behavior = BehaviorEvent.model_validate(raw)
-            record = behavior_record(behavior, shop, received)
+            given = (
+                None if behavior.timestamp else times.time_for(shop, behavior.event_id, received.at)
+            )
+            record = behavior_record(behavior, shop, received, given)
             session = behavior.session_id
         else:
             storefront = StorefrontEvent.model_validate(raw)
-            record = storefront_record(storefront, shop, received)
+            given = (
+                None if storefront.ts else times.time_for(shop, storefront.event_id, received.at)
+            )
+            record = storefront_record(storefront, shop, received, given)
             session = storefront.session_id
         return f"{shop.id}:{session}".encode(), orjson.dumps(record)
     except pydantic.ValidationError as exc:
@@ -314,6 +323,7 @@ def create_app(settings: Settings, delivery: Delivery, shops: ShopDirectory) -> 
     app[DELIVERY] = delivery
     app[SHOPS] = shops
     app[LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app[TIMES] = AssignedTimes()
     app.router.add_post("/v1/behavior", post_behavior)
     app.router.add_post("/v1/storefront", post_storefront)
     app.router.add_post("/v1/webhooks/shopify", post_shopify_webhook)

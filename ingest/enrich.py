@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -91,30 +92,66 @@ class Received:
             if country and len(country) == 2 and country.isalpha()
             else None,
         }
-        skew = at - sent_at if sent_at is not None else timedelta(0)
+        skew = timedelta(0)
+        if sent_at is not None and abs(at - sent_at) > timedelta(seconds=settings.skew_min_s):
+            # Only a clock that is really off is corrected, and by whole minutes:
+            # a retry of the same body seconds later must keep the same event
+            # time, or (event_id, time) deduplication would store it twice.
+            skew = timedelta(minutes=round((at - sent_at) / timedelta(minutes=1)))
         return cls(at, skew, timedelta(seconds=settings.max_future_skew_s), context)
 
-    def event_time(self, client_time: datetime | None) -> tuple[datetime, datetime | None]:
+    def event_time(
+        self, client_time: datetime | None, assigned: datetime | None = None
+    ) -> tuple[datetime, datetime | None]:
         """(time to store, the client's original when it differs).
 
         The client's clock is corrected by (received - sent), as Snowplow and
         Segment do; a time still too far in the future is clamped to now.
         """
         if client_time is None:
-            return self.at, None
+            return assigned or self.at, None
         corrected = client_time + self.skew
         if corrected > self.at + self.max_future:
             corrected = self.at
         return corrected, (client_time if corrected != client_time else None)
 
 
-def behavior_record(event: BehaviorEvent, shop: Shop, received: Received) -> dict[str, Any]:
+class AssignedTimes:
+    """Event times the collector gave to client event ids that came without one.
+
+    A client that retries such an event (after a 503 or a timeout) gets the
+    same time again, so the retry deduplicates on (event_id, time) even when
+    the first attempt reached Kafka after all. Per process and bounded: a
+    retry that lands on another collector process may still be stored twice.
+    """
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._times: OrderedDict[tuple[uuid.UUID, uuid.UUID], datetime] = OrderedDict()
+
+    def time_for(self, shop: Shop, event_id: uuid.UUID | None, now: datetime) -> datetime | None:
+        """The time given to this event before, else remember ``now`` for it."""
+        if event_id is None:
+            return None
+        key = (shop.id, event_id)
+        known = self._times.get(key)
+        if known is not None:
+            return known
+        self._times[key] = now
+        if len(self._times) > self.capacity:
+            self._times.popitem(last=False)
+        return None
+
+
+def behavior_record(
+    event: BehaviorEvent, shop: Shop, received: Received, assigned: datetime | None = None
+) -> dict[str, Any]:
     """The Kafka record of a behavior event: its fields, server facts, and session context."""
     record = event.model_dump()
     record["event_id"] = event.event_id or uuid.uuid4()
     record["shop_id"] = shop.id
     record["received_at"] = received.at
-    record["timestamp"], original = received.event_time(event.timestamp)
+    record["timestamp"], original = received.event_time(event.timestamp, assigned)
     if original is not None:
         record["metadata"] = {**record["metadata"], "client_timestamp": original.isoformat()}
     context = dict(received.context)
@@ -125,13 +162,15 @@ def behavior_record(event: BehaviorEvent, shop: Shop, received: Received) -> dic
     return record
 
 
-def storefront_record(event: StorefrontEvent, shop: Shop, received: Received) -> dict[str, Any]:
+def storefront_record(
+    event: StorefrontEvent, shop: Shop, received: Received, assigned: datetime | None = None
+) -> dict[str, Any]:
     """The Kafka record of a storefront event."""
     record = event.model_dump()
     record["event_id"] = event.event_id or uuid.uuid4()
     record["shop_id"] = shop.id
     record["received_at"] = received.at
-    record["ts"], original = received.event_time(event.ts)
+    record["ts"], original = received.event_time(event.ts, assigned)
     if original is not None:
         record["props"] = {**record["props"], "client_ts": original.isoformat()}
     record["context"] = received.context

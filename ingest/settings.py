@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         default=200.0, ge=0, description="requests per second per write key; 0: no limit"
     )
     rate_limit_burst: int = Field(default=400, ge=1)
+    skew_min_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="a client clock off by more than this (received - sent_at) is corrected",
+    )
     max_future_skew_s: float = Field(
         default=300.0, ge=0, description="event times further ahead than this are clamped"
     )
