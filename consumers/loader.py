@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date
-from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -36,6 +35,7 @@ from ingest.app import HttpServer, metrics_app
 from ingest.db import Database
 from ingest.errors import OutsideRetentionWindow, StartupError
 from ingest.partitions import PartitionManager, month_start
+from ingest.service import Service
 from ingest.settings import Settings
 from ingest.supervisor import Child, Supervisor
 from ingest.topics import cluster_id
@@ -104,7 +104,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self.loader.position(assigned)
 
 
-class Loader:
+class Loader(Service):
     """Consumes one stream in the loaders' consumer group and COPYs it into its table."""
 
     def __init__(
@@ -164,15 +164,6 @@ class Loader:
         if self._consumer is not None:
             await self._consumer.stop()
         log.info("loader stopped", stream=self.spec.stream, rows_loaded=self.rows_loaded)
-
-    async def __aenter__(self) -> Loader:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @property
     def task(self) -> asyncio.Task[None]:
@@ -433,12 +424,8 @@ async def run_loader_processes(
         for i in range(processes)
     ]
     async with Supervisor(children, {**os.environ, **settings.to_env()}) as supervisor:
-        failed = asyncio.create_task(supervisor.failed.wait())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
-        failed.cancel()
-        stopped.cancel()
-    if supervisor.failed.is_set():
+        failed = await supervisor.wait(stop)
+    if failed:
         log.error("loader processes failed", reason=supervisor.failure)
         return 1
     return 0

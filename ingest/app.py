@@ -5,7 +5,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import orjson
@@ -20,6 +19,7 @@ from ingest.enrich import AssignedTimes, Received, behavior_record, storefront_r
 from ingest.errors import StartupError
 from ingest.models import BatchEnvelope, BehaviorEvent, StorefrontEvent
 from ingest.ratelimit import RateLimiter
+from ingest.service import Service
 from ingest.settings import Settings
 from ingest.shops import Shop, ShopDirectory
 
@@ -336,7 +336,7 @@ def create_app(settings: Settings, delivery: Delivery, shops: ShopDirectory) -> 
     return app
 
 
-class HttpServer:
+class HttpServer(Service):
     """An aiohttp server on ``host:port``; ``stop`` stops accepting and drains requests.
 
     ``reuse_port`` lets several collector processes share one port (SO_REUSEPORT).
@@ -380,12 +380,3 @@ class HttpServer:
     async def stop(self) -> None:
         """Graceful stop."""
         await self._runner.cleanup()
-
-    async def __aenter__(self) -> HttpServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import uuid
 from pathlib import Path
-from types import TracebackType
 
 import structlog
 
@@ -25,6 +24,7 @@ from ingest.processes import (
     stop_process,
     tail,
 )
+from ingest.service import Service
 from ingest.topics import broker_reachable
 
 log = structlog.get_logger(__name__)
@@ -45,7 +45,7 @@ def broker_binary(configured: Path | None = None) -> Path:
         ) from exc
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Service):
     """A Tansu broker listening on a loopback port, logging to ``state_dir/broker.log``."""
 
     def __init__(
@@ -126,12 +126,3 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         """The broker's pid while it runs."""
         return self._proc.pid if self._proc is not None else None
-
-    async def __aenter__(self) -> EmbeddedBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

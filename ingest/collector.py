@@ -67,12 +67,8 @@ async def run_collector_workers(settings: Settings, stop: asyncio.Event) -> int:
         for i in range(settings.collector_workers)
     ]
     async with Supervisor(children, {**os.environ, **settings.to_env()}) as supervisor:
-        failed = asyncio.create_task(supervisor.failed.wait())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
-        failed.cancel()
-        stopped.cancel()
-    if supervisor.failed.is_set():
+        failed = await supervisor.wait(stop)
+    if failed:
         log.error("collector workers failed", reason=supervisor.failure)
         return 1
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -12,6 +11,7 @@ import structlog
 
 from ingest.errors import StartupError
 from ingest.logs import redact
+from ingest.service import Service
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +53,7 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
         ) from exc
 
 
-class Database:
+class Database(Service):
     """An asyncpg pool as an async context manager; ``q`` holds the named queries."""
 
     q = QUERIES
@@ -130,12 +130,3 @@ class Database:
                 hint=f"as a superuser: ALTER ROLE {role} BYPASSRLS",
             )
         return str(row["role"])
-
-    async def __aenter__(self) -> Database:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from types import TracebackType
 
 import structlog
 
 from ingest import metrics
 from ingest.producer import EventProducer, ProduceFailed
+from ingest.service import Service
 from ingest.settings import Settings
 from ingest.spool import Messages, Spool, SpoolFull, read_segment
 
@@ -21,7 +21,7 @@ class Unavailable(Exception):
     """Neither the broker nor the spool could take a batch: answer 503."""
 
 
-class Delivery:
+class Delivery(Service):
     """Sends batches to Kafka, or to the spool when the broker is slow or down.
 
     While the spool holds anything, new batches go to the spool too, so a
@@ -58,15 +58,6 @@ class Delivery:
             task.cancel()
         if self.spool is not None:
             self.spool.close()
-
-    async def __aenter__(self) -> Delivery:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @property
     def spool_below_high_water(self) -> bool:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import warnings
 from pathlib import Path
-from types import TracebackType
 
 import asyncpg
 import structlog
@@ -28,6 +27,7 @@ from ingest.processes import (
     stop_process,
     tail,
 )
+from ingest.service import Service
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +69,7 @@ def _server_user(data_dir: Path, bin_dir: Path) -> str | None:
     return _RUN_AS
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(Service):
     """A PostgreSQL server whose data lives in ``state_dir/postgres``.
 
     A second start on the same directory finds its data again.
@@ -203,12 +203,3 @@ class EmbeddedPostgres:
     def pid(self) -> int | None:
         """The postmaster's pid while it runs."""
         return self._proc.pid if self._proc is not None else None
-
-    async def __aenter__(self) -> EmbeddedPostgres:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from types import TracebackType
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from ingest.errors import StartupError
+from ingest.service import Service
 from ingest.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -20,7 +20,7 @@ class ProduceFailed(Exception):
     """The broker did not acknowledge a batch; nothing of it may be promised to the client."""
 
 
-class EventProducer:
+class EventProducer(Service):
     """An AIOKafkaProducer with explicit start/stop; ``send_batch`` waits for every ack.
 
     Idempotence is off on purpose: the embedded broker doesn't support it, and
@@ -86,12 +86,3 @@ class EventProducer:
             await asyncio.gather(*futures)
         except KafkaError as exc:
             raise ProduceFailed(str(exc)) from exc
-
-    async def __aenter__(self) -> EventProducer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -8,12 +8,12 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import structlog
 
 from ingest.errors import StartupError
 from ingest.processes import die_with_parent, stop_process
+from ingest.service import Service
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +29,7 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
 
-class Supervisor:
+class Supervisor(Service):
     """Starts children, restarts one that exits, and stops them all (SIGTERM, then SIGKILL).
 
     A child that dies five times within a minute is given up on, and ``failed``
@@ -83,6 +83,15 @@ class Supervisor:
                 if not self._stopping:
                     self._spawn(child)
 
+    async def wait(self, stop: asyncio.Event) -> bool:
+        """Wait until ``stop`` is set or a child is given up on; True in the second case."""
+        failed = asyncio.create_task(self.failed.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        stopped.cancel()
+        return self.failed.is_set()
+
     def check_running(self) -> None:
         """Raise StartupError when a child has already exited."""
         for child in self.children:
@@ -106,12 +115,3 @@ class Supervisor:
                 if c.proc
             )
         )
-
-    async def __aenter__(self) -> Supervisor:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -217,13 +217,9 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
             )
             console.print(demo_curl(info), soft_wrap=True, highlight=False, markup=False)
             console.print("\nCtrl-C stops everything.\n", highlight=False)
-            failed = asyncio.create_task(supervisor.failed.wait())
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
-            failed.cancel()
-            stopped.cancel()
+            failed = await supervisor.wait(stop)
             console.print("stopping ...", highlight=False)
-            if supervisor.failed.is_set():
+            if failed:
                 raise StartupError(supervisor.failure, hint="see the process's errors above")
     console.print("stopped.", highlight=False)
     return 0
