@@ -51,7 +51,7 @@ async def process(
     name: str, argv: list[str], env: dict[str, str], logdir: Path, health: str | None
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
     """A subprocess, up once ``health`` answers, stopped (SIGTERM) on exit."""
-    proc = spawn(argv, logdir / f"{name}.log", env={**os.environ, **env})
+    proc = spawn(argv, log_path=logdir / f"{name}.log", env={**os.environ, **env})
     try:
         if health:
             await _wait_http(health, proc, logdir / f"{name}.log")
