@@ -112,9 +112,10 @@ class Suite:
         self.stack = stack
         self.quick = quick
         self.tmp = tmp
-        self.load_s = 6.0 if quick else 20.0
+        self.load_s = 6.0 if quick else 12.0
         self.connections = 16
         self.results: dict[str, Any] = {}
+        self._seed = 0
         self.runs: dict[str, Result] = {}
 
     def settings(self, **update: Any) -> Settings:
@@ -138,6 +139,11 @@ class Suite:
         }
         values.update(update)
         return Settings(**values)
+
+    def seed(self) -> int:
+        """A new seed per load: the same seed would send the same event ids again."""
+        self._seed += 1
+        return self._seed
 
     async def shop(self) -> ShopCredentials:
         """A fresh shop (its rows can be counted alone)."""
@@ -164,7 +170,9 @@ class Suite:
 
     def load(self, name: str, target: Target, **config: Any) -> Any:
         """Run a load and keep it for the plots."""
-        cfg = LoadConfig(duration_s=self.load_s, connections=self.connections, **config)
+        cfg = LoadConfig(
+            duration_s=self.load_s, connections=self.connections, seed=self.seed(), **config
+        )
 
         async def go() -> Result:
             result = await run_load(target, cfg)
@@ -184,8 +192,11 @@ class Suite:
         shop = await self.shop()
         async with self.collector(settings) as url:
             target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+            cpu = CpuMeter({**self.stack.pids, "collector": self._collector_pid})
             with RssPeak(self._collector_pid) as rss:
+                cpu.start()
                 max_run = await self.load("collector_max", target, mix=BEACONS)
+                cpu_seconds = cpu.stop()
                 max_rps = max_run.summary()["max_requests_per_s"]
                 half = await self.load("collector_half", target, mix=BEACONS, rate=max_rps / 2)
         b, m, h = bare_run.summary(), max_run.summary(), half.summary()
@@ -199,6 +210,9 @@ class Suite:
             "p99_ms": h["latency_ms"]["p99"],
             "half_rate_errors": h["errors"],
             "rss_mb": round(rss.peak_mb, 1),
+            # where the 2 cores went during the max ramp ("python" is the generator)
+            "cpu_seconds_max_ramp": cpu_seconds,
+            "max_ramp_seconds": round(max_run.seconds, 1),
             "ramp_bare": b["steps"],
             "ramp_collector": m["steps"],
             "generator_cpu_percent": m["generator_cpu_percent"],
@@ -223,7 +237,9 @@ class Suite:
         async with Verifier(self.stack.dsn, datetime.now(UTC)) as verifier:
             stop = asyncio.Event()
             poller = asyncio.create_task(verifier.poll(stop))
-            cfg = LoadConfig(duration_s=self.load_s, connections=self.connections, **config)
+            cfg = LoadConfig(
+                duration_s=self.load_s, connections=self.connections, seed=self.seed(), **config
+            )
 
             def feed(delta: dict[str, Any]) -> None:
                 for table, ids in delta["ids"].items():

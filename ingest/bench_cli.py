@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -48,7 +49,11 @@ def add_parser(
         default="behavior=0.7,storefront=0.2,webhook=0.1",
         help="share of request kinds (default behavior=0.7,storefront=0.2,webhook=0.1)",
     )
-    p.add_argument("--seed", type=int, default=0, help="RNG seed: same seed, same events")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="RNG seed: the same seed sends the same events and ids (default: random, reported)",
+    )
     p.add_argument("--processes", type=int, default=1, help="generator processes (default 1)")
     p.add_argument(
         "--verify",
@@ -185,7 +190,7 @@ async def bench_command(settings: Settings, args: argparse.Namespace, console: C
         connections=args.connections,
         batch_size=args.batch_size,
         mix=mix,
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else random.randrange(1 << 31),
         processes=max(1, args.processes),
     )
     progress = _Progress(config)

@@ -56,8 +56,9 @@ class Verifier:
 
     def __init__(self, dsn: str, since: datetime, poll_s: float = 0.1, chunk: int = 5000) -> None:
         self.dsn = dsn
-        # received_at is the collector's clock: allow for a little skew.
-        self.since = since - timedelta(seconds=30)
+        # received_at is the collector's clock: allow for a little skew, not for
+        # an earlier run's rows.
+        self.since = since - timedelta(seconds=2)
         self.poll_s = poll_s
         self.chunk = chunk
         self.pending: dict[str, dict[uuid.UUID, None]] = {t: {} for t in VERIFIED_TABLES}
