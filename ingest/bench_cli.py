@@ -226,6 +226,7 @@ async def bench_command(settings: Settings, args: argparse.Namespace, console: C
     summary["target"] = target.url
     out = args.out or Path(f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json")
     out.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    console.print()
     console.print(summary_table(summary))
     if summary["generator_saturated"]:
         console.print(
