@@ -30,5 +30,16 @@ test: lint  ## lint, type-check, then the whole test suite
 test-external: $(STAMP)
 	EVENTPIPE_TEST_POSTGRES_DSN=$${EVENTPIPE_TEST_POSTGRES_DSN:-postgresql://postgres@127.0.0.1:5432/postgres} $(BIN)/pytest -m "not slow"
 
+BENCH_STAMP := $(VENV)/.bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	rm -f $(VENV)/.bench-*
+	touch $@
+
+# Load benchmarks (benchmarks/README.md); QUICK=1 for the < 3 minute version.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
+
 clean:
 	rm -rf $(VENV) .eventpipe .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,524 @@
+"""The load benchmark suite: ``python -m benchmarks.run [--quick]`` (``make bench [QUICK=1]``).
+
+Starts an embedded PostgreSQL and broker, runs collectors, loaders and the
+bare baseline server as subprocesses, and measures every figure against a
+baseline taken in the same run on the same machine. Writes
+``benchmarks/results/latest.json``, a dated copy, and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+from aiokafka import AIOKafkaConsumer
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import loader_bench, partitions_bench
+from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
+from consumers.rows import STOREFRONT
+from ingest import logs
+from ingest.db import Database
+from ingest.loadgen import LoadConfig, Mix, Result, Target, run_load
+from ingest.partitions import PartitionManager
+from ingest.processes import free_port, spawn, stop_process
+from ingest.settings import Settings
+from ingest.shops import ShopCredentials, ensure_shop
+from ingest.topics import ensure_topics
+from ingest.verify import Verifier
+
+console = Console()
+BEACONS = Mix(behavior=1.0, storefront=0.0, webhook=0.0)
+
+
+@contextlib.asynccontextmanager
+async def process(
+    name: str, argv: list[str], env: dict[str, str], logdir: Path, health: str | None
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A subprocess, up once ``health`` answers, stopped (SIGTERM) on exit."""
+    proc = spawn(argv, log_path=logdir / f"{name}.log", env={**os.environ, **env})
+    try:
+        if health:
+            await _wait_http(health, proc, logdir / f"{name}.log")
+        yield proc
+    finally:
+        await stop_process(proc)
+
+
+async def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url}: process exited: {log.read_text()[-2000:]}")  # noqa: ASYNC240
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as resp:
+                    if resp.status < 500:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within 30 s")
+
+
+class RssPeak:
+    """Peak resident memory of a process tree, sampled every 100 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                workers = [p for p in procs if "collector" in " ".join(p.cmdline())]
+                # one worker's RSS: with --workers the parent only supervises
+                rss = max(p.memory_info().rss for p in workers or procs) / 2**20
+                self.peak_mb = max(self.peak_mb, rss)
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Suite:
+    """Shared state of one run of the suite."""
+
+    def __init__(self, stack: Stack, quick: bool, tmp: Path) -> None:
+        self.stack = stack
+        self.quick = quick
+        self.tmp = tmp
+        self.load_s = 6.0 if quick else 12.0
+        self.connections = 16
+        self.results: dict[str, Any] = {}
+        self._seed = 0
+        self.runs: dict[str, Result] = {}
+
+    def settings(self, **update: Any) -> Settings:
+        """Settings of one section: its own topics, group and state directory."""
+        tag = uuid.uuid4().hex[:6]
+        state = self.tmp / f"state-{tag}"
+        state.mkdir()
+        values: dict[str, Any] = {
+            "state_dir": state,
+            "postgres_dsn": self.stack.dsn,
+            "kafka_bootstrap": self.stack.bootstrap,
+            "kafka_log_id": self.stack.log_id,
+            "topic_behavior": f"bench.behavior.{tag}",
+            "topic_storefront": f"bench.storefront.{tag}",
+            "consumer_group": f"bench-{tag}",
+            "collector_port": free_port(),
+            "rate_limit_per_s": 0.0,  # one shop sends everything: no per-key limit
+            "loader_metrics_port": 0,
+            "kafka_session_timeout_ms": 6000,
+            "log_level": "warning",
+        }
+        values.update(update)
+        return Settings(**values)
+
+    def seed(self) -> int:
+        """A new seed per load: the same seed would send the same event ids again."""
+        self._seed += 1
+        return self._seed
+
+    async def shop(self) -> ShopCredentials:
+        """A fresh shop (its rows can be counted alone)."""
+        async with Database(self.stack.dsn, max_size=1) as db:
+            return await ensure_shop(db, f"bench-{uuid.uuid4().hex[:8]}.myshopify.com")
+
+    @contextlib.asynccontextmanager
+    async def collector(self, settings: Settings, workers: int = 1) -> AsyncIterator[str]:
+        """A collector subprocess; yields its URL."""
+        await ensure_topics(
+            settings.bootstrap, [settings.topic_behavior, settings.topic_storefront], partitions=3
+        )
+        url = f"http://127.0.0.1:{settings.collector_port}"
+        argv = [sys.executable, "-m", "ingest.cli", "collector", "--workers", str(workers)]
+        async with process(
+            f"collector-{workers}w-{settings.collector_port}",
+            argv,
+            settings.to_env(),
+            self.tmp,
+            f"{url}/healthz",
+        ) as proc:
+            self._collector_pid = proc.pid
+            yield url
+
+    def load(self, name: str, target: Target, **config: Any) -> Any:
+        """Run a load and keep it for the plots."""
+        cfg = LoadConfig(
+            duration_s=self.load_s, connections=self.connections, seed=self.seed(), **config
+        )
+
+        async def go() -> Result:
+            result = await run_load(target, cfg)
+            self.runs[name] = result
+            return result
+
+        return go()
+
+    async def collector_section(self) -> None:
+        console.rule("1. collector vs bare aiohttp handler (20-event beacons)")
+        port = free_port()
+        bare = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "benchmarks.bare_server", str(port)]
+        async with process("bare", argv, {}, self.tmp, f"{bare}/healthz"):
+            bare_run = await self.load("bare_max", Target(bare, "x"), mix=BEACONS)
+        settings = self.settings()
+        shop = await self.shop()
+        async with self.collector(settings) as url:
+            target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+            cpu = CpuMeter({**self.stack.pids, "collector": self._collector_pid})
+            with RssPeak(self._collector_pid) as rss:
+                cpu.start()
+                max_run = await self.load("collector_max", target, mix=BEACONS)
+                cpu_seconds = cpu.stop()
+                max_rps = max_run.summary()["max_requests_per_s"]
+                half = await self.load("collector_half", target, mix=BEACONS, rate=max_rps / 2)
+        b, m, h = bare_run.summary(), max_run.summary(), half.summary()
+        self.results["collector"] = {
+            "bare_requests_per_s": b["max_requests_per_s"],
+            "requests_per_s": m["max_requests_per_s"],
+            "events_per_s": m["max_events_per_s"],
+            "ratio_vs_bare": round(m["max_requests_per_s"] / b["max_requests_per_s"], 3),
+            "half_rate_requests_per_s": round(max_rps / 2, 1),
+            "p50_ms": h["latency_ms"]["p50"],
+            "p99_ms": h["latency_ms"]["p99"],
+            "half_rate_errors": h["errors"],
+            "rss_mb": round(rss.peak_mb, 1),
+            # where the 2 cores went during the max ramp ("python" is the generator)
+            "cpu_seconds_max_ramp": cpu_seconds,
+            "max_ramp_seconds": round(max_run.seconds, 1),
+            "ramp_bare": b["steps"],
+            "ramp_collector": m["steps"],
+            "generator_cpu_percent": m["generator_cpu_percent"],
+            "generator_saturated": m["generator_saturated"] or h["generator_saturated"],
+        }
+
+    async def loader_section(self) -> None:
+        console.rule("2. loader vs raw asyncpg binary COPY")
+        rows, repeat = (30_000, 1) if self.quick else (100_000, 3)
+        self.results["loader"] = await loader_bench.bench(self.stack, rows, repeat)
+
+    async def _await_ready(self, target: Target, verifier_dsn: str) -> int:
+        """Warm-up requests that must become rows (the loaders have joined); their events."""
+        warm = await run_load(target, LoadConfig(rate=5, duration_s=0.4, connections=1, seed=99))
+        async with Verifier(verifier_dsn, warm.started_at) as verifier:
+            for table, ids in warm.accepted_ids.items():
+                verifier.expect(table, ids)
+            await verifier.finish(60)
+            return verifier.result.expected
+
+    async def _verified(self, name: str, target: Target, **config: Any) -> tuple[Result, Any]:
+        """A load with the verifier polling during it; (result, reconciliation)."""
+        async with Verifier(self.stack.dsn, datetime.now(UTC)) as verifier:
+            stop = asyncio.Event()
+            poller = asyncio.create_task(verifier.poll(stop))
+            cfg = LoadConfig(
+                duration_s=self.load_s, connections=self.connections, seed=self.seed(), **config
+            )
+
+            def feed(delta: dict[str, Any]) -> None:
+                for table, ids in delta["ids"].items():
+                    verifier.expect(table, ids)
+
+            result = await run_load(target, cfg, feed)
+            stop.set()
+            await poller
+            self.runs[name] = result
+            return result, await verifier.finish(120)
+
+    async def e2e_section(self) -> None:
+        console.rule("3. end to end: collector + loaders + PostgreSQL")
+        settings = self.settings()
+        shop = await self.shop()
+        argv = [sys.executable, "-m", "ingest.cli", "loader", "--stream", "all"]
+        async with (
+            self.collector(settings) as url,
+            process("loader-e2e", argv, settings.to_env(), self.tmp, None),
+        ):
+            target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+            warm = await self._await_ready(target, self.stack.dsn)
+            max_run, max_rec = await self._verified("e2e_max", target)
+            m = max_run.summary()
+            sustained = m["events_accepted"] / (max_run.seconds + max_rec.wait_s)
+            per_request = m["events_sent"] / max(1, m["requests"])
+            rate = sustained / 2 / per_request
+            half_run, half_rec = await self._verified("e2e_half", target, rate=rate)
+        async with Database(self.stack.dsn, max_size=1) as db:
+            rows = await db.pool.fetchval(
+                "SELECT (SELECT count(*) FROM behavior_events WHERE shop_id = $1) + "
+                "(SELECT count(*) FROM events WHERE shop_id = $1)",
+                shop.shop_id,
+            )
+        h = half_run.summary()
+        expected = max_rec.expected + half_rec.expected
+        self.results["e2e"] = {
+            "events_per_s": round(sustained, 1),
+            "max_run_accepted_events": m["events_accepted"],
+            "max_run_drain_s": round(max_rec.wait_s, 2),
+            "half_rate_events_per_s": h["events_per_s"],
+            "lag_p50_s": half_rec.summary()["lag_p50_s"],
+            "lag_p99_s": half_rec.summary()["lag_p99_s"],
+            "lag_max_s": half_rec.summary()["lag_max_s"],
+            "max_run_lag_p99_s": max_rec.summary()["lag_p99_s"],
+            "missing": max_rec.missing + half_rec.missing,
+            "duplicates": max_rec.duplicates + half_rec.duplicates,
+            "accepted_ids": expected,
+            "rows_of_shop": rows,
+            "warmup_events": warm,
+            # every row of this shop is an accepted id, and every accepted id a row
+            "count_exact": rows == expected + warm and max_rec.missing + half_rec.missing == 0,
+            "errors": m["errors"] + h["errors"],
+            "generator_saturated": m["generator_saturated"] or h["generator_saturated"],
+        }
+
+    async def scaling_section(self) -> None:
+        console.rule("4. scaling: 2 collector workers, 2 loader processes")
+        settings = self.settings()
+        shop = await self.shop()
+        async with self.collector(settings, workers=2) as url:
+            target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+            run = await self.load("collector_2w_max", target, mix=BEACONS)
+        one = self.results["collector"]["requests_per_s"]
+        two = run.summary()["max_requests_per_s"]
+        rows = 30_000 if self.quick else 100_000
+        loader = {p: await self._loader_processes(rows, p) for p in (1, 2)}
+        self.results["scaling"] = {
+            "collector_1_worker_requests_per_s": one,
+            "collector_2_workers_requests_per_s": two,
+            "collector_2_vs_1": round(two / one, 3),
+            "loader_rows": rows,
+            "loader_1_process_rows_per_s": loader[1],
+            "loader_2_processes_rows_per_s": loader[2],
+            "loader_2_vs_1": round(loader[2] / loader[1], 3),
+        }
+
+    async def _prefilled(self, rows: int) -> tuple[Settings, str]:
+        """Settings whose storefront topic holds ``rows`` records of a fresh shop."""
+        if getattr(self, "_prefill", None) and self._prefill[2] == rows:
+            return self._prefill[0], self._prefill[1]
+        settings = self.settings()
+        await ensure_topics(settings.bootstrap, [settings.topic_storefront], partitions=3)
+        shop = await self.shop()
+        await loader_bench.prefill(
+            settings, loader_bench.storefront_records(str(shop.shop_id), rows)
+        )
+        self._prefill = (settings, str(shop.shop_id), rows)
+        return settings, str(shop.shop_id)
+
+    async def _loader_processes(self, rows: int, processes: int) -> float:
+        """Rows/s of ``loader --processes N`` on the pre-filled topic (first row to last)."""
+        base, _ = await self._prefilled(rows)
+        settings = base.model_copy(update={"consumer_group": f"bench-{uuid.uuid4().hex[:6]}"})
+        argv = [sys.executable, "-m", "ingest.cli", "loader", "--stream", "storefront"]
+        argv += ["--processes", str(processes)]
+        async with Database(self.stack.dsn, max_size=1) as db:
+            await db.pool.execute("TRUNCATE events")
+            async with process(f"loader-{processes}p", argv, settings.to_env(), self.tmp, None):
+                first: float | None = None
+                deadline = time.monotonic() + 120
+                count = 0
+                while time.monotonic() < deadline:
+                    count = await db.pool.fetchval("SELECT count(*) FROM events")
+                    if count and first is None:
+                        first = time.monotonic()
+                    if count >= rows:
+                        break
+                    await asyncio.sleep(0.05)
+                assert first is not None and count >= rows, f"loaded {count} of {rows}"
+                # the first poll that saw rows saw one batch already: count it as loaded then
+                return round(rows / max(1e-3, time.monotonic() - first), 1)
+
+    async def naive_section(self) -> None:
+        console.rule("6. naive loader: one INSERT per event, committed per batch")
+        rows = 20_000 if self.quick else 60_000
+        settings, _ = await self._prefilled(rows)
+        async with Database(self.stack.dsn, max_size=4) as db:
+            await PartitionManager(db).maintain()
+            naive_s = await naive_loader(settings, db, rows)
+            cpu = CpuMeter(self.stack.pids)
+            loader_s = await loader_bench.loader_run(settings, db, rows, cpu)
+        self.results["naive"] = {
+            "rows": rows,
+            "naive_rows_per_s": round(rows / naive_s),
+            "loader_rows_per_s": round(rows / loader_s),
+            "loader_vs_naive": round(naive_s / loader_s, 2),
+        }
+
+    async def partitions_section(self) -> None:
+        console.rule("5. partition maintenance")
+        self.results["partitions"] = await partitions_bench.main(
+            self.stack.dsn, 5 if self.quick else 20
+        )
+
+
+async def naive_loader(settings: Settings, db: Database, rows: int) -> float:
+    """Seconds for what a user might write: INSERT per event, commit per batch."""
+    await db.pool.execute("TRUNCATE events")
+    consumer = AIOKafkaConsumer(
+        settings.topic_storefront,
+        bootstrap_servers=settings.bootstrap,
+        group_id=f"naive-{uuid.uuid4().hex[:6]}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+    )
+    await consumer.start()
+    columns = STOREFRONT.columns
+    sql = (
+        f"INSERT INTO events ({', '.join(columns)}) "
+        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))}) ON CONFLICT DO NOTHING"
+    )
+    loaded, started = 0, None
+    try:
+        async with db.pool.acquire() as conn:
+            deadline = time.monotonic() + 300
+            while loaded < rows and time.monotonic() < deadline:
+                got = await consumer.getmany(timeout_ms=200, max_records=settings.batch_max_rows)
+                batch = [STOREFRONT.decode(r.value)[0] for rs in got.values() for r in rs]
+                if not batch:
+                    continue
+                started = started or time.perf_counter()
+                async with conn.transaction():
+                    await conn.executemany(sql, batch)
+                await consumer.commit()
+                loaded += len(batch)
+        assert started is not None
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """The headline table."""
+    table = Table(title=f"eventpipe load benchmarks ({results['mode']})")
+    for col in ("figure", "value", "baseline", "ratio", "target"):
+        table.add_column(col, justify="right" if col != "figure" else "left")
+    c, lo, e = results["collector"], results["loader"], results["e2e"]
+    s, n, p = results["scaling"], results["naive"], results["partitions"]
+    rows = [
+        (
+            "collector req/s (20-event beacons)",
+            c["requests_per_s"],
+            c["bare_requests_per_s"],
+            c["ratio_vs_bare"],
+            ">= 0.5",
+        ),
+        ("collector events/s", c["events_per_s"], "", "", ""),
+        (
+            "collector p50 / p99 ms at half max",
+            f"{c['p50_ms']} / {c['p99_ms']}",
+            "",
+            "",
+            "p99 < 10",
+        ),
+        ("collector RSS MB", c["rss_mb"], "", "", "< 150"),
+        (
+            "loader rows/s vs raw COPY",
+            lo["loader_rows_per_s"],
+            lo["copy_rows_per_s"],
+            lo["ratio_vs_copy"],
+            ">= 0.85",
+        ),
+        ("e2e sustained events/s", e["events_per_s"], "", "", ""),
+        ("e2e lag p50 / p99 s at half", f"{e['lag_p50_s']} / {e['lag_p99_s']}", "", "", "p99 < 2"),
+        ("e2e missing / duplicates", f"{e['missing']} / {e['duplicates']}", "", "", "0 / 0"),
+        (
+            "collector 2 workers req/s",
+            s["collector_2_workers_requests_per_s"],
+            s["collector_1_worker_requests_per_s"],
+            s["collector_2_vs_1"],
+            "",
+        ),
+        (
+            "loader 2 processes rows/s",
+            s["loader_2_processes_rows_per_s"],
+            s["loader_1_process_rows_per_s"],
+            s["loader_2_vs_1"],
+            "",
+        ),
+        (
+            "partitions no-op maintain s (36)",
+            p["noop_maintain_s"],
+            p["select1_roundtrip_s"],
+            p["noop_vs_select1"],
+            "",
+        ),
+        ("writer worst stall s (create+drop)", p["writer_max_gap_s"], "", "", ""),
+        (
+            "real loader rows/s vs naive INSERT",
+            n["loader_rows_per_s"],
+            n["naive_rows_per_s"],
+            n["loader_vs_naive"],
+            "",
+        ),
+    ]
+    for row in rows:
+        table.add_row(*(str(x) for x in row))
+    console.print(table)
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    """Run every section; write the results and plots."""
+    logs.configure("warning")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="eventpipe-suite-") as tmp:
+        async with embedded_stack() as stack:
+            suite = Suite(stack, quick, Path(tmp))
+            await suite.collector_section()
+            await suite.loader_section()
+            await suite.e2e_section()
+            await suite.scaling_section()
+            await suite.naive_section()
+            await suite.partitions_section()
+    results: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "machine": machine(),
+        **suite.results,
+        "series": {name: run.summary()["series"] for name, run in suite.runs.items()},
+        "suite_seconds": round(time.monotonic() - started, 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (RESULTS / "latest.json").write_text(text)
+    (RESULTS / f"{stamp}-{results['mode']}.json").write_text(text)
+    from benchmarks.plots import plot
+
+    for path in plot(results, RESULTS):
+        console.print(f"plot: {path}")
+    print_summary(results)
+    console.print(f"results: {RESULTS / 'latest.json'} ({results['suite_seconds']} s)")
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="the < 3 minute version")
+    asyncio.run(main(parser.parse_args().quick))
