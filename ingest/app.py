@@ -17,7 +17,7 @@ from ingest import beacon, metrics, openapi, webhooks
 from ingest.delivery import Delivery, Unavailable
 from ingest.enrich import AssignedTimes, Received, behavior_record, storefront_record
 from ingest.errors import StartupError
-from ingest.models import BatchEnvelope, BehaviorEvent, StorefrontEvent
+from ingest.models import BatchEnvelope, BehaviorEvent, StorefrontEvent, has_nul
 from ingest.ratelimit import RateLimiter
 from ingest.service import Service
 from ingest.settings import Settings
@@ -166,8 +166,11 @@ def _message(
 ) -> tuple[bytes, bytes]:
     """One event as a Kafka (key, value); _EventRejected with the reason when it can't be."""
     try:
-        if len(orjson.dumps(raw)) > max_bytes:
+        encoded = orjson.dumps(raw)
+        if len(encoded) > max_bytes:
             raise _EventRejected("too_large", f"event larger than max_event_bytes={max_bytes}")
+        if has_nul(encoded):
+            raise _EventRejected("invalid", "text must not contain NUL (\\u0000)")
         if stream == "behavior":
             behavior = BehaviorEvent.model_validate(raw)
             given = (
@@ -219,6 +222,8 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
         raise Refused(400, f"webhook body is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise Refused(400, "webhook body is not a JSON object")
+    if has_nul(orjson.dumps(payload)):
+        raise Refused(400, "webhook text must not contain NUL (\\u0000)")
     fields = webhooks.storefront_fields(
         topic[:200], webhook_id[:200], shop.domain, payload, headers.get("X-Shopify-Triggered-At")
     )

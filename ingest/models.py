@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -28,18 +29,16 @@ Url = Annotated[str, Field(min_length=1, max_length=4096)]
 Text = Annotated[str, Field(max_length=4096)]
 
 
-def _no_nul(value: Any) -> Any:
-    """PostgreSQL text and jsonb cannot hold NUL; refuse it at the door, not in the loader."""
-    if isinstance(value, str) and "\x00" in value:
-        raise ValueError("text must not contain NUL (\\u0000)")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _no_nul(key)
-            _no_nul(item)
-    elif isinstance(value, list):
-        for item in value:
-            _no_nul(item)
-    return value
+# PostgreSQL text and jsonb cannot hold NUL, so it is refused at the door, not
+# in the loader. Checked on an event's JSON text (one regex over bytes the
+# collector encodes anyway) rather than field by field: an odd run of
+# backslashes before "u0000" is an escaped NUL; an even one is a literal "\\u0000".
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def has_nul(encoded: bytes) -> bool:
+    """True when JSON text ``encoded`` (as orjson writes it) holds a NUL character."""
+    return _NUL.search(encoded) is not None
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -52,11 +51,6 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
     event_id: UUID | None = None
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _check_nul(cls, value: Any) -> Any:
-        return _no_nul(value)
 
 
 class BehaviorEvent(_Event):

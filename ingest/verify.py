@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from ingest.db import QUERIES
 from ingest.loadgen import percentile
 
 VERIFIED_TABLES = ("behavior_events", "events")
@@ -95,8 +96,7 @@ class Verifier:
             ids = list(pending)
             for i in range(0, len(ids), self.chunk):
                 rows = await self._conn.fetch(
-                    f"SELECT event_id, received_at FROM {table} "
-                    "WHERE received_at >= $1 AND event_id = ANY($2::uuid[])",
+                    QUERIES[f"verify_seen_{table}"],
                     self.since,
                     ids[i : i + self.chunk],
                 )
@@ -132,9 +132,7 @@ class Verifier:
         for table, ids in self.all_ids.items():
             for i in range(0, len(ids), self.chunk):
                 duplicates += await self._conn.fetchval(
-                    f"SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM {table} "
-                    "WHERE received_at >= $1 AND event_id = ANY($2::uuid[]) "
-                    "GROUP BY event_id HAVING count(*) > 1) d",
+                    QUERIES[f"verify_duplicates_{table}"],
                     self.since,
                     ids[i : i + self.chunk],
                 )

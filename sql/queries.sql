@@ -293,3 +293,27 @@ UPDATE shop_write_keys SET revoked_at = now()
 WHERE shop_id = $1 AND revoked_at IS NULL
   AND ($2::text IS NULL OR write_key = $2) AND ($3::text IS NULL OR write_key <> $3)
 RETURNING write_key;
+
+-- name: verify_seen_behavior_events
+-- `eventpipe bench --verify`: which of these ids are rows yet, and when received.
+SELECT event_id, received_at FROM behavior_events
+WHERE received_at >= $1 AND event_id = ANY($2::uuid[]);
+
+-- name: verify_duplicates_behavior_events
+SELECT coalesce(sum(n - 1), 0) FROM (
+  SELECT count(*) AS n FROM behavior_events
+  WHERE received_at >= $1 AND event_id = ANY($2::uuid[])
+  GROUP BY event_id HAVING count(*) > 1
+) d;
+
+-- name: verify_seen_events
+-- `eventpipe bench --verify`: which of these ids are rows yet, and when received.
+SELECT event_id, received_at FROM events
+WHERE received_at >= $1 AND event_id = ANY($2::uuid[]);
+
+-- name: verify_duplicates_events
+SELECT coalesce(sum(n - 1), 0) FROM (
+  SELECT count(*) AS n FROM events
+  WHERE received_at >= $1 AND event_id = ANY($2::uuid[])
+  GROUP BY event_id HAVING count(*) > 1
+) d;
