@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from ingest.errors import StartupError
 from ingest.service import Service
@@ -30,6 +31,7 @@ class EventProducer(Service):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._producer: AIOKafkaProducer | None = None
+        self._partitioner = DefaultPartitioner()
 
     async def start(self) -> None:
         """Connect to the brokers."""
@@ -80,9 +82,29 @@ class EventProducer(Service):
         """Send ``(key, value)`` pairs; return once the broker has acknowledged all of them."""
         assert self._producer is not None, "EventProducer not started"
         try:
+            partitions = self._partitions_by_key(topic, messages)
             futures = [
-                await self._producer.send(topic, value=value, key=key) for key, value in messages
+                await self._producer.send(
+                    topic, value=value, key=key, partition=partitions.get(key)
+                )
+                for key, value in messages
             ]
             await asyncio.gather(*futures)
         except KafkaError as exc:
             raise ProduceFailed(str(exc)) from exc
+
+    def _partitions_by_key(
+        self, topic: str, messages: Sequence[tuple[bytes, bytes]]
+    ) -> dict[bytes, int]:
+        """The partition of each distinct key, hashed once per batch (the same murmur2 as
+        aiokafka's and Java's default partitioner); empty until the topic's metadata is known,
+        and then aiokafka partitions each message itself."""
+        assert self._producer is not None
+        cluster = self._producer.client.cluster
+        every = cluster.partitions_for_topic(topic)
+        if not every:
+            return {}
+        ordered = sorted(every)
+        available = sorted(cluster.available_partitions_for_topic(topic) or ordered)
+        keys = {key for key, _ in messages}
+        return {key: self._partitioner(key, ordered, available) for key in keys}

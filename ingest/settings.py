@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     topic_storefront: str = "eventpipe.storefront"
     topic_partitions: int = Field(default=3, ge=1)
     topic_replication: int = Field(default=1, ge=1)
-    kafka_compression: Literal["gzip", "none"] = "gzip"
+    kafka_compression: Literal["lz4", "zstd", "gzip", "snappy", "none"] = Field(
+        default="lz4", description="producer compression (lz4: cheap on CPU, good on the wire)"
+    )
     kafka_linger_ms: int = Field(default=5, ge=0)
     kafka_request_timeout_ms: int = Field(default=10_000, ge=100)
     kafka_session_timeout_ms: int = Field(
