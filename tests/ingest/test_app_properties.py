@@ -122,3 +122,36 @@ async def test_no_request_gets_a_5xx(collector: str, shop: ShopCredentials) -> N
         assert status < 500, (method, path, body[:200], headers, status)
 
     await asyncio.to_thread(check)
+
+
+async def test_a_slow_client_does_not_hold_up_others(collector: str, shop: ShopCredentials) -> None:
+    """A client trickling its body (slowloris-style) is served in the end; others meanwhile."""
+    parts = urlsplit(collector)
+    body = json.dumps(
+        [{"event_type": "click", "session_id": "slow", "page_url": "https://x/"}]
+    ).encode()
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(
+        f"POST /v1/behavior?k={shop.write_key} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    fast: list[int] = []
+    for i, byte in enumerate(body):
+        writer.write(bytes([byte]))
+        await writer.drain()
+        if i % 10 == 0:  # meanwhile, ordinary requests are answered at once
+            status = await asyncio.to_thread(
+                _exchange,
+                collector,
+                "POST",
+                f"/v1/behavior?k={shop.write_key}",
+                body,
+                {"Content-Type": "text/plain"},
+            )
+            fast.append(status)
+        await asyncio.sleep(0.02)
+    status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 200")
+    assert fast and set(fast) == {200}
