@@ -143,17 +143,31 @@ class AssignedTimes:
         return None
 
 
-def behavior_record(
-    event: BehaviorEvent, shop: Shop, received: Received, assigned: datetime | None = None
+def _record(
+    event: BehaviorEvent | StorefrontEvent,
+    shop: Shop,
+    received: Received,
+    assigned: datetime | None,
+    time_field: str,
+    extra_field: str,
+    original_key: str,
 ) -> dict[str, Any]:
-    """The Kafka record of a behavior event: its fields, server facts, and session context."""
+    """Fields plus server facts; a corrected or clamped time keeps the client's in ``extra``."""
     record = event.model_dump()
     record["event_id"] = event.event_id or uuid.uuid4()
     record["shop_id"] = shop.id
     record["received_at"] = received.at
-    record["timestamp"], original = received.event_time(event.timestamp, assigned)
+    record[time_field], original = received.event_time(record[time_field], assigned)
     if original is not None:
-        record["metadata"] = {**record["metadata"], "client_timestamp": original.isoformat()}
+        record[extra_field] = {**record[extra_field], original_key: original.isoformat()}
+    return record
+
+
+def behavior_record(
+    event: BehaviorEvent, shop: Shop, received: Received, assigned: datetime | None = None
+) -> dict[str, Any]:
+    """The Kafka record of a behavior event: its fields, server facts, and session context."""
+    record = _record(event, shop, received, assigned, "timestamp", "metadata", "client_timestamp")
     context = dict(received.context)
     for fact in _SESSION_FACTS:
         value = event.metadata.get(fact)
@@ -166,12 +180,6 @@ def storefront_record(
     event: StorefrontEvent, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a storefront event."""
-    record = event.model_dump()
-    record["event_id"] = event.event_id or uuid.uuid4()
-    record["shop_id"] = shop.id
-    record["received_at"] = received.at
-    record["ts"], original = received.event_time(event.ts, assigned)
-    if original is not None:
-        record["props"] = {**record["props"], "client_ts": original.isoformat()}
+    record = _record(event, shop, received, assigned, "ts", "props", "client_ts")
     record["context"] = received.context
     return record
