@@ -68,24 +68,6 @@ INSERT INTO dead_letters
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING;
 
--- name: partition_policies
-SELECT table_name, partition_column, months_ahead, retention, retention_mode, archive_location
-FROM partition_policies ORDER BY table_name;
-
--- name: partition_policy
-SELECT table_name, partition_column, months_ahead, retention, retention_mode, archive_location
-FROM partition_policies WHERE table_name = $1;
-
--- name: attached_partitions
--- Child tables of a partitioned table with their bounds as text.
-SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
-FROM pg_inherits i
-JOIN pg_class c ON c.oid = i.inhrelid
-JOIN pg_class p ON p.oid = i.inhparent
-JOIN pg_namespace n ON n.oid = p.relnamespace
-WHERE p.relname = $1 AND n.nspname = current_schema()
-ORDER BY c.relname;
-
 -- name: partition_lock
 SELECT pg_advisory_xact_lock(hashtext('eventpipe:partition:' || $1));
 
