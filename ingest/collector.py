@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import AsyncIterator
 
 import structlog
 
@@ -29,23 +30,35 @@ def spool_for(settings: Settings) -> Spool | None:
     return Spool(directory, settings.spool_max_bytes)
 
 
-async def run_collector(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set; then stop accepting, finish requests, flush or spool."""
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, db: Database, *, key_cache_s: float | None = None, spool: bool = True
+) -> AsyncIterator[tuple[HttpServer, Delivery]]:
+    """Producer, delivery (with this worker's spool unless ``spool`` is False) and HTTP
+    server, started in order and stopped in reverse: the collector of one process."""
+    ttl = settings.write_key_cache_seconds if key_cache_s is None else key_cache_s
     async with contextlib.AsyncExitStack() as stack:
-        db = await stack.enter_async_context(Database(settings.dsn, max_size=4))
         producer = await stack.enter_async_context(EventProducer(settings))
         delivery = await stack.enter_async_context(
-            Delivery(settings, producer, spool_for(settings))
+            Delivery(settings, producer, spool_for(settings) if spool else None)
         )
-        app = create_app(settings, delivery, ShopDirectory(db, settings.write_key_cache_seconds))
         server = await stack.enter_async_context(
             HttpServer(
-                app,
+                create_app(settings, delivery, ShopDirectory(db, ttl)),
                 settings.collector_host,
                 settings.collector_port,
                 reuse_port=settings.collector_reuse_port,
             )
         )
+        yield server, delivery
+
+
+async def run_collector(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set; then stop accepting, finish requests, flush or spool."""
+    async with (
+        Database(settings.dsn, max_size=4) as db,
+        serving(settings, db) as (server, _),
+    ):
         log.info("collector ready", url=server.url, worker=settings.collector_worker_index)
         await stop.wait()
         log.info("collector stopping: draining requests")

@@ -122,19 +122,11 @@ async def shop(db: Database) -> ShopCredentials:
 @pytest.fixture
 async def collector(settings: Settings) -> AsyncIterator[str]:
     """A collector served in-process on a free port; yields its base URL."""
-    from ingest.app import HttpServer, create_app
-    from ingest.collector import spool_for
-    from ingest.delivery import Delivery
-    from ingest.producer import EventProducer
-    from ingest.shops import ShopDirectory
+    from ingest.collector import serving
 
     async with (
         Database(settings.dsn) as database,
-        EventProducer(settings) as producer,
-        Delivery(settings, producer, spool_for(settings)) as delivery,
-        HttpServer(
-            create_app(settings, delivery, ShopDirectory(database, ttl=0.5)), "127.0.0.1", 0
-        ) as server,
+        serving(settings, database, key_cache_s=0.5) as (server, _),
     ):
         yield server.url
 

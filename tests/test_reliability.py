@@ -24,14 +24,12 @@ from hypothesis import strategies as st
 
 from consumers.loader import Loader
 from consumers.rows import BEHAVIOR, SPECS, RecordRejected
-from ingest.app import HttpServer, create_app
-from ingest.collector import spool_for
+from ingest.collector import serving
 from ingest.db import Database
 from ingest.delivery import Delivery
 from ingest.partitions import PartitionManager
-from ingest.producer import EventProducer
 from ingest.settings import Settings
-from ingest.shops import ShopCredentials, ShopDirectory
+from ingest.shops import ShopCredentials
 from tests.conftest import wait_for
 from tests.consumers.test_loader_faults import (
     _at_least,
@@ -59,9 +57,7 @@ async def test_broker_unreachable_30s_clients_retry_503s(
         accepted: set[str] = set()
         counts = {"200": 0, "503": 0, "other": 0}
         async with (
-            EventProducer(small) as producer,
-            Delivery(small, producer, spool_for(small)) as delivery,
-            HttpServer(create_app(small, delivery, ShopDirectory(db, 5)), "127.0.0.1", 0) as server,
+            serving(small, db, key_cache_s=5) as (server, delivery),
             aiohttp.ClientSession() as http,
         ):
             url = f"{server.url}/v1/behavior?k={shop.write_key}"
@@ -114,9 +110,7 @@ async def test_spool_full_answers_503_without_corruption_and_recovers(
         accepted: list[str] = []
         statuses: list[int] = []
         async with (
-            EventProducer(tiny) as producer,
-            Delivery(tiny, producer, spool_for(tiny)) as delivery,
-            HttpServer(create_app(tiny, delivery, ShopDirectory(db, 5)), "127.0.0.1", 0) as server,
+            serving(tiny, db, key_cache_s=5) as (server, delivery),
             aiohttp.ClientSession() as http,
         ):
             url = f"{server.url}/v1/behavior?k={shop.write_key}"

@@ -26,9 +26,8 @@ import structlog
 from consumers.loader import run_loaders
 from consumers.rows import BEHAVIOR
 from ingest import logs
-from ingest.app import HttpServer, create_app
+from ingest.collector import serving
 from ingest.db import Database
-from ingest.delivery import Delivery
 from ingest.errors import PartitionError, StartupError
 from ingest.migrate import migrate
 from ingest.partitions import (
@@ -39,7 +38,6 @@ from ingest.partitions import (
     month_start,
     partition_name,
 )
-from ingest.producer import EventProducer
 from ingest.settings import Settings
 from ingest.shops import ShopCredentials, ShopDirectory, ensure_shop
 from tests.conftest import wait_for
@@ -282,11 +280,7 @@ async def test_secrets_never_reach_logs_errors_or_metrics(
             loaders = asyncio.create_task(run_loaders(run, [BEHAVIOR], stop))
             try:
                 async with (
-                    EventProducer(run) as producer,
-                    Delivery(run, producer, None) as delivery,
-                    HttpServer(
-                        create_app(run, delivery, ShopDirectory(db, ttl=0.5)), "127.0.0.1", 0
-                    ) as server,
+                    serving(run, db, key_cache_s=0.5, spool=False) as (server, _),
                     aiohttp.ClientSession() as http,
                 ):
                     event_id = str(uuid.uuid4())

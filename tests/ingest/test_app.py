@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from ingest.collector import serving
 from ingest.settings import Settings
 from ingest.shops import ShopCredentials
 
@@ -204,16 +205,9 @@ async def test_cors_preflight_and_origins(collector: str, shop: ShopCredentials,
 async def test_rate_limit_is_429_with_retry_after(
     settings: Settings, shop: ShopCredentials, db: Any
 ) -> None:
-    from ingest.app import HttpServer, create_app
-    from ingest.delivery import Delivery
-    from ingest.producer import EventProducer
-    from ingest.shops import ShopDirectory
-
     tight = settings.model_copy(update={"rate_limit_per_s": 1.0, "rate_limit_burst": 3})
     async with (
-        EventProducer(tight) as producer,
-        Delivery(tight, producer, None) as delivery,
-        HttpServer(create_app(tight, delivery, ShopDirectory(db, 10)), "127.0.0.1", 0) as server,
+        serving(tight, db, key_cache_s=10, spool=False) as (server, _),
         aiohttp.ClientSession() as http,
     ):
         statuses = []

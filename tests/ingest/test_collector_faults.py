@@ -18,16 +18,14 @@ import pytest
 
 from consumers.loader import Loader
 from consumers.rows import BEHAVIOR
-from ingest.app import HttpServer, create_app
 from ingest.broker_process import EmbeddedBroker
-from ingest.collector import spool_for
+from ingest.collector import serving
 from ingest.db import Database
 from ingest.delivery import Delivery
 from ingest.partitions import PartitionManager
 from ingest.processes import free_port
-from ingest.producer import EventProducer
 from ingest.settings import Settings
-from ingest.shops import ShopCredentials, ShopDirectory
+from ingest.shops import ShopCredentials
 from ingest.topics import ensure_topics
 from tests.conftest import wait_for
 from tests.consumers.test_loader_faults import reconcile
@@ -82,9 +80,7 @@ async def test_broker_paused_while_events_keep_coming(
         statuses: list[int] = []
         most_spooled = 0
         async with (
-            EventProducer(own) as producer,
-            Delivery(own, producer, spool_for(own)) as delivery,
-            HttpServer(create_app(own, delivery, ShopDirectory(db, 5)), "127.0.0.1", 0) as server,
+            serving(own, db, key_cache_s=5) as (server, delivery),
             aiohttp.ClientSession() as http,
         ):
             url = f"{server.url}/v1/behavior?k={shop.write_key}"
@@ -244,9 +240,7 @@ async def test_embedded_broker_restart_recovers_by_itself(
         before: list[str] = []
         after: list[str] = []
         async with (
-            EventProducer(own) as producer,
-            Delivery(own, producer, spool_for(own)) as delivery,
-            HttpServer(create_app(own, delivery, ShopDirectory(db, 5)), "127.0.0.1", 0) as server,
+            serving(own, db, key_cache_s=5) as (server, _),
             aiohttp.ClientSession() as http,
             Loader(own, BEHAVIOR, db, PartitionManager(db)),
         ):
