@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from benchmarks.common import CpuMeter, Stack, embedded_stack, machine, median, write_result
 from consumers.loader import Loader
 from consumers.rows import STOREFRONT
-from ingest import logs
+from ingest import logs, records
 from ingest.db import Database
 from ingest.partitions import PartitionManager
 from ingest.settings import Settings
@@ -31,48 +31,56 @@ from ingest.shops import ensure_shop
 from ingest.topics import ensure_topics
 
 
-def storefront_records(shop_id: str, n: int) -> list[bytes]:
-    """``n`` realistic storefront records as the collector would produce them."""
+def storefront_records(shop_id: str, n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` realistic storefront events as the collector would produce them: records of
+    20 events of one session (a 20-event request), keyed by shop and session."""
     now = datetime.now(UTC).isoformat()
     kinds = ["page_view", "product_view", "add_to_cart", "begin_checkout", "purchase"]
-    return [
-        orjson.dumps(
-            {
-                "event_id": str(uuid.uuid4()),
-                "shop_id": shop_id,
-                "anon_id": f"anon-{i % 5000}",
-                "session_id": f"sess-{i % 20000}",
-                "event_type": kinds[i % len(kinds)],
-                "ts": now,
-                "props": {"url": f"https://shop.example/products/{i % 300}", "value": i % 97},
-                "product_id": f"gid://shopify/Product/{i % 300}",
-                "experiment_id": None,
-                "variant": None,
-                "received_at": now,
-            }
-        )
-        for i in range(n)
-    ]
+    out: list[tuple[bytes, bytes]] = []
+    for start in range(0, n, 20):
+        session = f"sess-{(start // 20) % 20000}"
+        events = [
+            orjson.dumps(
+                {
+                    "event_id": str(uuid.uuid4()),
+                    "shop_id": shop_id,
+                    "anon_id": f"anon-{i % 5000}",
+                    "session_id": session,
+                    "event_type": kinds[i % len(kinds)],
+                    "ts": now,
+                    "props": {"url": f"https://shop.example/products/{i % 300}", "value": i % 97},
+                    "product_id": f"gid://shopify/Product/{i % 300}",
+                    "experiment_id": None,
+                    "variant": None,
+                    "received_at": now,
+                }
+            )
+            for i in range(start, min(start + 20, n))
+        ]
+        out += records.pack(f"{shop_id}:{session}".encode(), events)
+    return out
 
 
-async def prefill(settings: Settings, values: list[bytes]) -> None:
+async def prefill(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024
     )
     await producer.start()
     try:
         futures = [
-            await producer.send(settings.topic_storefront, v, key=str(i % 64).encode())
-            for i, v in enumerate(values)
+            await producer.send(settings.topic_storefront, value, key=key)
+            for key, value in messages
         ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
 
 
-async def raw_copy(db: Database, values: list[bytes], batch: int, cpu: CpuMeter) -> float:
+async def raw_copy(
+    db: Database, messages: list[tuple[bytes, bytes]], batch: int, cpu: CpuMeter
+) -> float:
     """Seconds for plain binary COPY of the decoded rows, batch by batch, one connection."""
-    rows = [STOREFRONT.decode(v)[0] for v in values]
+    rows = [row for _, value in messages for row in STOREFRONT.rows(value)]
     await db.pool.execute("TRUNCATE events")
     async with db.pool.acquire() as conn:
         cpu.start()

@@ -401,7 +401,7 @@ async def naive_loader(settings: Settings, db: Database, rows: int) -> float:
             deadline = time.monotonic() + 300
             while loaded < rows and time.monotonic() < deadline:
                 got = await consumer.getmany(timeout_ms=200, max_records=settings.batch_max_rows)
-                batch = [STOREFRONT.decode(r.value)[0] for rs in got.values() for r in rs]
+                batch = [row for rs in got.values() for r in rs for row in STOREFRONT.rows(r.value)]
                 if not batch:
                     continue
                 started = started or time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import asyncpg
+import orjson
 
 from consumers.rows import Row, TableSpec
 from ingest.db import QUERIES
@@ -23,25 +24,46 @@ from ingest.partitions import ident
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
-    """A decoded row with the Kafka coordinates it came from."""
+    """A decoded row with the Kafka coordinates it came from.
+
+    ``index`` is the event's place in its record (a record carries one
+    request's events); ``record`` is the whole record's bytes, kept by
+    reference so a dead letter can be cut from it only when one is needed.
+    """
 
     row: Row
     topic: str
     partition: int
     offset: int
-    raw: bytes
+    index: int
+    record: bytes
+    batched: bool
     context: object = None  # the collector's session facts, for user_sessions
 
+    @property
+    def raw(self) -> bytes:
+        """The event's own bytes: what a dead letter keeps and replays."""
+        if not self.batched:
+            return self.record
+        return orjson.dumps(orjson.loads(self.record)[self.index])
 
-@dataclass
+    def reject(self, reason: str, error: str) -> Rejected:
+        """This row as a dead letter."""
+        return Rejected(
+            self.topic, self.partition, self.offset, self.index, self.raw, reason, error
+        )
+
+
+@dataclass(slots=True)
 class Rejected:
-    """A record set aside for the dead-letter table."""
+    """An event (or a whole record, ``index`` 0) set aside for the dead-letter table."""
 
     topic: str
     partition: int
     offset: int
+    index: int
     raw: bytes
     reason: str
     error: str
@@ -98,13 +120,8 @@ class CopyWriter:
                 await self._load(conn, items[:middle], out, staged=staged)
                 await self._load(conn, items[middle:], out, staged=staged)
                 return
-            item = items[0]
             error = f"{type(exc).__name__}: {exc}"
-            out.rejected.append(
-                Rejected(
-                    item.topic, item.partition, item.offset, item.raw, "rejected_by_postgres", error
-                )
-            )
+            out.rejected.append(items[0].reject("rejected_by_postgres", error))
         else:
             out.inserted += inserted
 

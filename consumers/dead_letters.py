@@ -15,7 +15,7 @@ async def record(conn: asyncpg.Connection, group: str, rejected: list[Rejected])
         await conn.executemany(
             QUERIES["insert_dead_letter"],
             [
-                (group, r.topic, r.partition, r.offset, r.raw, r.reason, r.error[:2000])
+                (group, r.topic, r.partition, r.offset, r.index, r.raw, r.reason, r.error[:2000])
                 for r in rejected
             ],
         )

@@ -44,13 +44,15 @@ async def list_command(settings: Settings, args: argparse.Namespace, console: Co
         for r in rows:
             print(json.dumps({k: str(v) if v is not None else None for k, v in dict(r).items()}))
         return 0
-    table = Table("id", "topic", "partition", "offset", "reason", "error", "created", "replayed")
+    table = Table(
+        "id", "topic", "partition", "offset/event", "reason", "error", "created", "replayed"
+    )
     for r in rows:
         table.add_row(
             str(r["id"]),
             r["topic"],
             str(r["kafka_partition"]),
-            str(r["kafka_offset"]),
+            f"{r['kafka_offset']}/{r['record_index']}",
             r["reason"],
             r["error"][:80],
             f"{r['created_at']:%Y-%m-%d %H:%M:%S}",

@@ -21,6 +21,7 @@ from datetime import date
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -57,7 +58,7 @@ DB_UNAVAILABLE = (
 )
 
 
-_DECODE_SLICE = 250  # records decoded between two yields to the event loop
+_DECODE_SLICE = 250  # events decoded (about) between two yields to the event loop
 
 
 @dataclass
@@ -67,26 +68,40 @@ class Batch:
     records: dict[TopicPartition, list[Pending | Rejected]] = field(
         default_factory=lambda: defaultdict(list)
     )
-    count: int = 0
-    size: int = 0
+    count: int = 0  # events
+    size: int = 0  # bytes
+    records_read: int = 0
 
     def add(
         self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]], spec: TableSpec
     ) -> None:
         """Decode ``records`` of ``tp`` into the batch."""
         out = self.records[tp]
+        events_of, row_of = spec.events, spec.row
+        topic, partition = tp.topic, tp.partition
         for record in records:
             raw = record.value or b""
+            offset = record.offset
             try:
-                row, context = spec.decode(record.value)
+                events, batched = events_of(record.value)
             except RecordRejected as exc:
-                out.append(
-                    Rejected(tp.topic, tp.partition, record.offset, raw, exc.reason, exc.error)
-                )
-            else:
-                out.append(Pending(row, tp.topic, tp.partition, record.offset, raw, context))
+                out.append(Rejected(topic, partition, offset, 0, raw, exc.reason, exc.error))
+                self.size += len(raw)
+                self.count += 1
+                continue
+            for index, data in enumerate(events):
+                try:
+                    row, context = row_of(data)
+                except RecordRejected as exc:
+                    own = orjson.dumps(data) if batched else raw
+                    out.append(
+                        Rejected(topic, partition, offset, index, own, exc.reason, exc.error)
+                    )
+                else:
+                    out.append(Pending(row, topic, partition, offset, index, raw, batched, context))
             self.size += len(raw)
-        self.count += len(records)
+            self.count += len(events)
+        self.records_read += len(records)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -121,6 +136,7 @@ class Loader(Service):
         self.lock = asyncio.Lock()
         self.positions: dict[TopicPartition, int] = {}
         self.rows_loaded = 0
+        self._per_record = 1.0  # events per Kafka record, as last seen
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -241,13 +257,20 @@ class Loader(Service):
             wait = max_age if first_at is None else max(0.0, first_at + max_age - loop.time())
             got = await self.consumer.getmany(
                 timeout_ms=int(wait * 1000),
-                max_records=self.settings.batch_max_rows - batch.count,
+                # Records carry several events each: ask for about as many
+                # records as there are rows left to fill.
+                max_records=max(
+                    1, int((self.settings.batch_max_rows - batch.count) / self._per_record)
+                ),
             )
+            step = max(1, int(_DECODE_SLICE / self._per_record))
             for tp, records in got.items():
-                for i in range(0, len(records), _DECODE_SLICE):
-                    batch.add(tp, records[i : i + _DECODE_SLICE], self.spec)
+                for i in range(0, len(records), step):
+                    batch.add(tp, records[i : i + step], self.spec)
                     # Let the batch being committed send its rows meanwhile.
                     await asyncio.sleep(0)
+            if batch.records_read:
+                self._per_record = batch.count / batch.records_read
             if batch.count and first_at is None:
                 first_at = loop.time()
             if first_at is not None and (
@@ -374,11 +397,7 @@ class Loader(Service):
             if reason is None:
                 kept.append(item)
             else:
-                rejected.append(
-                    Rejected(
-                        item.topic, item.partition, item.offset, item.raw, "outside_window", reason
-                    )
-                )
+                rejected.append(item.reject("outside_window", reason))
         return kept
 
 

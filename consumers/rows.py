@@ -85,22 +85,41 @@ class TableSpec:
         """Position of the event-time column in a row."""
         return self.columns.index(self.time_column)
 
-    def decode(self, raw: bytes | None) -> tuple[Row, object]:
-        """Bytes of a Kafka record to (row, context); RecordRejected when that can't be done."""
+    def events(self, raw: bytes | None) -> tuple[list[Any], bool]:
+        """A record's events, and whether it was a batch (a JSON array of events).
+
+        The collector writes one record per request and session: an array of
+        events. A record that is a single JSON object (a replayed dead letter,
+        or another producer) is one event. RecordRejected when it is neither.
+        """
         if raw is None:
             raise RecordRejected("decode_error", "record has no value")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise RecordRejected("decode_error", str(exc)) from exc
-        if not isinstance(data, dict):
-            raise RecordRejected("invalid_record", "record is not a JSON object")
+        if type(data) is list:
+            if not data:
+                raise RecordRejected("invalid_record", "record is an empty array of events")
+            return data, True
+        if isinstance(data, dict):
+            return [data], False
+        raise RecordRejected("invalid_record", "record is not a JSON object or array of them")
+
+    def row(self, data: Any) -> tuple[Row, object]:
+        """One event to (row, session context); RecordRejected when that can't be done."""
+        if type(data) is not dict:
+            raise RecordRejected("invalid_record", "event is not a JSON object")
         try:
             return self.convert(data), data.get("context")
         except KeyError as exc:
             raise RecordRejected("invalid_record", f"missing field {exc}") from exc
         except (TypeError, ValueError) as exc:
             raise RecordRejected("invalid_record", str(exc)) from exc
+
+    def rows(self, raw: bytes | None) -> list[Row]:
+        """Every row of a record (RecordRejected at the first bad event): for tools and tests."""
+        return [self.row(data)[0] for data in self.events(raw)[0]]
 
 
 def _behavior_checked(d: dict[str, Any]) -> Row:

@@ -13,7 +13,7 @@ import pydantic
 import structlog
 from aiohttp import web
 
-from ingest import beacon, metrics, openapi, webhooks
+from ingest import beacon, metrics, openapi, records, webhooks
 from ingest.delivery import Delivery, Unavailable
 from ingest.enrich import AssignedTimes, Received, behavior_record, storefront_record
 from ingest.errors import StartupError
@@ -131,17 +131,22 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
             f"{settings.max_events_per_batch}",
         )
     received = Received.of(request, settings, envelope.sent_at, received_at)
-    messages: list[tuple[bytes, bytes]] = []
+    sessions: dict[bytes, list[bytes]] = {}
     rejected: list[dict[str, Any]] = []
+    accepted = 0
     for index, raw in enumerate(envelope.events):
         try:
-            messages.append(
-                _message(stream, raw, shop, received, settings.max_event_bytes, request.app[TIMES])
+            key, value = _message(
+                stream, raw, shop, received, settings.max_event_bytes, request.app[TIMES]
             )
         except _EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
-    if messages:
+        else:
+            sessions.setdefault(key, []).append(value)
+            accepted += 1
+    if accepted:
+        messages = [m for key, events in sessions.items() for m in records.pack(key, events)]
         try:
             await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)
         except Unavailable as exc:
@@ -149,9 +154,9 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
             raise Refused(
                 503, "event broker unavailable, retry later", {"Retry-After": "5"}
             ) from exc
-        metrics.EVENTS_ACCEPTED.labels(stream).inc(len(messages))
-    status = 400 if rejected and not messages else 200
-    return _json({"accepted": len(messages), "rejected": rejected}, status)
+        metrics.EVENTS_ACCEPTED.labels(stream).inc(accepted)
+    status = 400 if rejected and not accepted else 200
+    return _json({"accepted": accepted, "rejected": rejected}, status)
 
 
 class _EventRejected(Exception):
@@ -164,7 +169,7 @@ class _EventRejected(Exception):
 def _message(
     stream: str, raw: Any, shop: Shop, received: Received, max_bytes: int, times: AssignedTimes
 ) -> tuple[bytes, bytes]:
-    """One event as a Kafka (key, value); _EventRejected with the reason when it can't be."""
+    """One event as its record key and JSON; _EventRejected with the reason when it can't be."""
     try:
         encoded = orjson.dumps(raw)
         if len(encoded) > max_bytes:
@@ -232,13 +237,13 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
     try:
         event = StorefrontEvent.model_validate(fields)
         record = storefront_record(event, shop, received)
-        message = (f"{shop.id}:{event.session_id}".encode(), orjson.dumps(record))
+        messages = records.pack(f"{shop.id}:{event.session_id}".encode(), [orjson.dumps(record)])
     except pydantic.ValidationError as exc:
         raise Refused(400, f"webhook cannot be stored: {_reason(exc)}") from exc
     except (orjson.JSONEncodeError, TypeError, ValueError) as exc:
         raise Refused(400, f"webhook cannot be encoded: {exc}") from exc
     try:
-        await request.app[DELIVERY].deliver("webhook", settings.topic_storefront, [message])
+        await request.app[DELIVERY].deliver("webhook", settings.topic_storefront, messages)
     except Unavailable as exc:
         raise Refused(503, "event broker unavailable, retry later", {"Retry-After": "5"}) from exc
     metrics.EVENTS_ACCEPTED.labels("webhook").inc()

@@ -81,7 +81,7 @@ class Delivery(Service):
             self._late.add(sending)
             sending.add_done_callback(self._forget)
         error = "timeout" if sending not in done else str(sending.exception())
-        log.warning("broker did not acknowledge, spooling", error=error, events=len(messages))
+        log.warning("broker did not acknowledge, spooling", error=error, records=len(messages))
         if self.spool is None:
             raise Unavailable("the broker did not acknowledge and the spool is disabled")
         await self._to_spool(topic, messages)

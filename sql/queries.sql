@@ -64,9 +64,9 @@ WHERE o.consumer_group = $1 AND o.topic = $2
 
 -- name: insert_dead_letter
 INSERT INTO dead_letters
-  (consumer_group, topic, kafka_partition, kafka_offset, raw, reason, error)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING;
+  (consumer_group, topic, kafka_partition, kafka_offset, record_index, raw, reason, error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (topic, kafka_partition, kafka_offset, record_index) DO NOTHING;
 
 -- name: partition_lock
 SELECT pg_advisory_xact_lock(hashtext('eventpipe:partition:' || $1));
@@ -107,7 +107,8 @@ ON CONFLICT (shop_id, session_id) DO UPDATE SET
   updated_at = now();
 
 -- name: list_dead_letters
-SELECT id, consumer_group, topic, kafka_partition, kafka_offset, reason, error, created_at,
+SELECT id, consumer_group, topic, kafka_partition, kafka_offset, record_index, reason, error,
+       created_at,
        replayed_at, length(raw) AS size
 FROM dead_letters
 WHERE ($1::text IS NULL OR reason = $1) AND ($2::bool OR replayed_at IS NULL)

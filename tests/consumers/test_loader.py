@@ -134,6 +134,37 @@ async def test_poison_records_go_to_dead_letters_and_the_rest_loads(
     }
 
 
+async def test_a_record_of_many_events_loads_them_all_and_sets_aside_its_bad_ones(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """The collector's format: one record holds a request's events (a JSON array)."""
+    good = [record(shop, session_id="many") for _ in range(12)]
+    bad_type = record(shop, event_type="not-a-type")  # refused by PostgreSQL's CHECK
+    no_page = {k: v for k, v in record(shop).items() if k != "page_url"}  # refused by decoding
+    events = [*good[:4], bad_type, *good[4:8], no_page, "not an object", *good[8:]]
+    await produce(settings, [orjson.dumps(events), b"[]", orjson.dumps(good[:3])])
+    ids = [str(r["event_id"]) for r in good]
+    async with running_loader(settings, db) as loader:
+        await wait_for(lambda: _all_present(db, ids))
+        await wait_for(lambda: _dead_count(db, settings, 4))
+    assert loader.rows_loaded == 12  # the third record's events were all loaded already
+    assert await count_ids(db, ids) == {i: 1 for i in ids}
+    letters = await db.pool.fetch(
+        "SELECT kafka_offset, record_index, reason, raw FROM dead_letters WHERE topic = $1 "
+        "ORDER BY kafka_offset, record_index",
+        settings.topic_behavior,
+    )
+    assert [(r["kafka_offset"], r["record_index"], r["reason"]) for r in letters] == [
+        (0, 4, "rejected_by_postgres"),
+        (0, 9, "invalid_record"),
+        (0, 10, "invalid_record"),
+        (1, 0, "invalid_record"),
+    ]
+    # Each dead letter keeps its own event, so a replay sends just that event.
+    assert [orjson.loads(r["raw"]) for r in letters[:3]] == [bad_type, no_page, "not an object"]
+    assert bytes(letters[3]["raw"]) == b"[]"
+
+
 async def _dead_count(db: Database, settings: Settings, n: int) -> bool:
     return len(await dead_letters(db, settings)) >= n
 

@@ -32,6 +32,14 @@ def beacon(**overrides: object) -> dict[str, object]:
 async def read_topic(
     settings: Settings, count: int, topic: str | None = None
 ) -> list[dict[str, Any]]:
+    """The first ``count`` events in the topic."""
+    return [e for _, value in await read_records(settings, count, topic) for e in value]
+
+
+async def read_records(
+    settings: Settings, count: int, topic: str | None = None
+) -> list[tuple[bytes, Any]]:
+    """(key, decoded value) of the records holding the first ``count`` events."""
     consumer = AIOKafkaConsumer(
         topic or settings.topic_behavior,
         bootstrap_servers=settings.bootstrap,
@@ -39,16 +47,37 @@ async def read_topic(
         enable_auto_commit=False,
     )
     await consumer.start()
-    out: list[dict[str, Any]] = []
+    out: list[tuple[bytes, Any]] = []
     try:
         for _ in range(50):
             for records in (await consumer.getmany(timeout_ms=200)).values():
-                out += [orjson.loads(r.value) for r in records]
-            if len(out) >= count:
+                out += [(r.key, orjson.loads(r.value)) for r in records]
+            if sum(len(value) for _, value in out) >= count:
                 break
     finally:
         await consumer.stop()
     return out
+
+
+async def test_a_request_becomes_one_record_per_session_in_order(
+    collector: str, settings: Settings, shop: ShopCredentials
+) -> None:
+    events = [beacon(session_id=s, event_id=str(uuid.uuid4())) for s in ["a", "b", "a", "a"]]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{collector}/v1/behavior?k={shop.write_key}", json=events) as resp,
+    ):
+        assert await resp.json() == {"accepted": 4, "rejected": []}
+    records = sorted(await read_records(settings, 4))
+    assert [key for key, _ in records] == [
+        f"{shop.shop_id}:a".encode(),
+        f"{shop.shop_id}:b".encode(),
+    ]
+    ids = [[e["event_id"] for e in value] for _, value in records]
+    assert ids == [
+        [events[0]["event_id"], events[2]["event_id"], events[3]["event_id"]],
+        [events[1]["event_id"]],
+    ]
 
 
 async def test_beacon_as_text_plain_with_query_key(
