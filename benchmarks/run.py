@@ -484,19 +484,18 @@ def print_summary(results: dict[str, Any]) -> None:
     console.print(table)
 
 
-async def main(quick: bool) -> dict[str, Any]:
-    """Run every section; write the results and plots."""
+SECTIONS = ("collector", "loader", "e2e", "scaling", "naive", "partitions")
+
+
+async def main(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every section (or ``only`` those); write the results and plots."""
     logs.configure("warning")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="eventpipe-suite-") as tmp:
         async with embedded_stack() as stack:
             suite = Suite(stack, quick, Path(tmp))
-            await suite.collector_section()
-            await suite.loader_section()
-            await suite.e2e_section()
-            await suite.scaling_section()
-            await suite.naive_section()
-            await suite.partitions_section()
+            for name in only or SECTIONS:
+                await getattr(suite, f"{name}_section")()
     results: dict[str, Any] = {
         "mode": "quick" if quick else "full",
         "machine": machine(),
@@ -507,6 +506,13 @@ async def main(quick: bool) -> dict[str, Any]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, default=str) + "\n"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    if only:  # a partial run never replaces latest.json or the plots
+        path = RESULTS / f"{stamp}-{results['mode']}-{'+'.join(only)}.json"
+        path.write_text(text)
+        shown = {k: v for k, v in results.items() if k in only}
+        console.print_json(json.dumps(shown, default=str))
+        console.print(f"results: {path}")
+        return results
     (RESULTS / "latest.json").write_text(text)
     (RESULTS / f"{stamp}-{results['mode']}.json").write_text(text)
     from benchmarks.plots import plot
@@ -521,4 +527,11 @@ async def main(quick: bool) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="the < 3 minute version")
-    asyncio.run(main(parser.parse_args().quick))
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable); results go to a file of their own",
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.quick, args.only))

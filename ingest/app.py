@@ -131,22 +131,27 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
             f"{settings.max_events_per_batch}",
         )
     received = Received.of(request, settings, envelope.sent_at, received_at)
-    sessions: dict[bytes, list[bytes]] = {}
+    sessions: dict[str, list[bytes]] = {}
     rejected: list[dict[str, Any]] = []
     accepted = 0
     for index, raw in enumerate(envelope.events):
         try:
-            key, value = _message(
+            session, value = _event(
                 stream, raw, shop, received, settings.max_event_bytes, request.app[TIMES]
             )
         except _EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
         else:
-            sessions.setdefault(key, []).append(value)
+            sessions.setdefault(session, []).append(value)
             accepted += 1
     if accepted:
-        messages = [m for key, events in sessions.items() for m in records.pack(key, events)]
+        prefix = f"{shop.id}:"
+        messages = [
+            m
+            for s, events in sessions.items()
+            for m in records.pack(f"{prefix}{s}".encode(), events)
+        ]
         try:
             await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)
         except Unavailable as exc:
@@ -166,10 +171,10 @@ class _EventRejected(Exception):
         self.reason = reason
 
 
-def _message(
+def _event(
     stream: str, raw: Any, shop: Shop, received: Received, max_bytes: int, times: AssignedTimes
-) -> tuple[bytes, bytes]:
-    """One event as its record key and JSON; _EventRejected with the reason when it can't be."""
+) -> tuple[str, bytes]:
+    """One event as (its session, its JSON); _EventRejected with the reason when it can't be."""
     try:
         encoded = orjson.dumps(raw)
         if len(encoded) > max_bytes:
@@ -190,7 +195,7 @@ def _message(
             )
             record = storefront_record(storefront, shop, received, given)
             session = storefront.session_id
-        return f"{shop.id}:{session}".encode(), orjson.dumps(record)
+        return session, orjson.dumps(record)
     except pydantic.ValidationError as exc:
         raise _EventRejected("invalid", _reason(exc)) from exc
     except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:

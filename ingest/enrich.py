@@ -7,7 +7,7 @@ import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -110,6 +110,8 @@ class Received:
         """
         if client_time is None:
             return assigned or self.at, None
+        if client_time.tzinfo is None:
+            client_time = client_time.replace(tzinfo=UTC)  # a time without a zone is UTC
         corrected = client_time + self.skew
         if corrected > self.at + self.max_future:
             corrected = self.at
@@ -153,7 +155,10 @@ def _record(
     original_key: str,
 ) -> dict[str, Any]:
     """Fields plus server facts; a corrected or clamped time keeps the client's in ``extra``."""
-    record = event.model_dump()
+    # A shallow copy of the validated fields: model_dump() would rebuild every
+    # nested dict and costs more than the rest of the event's path together.
+    # Nested values are shared with the model and never mutated here.
+    record = vars(event).copy()
     record["event_id"] = event.event_id or uuid.uuid4()
     record["shop_id"] = shop.id
     record["received_at"] = received.at

@@ -60,7 +60,7 @@ class BehaviorEvent(_Event):
     event_type: BehaviorType
     session_id: ShortText
     page_url: Url
-    timestamp: datetime | None = None
+    timestamp: datetime | None = None  # without a zone: UTC (see enrich.Received.event_time)
     element_path: Text | None = None
     element_type: Annotated[str, Field(max_length=256)] | None = None
     element_text: Text | None = None
@@ -69,8 +69,6 @@ class BehaviorEvent(_Event):
     event_data: dict[str, Any] = Field(default_factory=dict)
     component_id: Annotated[str, Field(max_length=256)] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-    _utc_ts = field_validator("timestamp")(classmethod(lambda cls, v: _utc(v)))
 
     def event_time(self) -> datetime | None:
         """The client's event time, if it sent one."""
@@ -88,8 +86,6 @@ class StorefrontEvent(_Event):
     product_id: Annotated[str, Field(max_length=256)] | None = None
     experiment_id: Annotated[str, Field(max_length=256)] | None = None
     variant: Annotated[str, Field(max_length=256)] | None = None
-
-    _utc_ts = field_validator("ts")(classmethod(lambda cls, v: _utc(v)))
 
     def event_time(self) -> datetime | None:
         """The client's event time, if it sent one."""

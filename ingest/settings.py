@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     kafka_compression: Literal["lz4", "zstd", "gzip", "snappy", "none"] = Field(
         default="lz4", description="producer compression (lz4: cheap on CPU, good on the wire)"
     )
-    kafka_linger_ms: int = Field(default=5, ge=0)
+    # 0: a request's events go out at once, and batches still form on their own
+    # while a produce request is in flight; a linger adds its delay to every 2xx.
+    kafka_linger_ms: int = Field(default=0, ge=0)
     kafka_request_timeout_ms: int = Field(default=10_000, ge=100)
     kafka_session_timeout_ms: int = Field(
         default=10_000,

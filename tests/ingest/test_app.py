@@ -260,6 +260,8 @@ async def test_enrichment_skew_clamp_device_and_ip(
             event_id=str(uuid.uuid4()), timestamp=(slow_clock - timedelta(seconds=30)).isoformat()
         ),
         beacon(event_id=str(uuid.uuid4()), timestamp=(slow_clock + timedelta(days=30)).isoformat()),
+        # no time zone: read as UTC, then corrected like the others
+        beacon(event_id=str(uuid.uuid4()), timestamp=slow_clock.replace(tzinfo=None).isoformat()),
     ]
     headers = {"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148"}
     async with (
@@ -271,7 +273,7 @@ async def test_enrichment_skew_clamp_device_and_ip(
         ) as resp,
     ):
         assert resp.status == 200
-    records = {r["event_id"]: r for r in await read_topic(settings, 2)}
+    records = {r["event_id"]: r for r in await read_topic(settings, 3)}
     corrected = records[events[0]["event_id"]]
     stored = datetime.fromisoformat(corrected["timestamp"])
     assert abs((stored - (now - timedelta(seconds=30))).total_seconds()) < 5
@@ -280,6 +282,8 @@ async def test_enrichment_skew_clamp_device_and_ip(
     assert datetime.fromisoformat(clamped["timestamp"]) == datetime.fromisoformat(
         clamped["received_at"]
     )
+    naive = datetime.fromisoformat(records[events[2]["event_id"]]["timestamp"])
+    assert naive.tzinfo is not None and abs((naive - now).total_seconds()) < 5
     assert corrected["context"]["device_type"] == "mobile"
     assert corrected["context"]["client_ip"] == "127.0.0.0"  # truncated by default
 
