@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import uuid
@@ -32,7 +33,8 @@ def device_type(user_agent: str | None) -> str | None:
     return "desktop"
 
 
-def _networks(cidrs: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+@functools.lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [ipaddress.ip_network(c, strict=False) for c in cidrs]
 
 
@@ -41,7 +43,7 @@ def client_ip(request: web.Request, settings: Settings) -> str | None:
 
     Truncated to /24 (IPv4) or /48 (IPv6) unless ``keep_full_ip`` is set.
     """
-    trusted = _networks(settings.trusted_proxies)
+    trusted = _networks(tuple(settings.trusted_proxies))
     address = _parse(request.remote)
     forwarded = request.headers.get("X-Forwarded-For", "")
     if address is not None and forwarded and any(address in n for n in trusted):
@@ -76,6 +78,11 @@ class Received:
     skew: timedelta
     max_future: timedelta
     context: dict[str, str | None]
+
+    @functools.cached_property
+    def latest(self) -> datetime:
+        """The latest event time accepted as it is; later ones are clamped to ``at``."""
+        return self.at + self.max_future
 
     @classmethod
     def of(
@@ -113,7 +120,7 @@ class Received:
         if client_time.tzinfo is None:
             client_time = client_time.replace(tzinfo=UTC)  # a time without a zone is UTC
         corrected = client_time + self.skew
-        if corrected > self.at + self.max_future:
+        if corrected > self.latest:
             corrected = self.at
         return corrected, (client_time if corrected != client_time else None)
 
