@@ -17,7 +17,16 @@ from ingest import beacon, metrics, openapi, records, webhooks
 from ingest.delivery import Delivery, Unavailable
 from ingest.enrich import AssignedTimes, Received, behavior_record, storefront_record
 from ingest.errors import StartupError
-from ingest.models import BatchEnvelope, BehaviorEvent, StorefrontEvent, has_nul
+from ingest.models import (
+    BATCH_MODELS,
+    STREAM_MODELS,
+    BatchEnvelope,
+    BehaviorBatch,
+    BehaviorEvent,
+    StorefrontBatch,
+    StorefrontEvent,
+    has_nul,
+)
 from ingest.ratelimit import RateLimiter
 from ingest.service import Service
 from ingest.settings import Settings
@@ -101,8 +110,26 @@ def _envelope(body: bytes) -> BatchEnvelope:
         raise Refused(400, f"body is not a batch: {_reason(exc)}") from exc
 
 
-async def _authenticate(request: web.Request, envelope: BatchEnvelope) -> Shop:
-    key = request.query.get("k") or request.headers.get("X-Write-Key") or envelope.write_key
+def _whole_batch(stream: str, body: bytes, settings: Settings) -> BatchEnvelope | None:
+    """The batch validated in one pass from its JSON when every event in it is good.
+
+    This is the path of almost every request: one call into pydantic-core for
+    the whole body instead of a parse, then a validation per event. It is
+    taken only when nothing needs an event's own check: the body is no larger
+    than ``max_event_bytes`` (so no event can be), holds no escaped NUL, and
+    every event validates. Otherwise None, and the per-event path decides
+    event by event, with reasons.
+    """
+    if len(body) > settings.max_event_bytes or b"u0000" in body:
+        return None
+    try:
+        return BATCH_MODELS[stream].model_validate_json(body)
+    except pydantic.ValidationError:
+        return None
+
+
+async def _authenticate(request: web.Request, write_key: str | None) -> Shop:
+    key = request.query.get("k") or request.headers.get("X-Write-Key") or write_key
     shop = await request.app[SHOPS].by_write_key(key) if key else None
     if shop is None:
         raise Refused(
@@ -119,39 +146,51 @@ async def _authenticate(request: web.Request, envelope: BatchEnvelope) -> Shop:
     return shop
 
 
+Valid = BehaviorEvent | StorefrontEvent
+
+
 async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     received_at = datetime.now(UTC)
     settings = request.app[SETTINGS]
-    envelope = _envelope(await read_body(request))
-    shop = await _authenticate(request, envelope)
+    body = await read_body(request)
+    envelope = _whole_batch(stream, body, settings) or _envelope(body)
+    shop = await _authenticate(request, envelope.write_key)
     if len(envelope.events) > settings.max_events_per_batch:
         raise Refused(
             413,
             f"batch has {len(envelope.events)} events, max_events_per_batch="
             f"{settings.max_events_per_batch}",
         )
-    received = Received.of(request, settings, envelope.sent_at, received_at)
-    sessions: dict[str, list[bytes]] = {}
     rejected: list[dict[str, Any]] = []
-    accepted = 0
-    for index, raw in enumerate(envelope.events):
-        try:
-            session, value = _event(
-                stream, raw, shop, received, settings.max_event_bytes, request.app[TIMES]
-            )
-        except _EventRejected as exc:
-            rejected.append({"index": index, "reason": exc.reason})
-            metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
+    valid: list[tuple[int, Valid]]
+    if isinstance(envelope, BehaviorBatch | StorefrontBatch):
+        valid = list(enumerate(envelope.events))
+    else:
+        valid = []
+        for index, raw in enumerate(envelope.events):
+            try:
+                valid.append((index, _validated(stream, raw, settings.max_event_bytes)))
+            except _EventRejected as exc:
+                rejected.append({"index": index, "reason": exc.reason})
+                metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
+    received = Received.of(request, settings, envelope.sent_at, received_at)
+    times = request.app[TIMES]
+    sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for index, event in valid:
+        given = None if event.event_time() else times.time_for(shop, event.event_id, received.at)
+        if isinstance(event, BehaviorEvent):
+            record = behavior_record(event, shop, received, given)
         else:
-            sessions.setdefault(session, []).append(value)
-            accepted += 1
-    if accepted:
-        prefix = f"{shop.id}:"
-        messages = [
-            m
-            for s, events in sessions.items()
-            for m in records.pack(f"{prefix}{s}".encode(), events)
-        ]
+            record = storefront_record(event, shop, received, given)
+        sessions.setdefault(event.session_id, []).append((index, record))
+    messages: list[tuple[bytes, bytes]] = []
+    unencodable: list[dict[str, Any]] = []
+    for session, items in sessions.items():
+        messages += _encode(f"{shop.id}:{session}".encode(), items, stream, unencodable)
+    accepted = len(valid) - len(unencodable)
+    if unencodable:
+        rejected = sorted([*rejected, *unencodable], key=lambda r: int(r["index"]))
+    if messages:
         try:
             await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)
         except Unavailable as exc:
@@ -164,6 +203,32 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     return _json({"accepted": accepted, "rejected": rejected}, status)
 
 
+def _encode(
+    key: bytes, items: list[tuple[int, dict[str, Any]]], stream: str, rejected: list[dict[str, Any]]
+) -> list[tuple[bytes, bytes]]:
+    """The Kafka records of one session's records: usually one JSON array in one call.
+
+    An event that cannot be encoded (an integer beyond 64 bits, say) is added
+    to ``rejected`` and the others still go; so does a group too large for one
+    record, cut by ``records.pack``.
+    """
+    try:
+        value = orjson.dumps([record for _, record in items])
+    except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError):
+        value = b""
+    if value and len(value) <= records.RECORD_BYTES:
+        return [(key, value)]
+    encoded: list[bytes] = []
+    for index, record in items:
+        try:
+            encoded.append(orjson.dumps(record))
+        except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
+            reason = f"event cannot be encoded: {exc}"
+            rejected.append({"index": index, "reason": reason})
+            metrics.EVENTS_REJECTED.labels(stream, "unencodable").inc()
+    return records.pack(key, encoded)
+
+
 class _EventRejected(Exception):
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
@@ -171,31 +236,15 @@ class _EventRejected(Exception):
         self.reason = reason
 
 
-def _event(
-    stream: str, raw: Any, shop: Shop, received: Received, max_bytes: int, times: AssignedTimes
-) -> tuple[str, bytes]:
-    """One event as (its session, its JSON); _EventRejected with the reason when it can't be."""
+def _validated(stream: str, raw: Any, max_bytes: int) -> Valid:
+    """One raw event, checked on its own; _EventRejected with the reason when it is refused."""
     try:
         encoded = orjson.dumps(raw)
         if len(encoded) > max_bytes:
             raise _EventRejected("too_large", f"event larger than max_event_bytes={max_bytes}")
         if has_nul(encoded):
             raise _EventRejected("invalid", "text must not contain NUL (\\u0000)")
-        if stream == "behavior":
-            behavior = BehaviorEvent.model_validate(raw)
-            given = (
-                None if behavior.timestamp else times.time_for(shop, behavior.event_id, received.at)
-            )
-            record = behavior_record(behavior, shop, received, given)
-            session = behavior.session_id
-        else:
-            storefront = StorefrontEvent.model_validate(raw)
-            given = (
-                None if storefront.ts else times.time_for(shop, storefront.event_id, received.at)
-            )
-            record = storefront_record(storefront, shop, received, given)
-            session = storefront.session_id
-        return session, orjson.dumps(record)
+        return STREAM_MODELS[stream].model_validate(raw)
     except pydantic.ValidationError as exc:
         raise _EventRejected("invalid", _reason(exc)) from exc
     except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:

@@ -22,6 +22,7 @@ _MOBILE = re.compile(r"Mobi|iPhone|iPod|Android|Windows Phone|BlackBerry|Opera M
 _SESSION_FACTS = ("referrer", "language", "screen_resolution")
 
 
+@functools.lru_cache(maxsize=1024)  # a site's traffic comes from few distinct agents
 def device_type(user_agent: str | None) -> str | None:
     """``mobile``, ``tablet`` or ``desktop`` from a User-Agent (None when there is none)."""
     if not user_agent:
@@ -57,8 +58,12 @@ def client_ip(request: web.Request, settings: Settings) -> str | None:
                 break
     if address is None:
         return None
-    if settings.keep_full_ip:
-        return str(address)
+    return str(address) if settings.keep_full_ip else _truncated(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _truncated(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The /24 (IPv4) or /48 (IPv6) network of an address: what is stored by default."""
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
 
@@ -119,10 +124,10 @@ class Received:
             return assigned or self.at, None
         if client_time.tzinfo is None:
             client_time = client_time.replace(tzinfo=UTC)  # a time without a zone is UTC
-        corrected = client_time + self.skew
+        corrected = client_time + self.skew if self.skew else client_time
         if corrected > self.latest:
             corrected = self.at
-        return corrected, (client_time if corrected != client_time else None)
+        return corrected, (None if corrected is client_time else client_time)
 
 
 class AssignedTimes:

@@ -108,7 +108,23 @@ class BatchEnvelope(BaseModel):
     _utc_sent = field_validator("sent_at")(classmethod(lambda cls, v: _utc(v)))
 
 
+class BehaviorBatch(BatchEnvelope):
+    """A batch of behavior events."""
+
+    events: list[BehaviorEvent]
+
+
+class StorefrontBatch(BatchEnvelope):
+    """A batch of storefront events."""
+
+    events: list[StorefrontEvent]
+
+
 STREAM_MODELS: dict[str, type[BehaviorEvent] | type[StorefrontEvent]] = {
     "behavior": BehaviorEvent,
     "storefront": StorefrontEvent,
+}
+BATCH_MODELS: dict[str, type[BehaviorBatch] | type[StorefrontBatch]] = {
+    "behavior": BehaviorBatch,
+    "storefront": StorefrontBatch,
 }

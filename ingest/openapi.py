@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import functools
-from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from ingest import __version__
-from ingest.models import BehaviorEvent, StorefrontEvent
+from ingest.models import BehaviorBatch, StorefrontBatch
 
 REF = "#/components/schemas/{model}"
-
-
-class BehaviorBatch(BaseModel):
-    """A batch of behavior events."""
-
-    model_config = ConfigDict(extra="ignore")
-    events: list[BehaviorEvent]
-    sent_at: datetime | None = None
-    write_key: str | None = None
-
-
-class StorefrontBatch(BaseModel):
-    """A batch of storefront events."""
-
-    model_config = ConfigDict(extra="ignore")
-    events: list[StorefrontEvent]
-    sent_at: datetime | None = None
-    write_key: str | None = None
 
 
 class Rejection(BaseModel):

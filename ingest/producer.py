@@ -89,7 +89,10 @@ class EventProducer(Service):
                 )
                 for key, value in messages
             ]
-            await asyncio.gather(*futures)
+            if len(futures) == 1:  # a beacon's usual single record: no gather to set up
+                await futures[0]
+            else:
+                await asyncio.gather(*futures)
         except KafkaError as exc:
             raise ProduceFailed(str(exc)) from exc
 
