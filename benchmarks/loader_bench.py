@@ -26,6 +26,7 @@ from consumers.rows import STOREFRONT
 from ingest import logs, records
 from ingest.db import Database
 from ingest.partitions import PartitionManager
+from ingest.runtime import tune_gc
 from ingest.settings import Settings
 from ingest.shops import ensure_shop
 from ingest.topics import ensure_topics
@@ -133,6 +134,7 @@ async def bench(stack: Stack, rows: int, repeat: int) -> dict[str, Any]:
         copy_s: list[float] = []
         loader_s: list[float] = []
         cpu = CpuMeter(stack.pids)
+        tune_gc(settings)  # as a loader process does (both sides run in this process)
         for _ in range(repeat):
             copy_s.append(await raw_copy(db, values, settings.batch_max_rows, cpu))
             copy_cpu = cpu.stop()

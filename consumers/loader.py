@@ -36,6 +36,7 @@ from ingest.app import HttpServer, metrics_app
 from ingest.db import Database
 from ingest.errors import OutsideRetentionWindow, StartupError
 from ingest.partitions import PartitionManager, month_start
+from ingest.runtime import tune_gc
 from ingest.service import Service
 from ingest.settings import Settings
 from ingest.supervisor import Child, Supervisor
@@ -420,6 +421,7 @@ async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.
         loaders = [Loader(settings, spec, db, partitions) for spec in specs]
         # Joining a consumer group takes seconds: join all streams at once.
         await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))
+        tune_gc(settings)
         stopped = asyncio.create_task(stop.wait())
         tasks: list[asyncio.Task[Any]] = [stopped, *(loader.task for loader in loaders)]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

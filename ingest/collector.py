@@ -14,6 +14,7 @@ from ingest.app import HttpServer, create_app
 from ingest.db import Database
 from ingest.delivery import Delivery
 from ingest.producer import EventProducer
+from ingest.runtime import tune_gc
 from ingest.settings import Settings
 from ingest.shops import ShopDirectory
 from ingest.spool import Spool
@@ -59,6 +60,7 @@ async def run_collector(settings: Settings, stop: asyncio.Event) -> None:
         Database(settings.dsn, max_size=4) as db,
         serving(settings, db) as (server, _),
     ):
+        tune_gc(settings)
         log.info("collector ready", url=server.url, worker=settings.collector_worker_index)
         await stop.wait()
         log.info("collector stopping: draining requests")

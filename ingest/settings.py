@@ -194,6 +194,12 @@ class Settings(BaseSettings):
         """The default archive directory."""
         return self.archive_dir or self.state_dir / "archive"
 
+    gc_gen0_threshold: int = Field(
+        default=50_000,
+        ge=0,
+        description="allocations between young-generation GC passes in collector and loader "
+        "processes (Python's default: 700; 0 leaves the interpreter's settings alone)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
 
