@@ -38,7 +38,6 @@ class Delivery(Service):
         self._spool_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
-        self._late: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Open the spool and start draining what a previous run left."""
@@ -54,8 +53,6 @@ class Delivery(Service):
             self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drainer
-        for task in list(self._late):
-            task.cancel()
         if self.spool is not None:
             self.spool.close()
 
@@ -72,24 +69,21 @@ class Delivery(Service):
             await self._to_spool(topic, messages)
             return
         started = time.perf_counter()
-        sending = asyncio.ensure_future(self.producer.send_batch(topic, messages))
-        done, _ = await asyncio.wait({sending}, timeout=self.settings.produce_timeout_s)
-        if sending in done and sending.exception() is None:
+        try:
+            # On a timeout the wait is cancelled, not the send: records already
+            # handed to the producer may still reach Kafka, a harmless duplicate
+            # of the spooled copy (the loaders keep one row per event).
+            async with asyncio.timeout(self.settings.produce_timeout_s):
+                await self.producer.send_batch(topic, messages)
+        except Exception as exc:  # timeout, ProduceFailed, or a producer in trouble: spool
+            error = str(exc) or type(exc).__name__
+            log.warning("broker did not acknowledge, spooling", error=error, records=len(messages))
+        else:
             metrics.PRODUCE_LATENCY.labels(stream).observe(time.perf_counter() - started)
             return
-        if sending not in done:  # it may still succeed: a harmless duplicate of the spool
-            self._late.add(sending)
-            sending.add_done_callback(self._forget)
-        error = "timeout" if sending not in done else str(sending.exception())
-        log.warning("broker did not acknowledge, spooling", error=error, records=len(messages))
         if self.spool is None:
             raise Unavailable("the broker did not acknowledge and the spool is disabled")
         await self._to_spool(topic, messages)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._late.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a late failure needs no log, the spool has it
 
     async def _to_spool(self, topic: str, messages: Messages) -> None:
         assert self.spool is not None

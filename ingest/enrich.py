@@ -85,6 +85,11 @@ class Received:
     context: dict[str, str | None]
 
     @functools.cached_property
+    def behavior_context(self) -> dict[str, str | None]:
+        """The context of a behavior event whose metadata names no session fact."""
+        return {**self.context, **dict.fromkeys(_SESSION_FACTS)}
+
+    @functools.cached_property
     def latest(self) -> datetime:
         """The latest event time accepted as it is; later ones are clamped to ``at``."""
         return self.at + self.max_future
@@ -185,11 +190,15 @@ def behavior_record(
 ) -> dict[str, Any]:
     """The Kafka record of a behavior event: its fields, server facts, and session context."""
     record = _record(event, shop, received, assigned, "timestamp", "metadata", "client_timestamp")
-    context = dict(received.context)
-    for fact in _SESSION_FACTS:
-        value = event.metadata.get(fact)
-        context[fact] = value[:1024] if isinstance(value, str) else None
-    record["context"] = context
+    metadata = event.metadata
+    if metadata and any(fact in metadata for fact in _SESSION_FACTS):
+        context = dict(received.context)
+        for fact in _SESSION_FACTS:
+            value = metadata.get(fact)
+            context[fact] = value[:1024] if isinstance(value, str) else None
+        record["context"] = context
+    else:  # most events: the request's context, one dict shared (and never changed)
+        record["context"] = received.behavior_context
     return record
 
 

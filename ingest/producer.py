@@ -16,6 +16,8 @@ from ingest.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+_PARTITION_CACHE_KEYS = 100_000  # keys remembered per topic (then the cache starts over)
+
 
 class ProduceFailed(Exception):
     """The broker did not acknowledge a batch; nothing of it may be promised to the client."""
@@ -32,6 +34,7 @@ class EventProducer(Service):
         self.settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = DefaultPartitioner()
+        self._partition_cache: dict[str, tuple[object, dict[bytes, int]]] = {}
 
     async def start(self) -> None:
         """Connect to the brokers."""
@@ -99,15 +102,29 @@ class EventProducer(Service):
     def _partitions_by_key(
         self, topic: str, messages: Sequence[tuple[bytes, bytes]]
     ) -> dict[bytes, int]:
-        """The partition of each distinct key, hashed once per batch (the same murmur2 as
-        aiokafka's and Java's default partitioner); empty until the topic's metadata is known,
-        and then aiokafka partitions each message itself."""
+        """The partition of each distinct key (the same murmur2 as aiokafka's and Java's
+        default partitioner); empty until the topic's metadata is known, and then aiokafka
+        partitions each message itself.
+
+        aiokafka's murmur2 is pure Python, and a session sends many requests with
+        one key: partitions are remembered per key while the topic's partitions
+        stay the same.
+        """
         assert self._producer is not None
         cluster = self._producer.client.cluster
         every = cluster.partitions_for_topic(topic)
         if not every:
             return {}
-        ordered = sorted(every)
-        available = sorted(cluster.available_partitions_for_topic(topic) or ordered)
-        keys = {key for key, _ in messages}
-        return {key: self._partitioner(key, ordered, available) for key in keys}
+        available = cluster.available_partitions_for_topic(topic) or every
+        layout = (topic, frozenset(every), frozenset(available))
+        cache = self._partition_cache.get(topic)
+        if cache is None or cache[0] != layout or len(cache[1]) > _PARTITION_CACHE_KEYS:
+            cache = self._partition_cache[topic] = (layout, {})
+        known = cache[1]
+        out: dict[bytes, int] = {}
+        for key, _ in messages:
+            partition = known.get(key)
+            if partition is None:
+                partition = known[key] = self._partitioner(key, sorted(every), sorted(available))
+            out[key] = partition
+        return out
