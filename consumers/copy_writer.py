@@ -69,10 +69,48 @@ class Rejected:
     error: str
 
 
+@dataclass(slots=True)
+class Decoded:
+    """One Kafka record, decoded: the rows of its good events and its refused ones.
+
+    The loader's unit of work: a record carries a request's events, and an
+    object per record rather than per row keeps the decoding cheap. Per-row
+    ``Pending`` items are made only when a write needs them (a duplicate, a
+    row PostgreSQL refuses, a month outside the window).
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    record: bytes
+    batched: bool
+    rows: list[Row]
+    contexts: list[object]  # one per row; empty when the table keeps no sessions
+    indexes: list[int] | None = None  # the rows' places in the record; None: 0, 1, ...
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def pending(self) -> list[Pending]:
+        """The rows as Pending items."""
+        places = self.indexes if self.indexes is not None else range(len(self.rows))
+        contexts = self.contexts or [None] * len(self.rows)
+        return [
+            Pending(row, self.topic, self.partition, self.offset, i, self.record, self.batched, c)
+            for row, i, c in zip(self.rows, places, contexts, strict=True)
+        ]
+
+
 @dataclass
 class Written:
-    """What one write did: the items that became new rows, and those refused."""
+    """What one write did: the rows that became new rows (with their session contexts,
+    when the table keeps sessions), and the events refused."""
 
+    rows: list[Row] = field(default_factory=list)
+    contexts: list[object] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass
+class _Outcome:
     inserted: list[Pending] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
 
@@ -93,19 +131,33 @@ class CopyWriter:
         )
         self._key_at = (spec.columns.index("event_id"), spec.time_index)
 
-    async def write(self, conn: asyncpg.Connection, items: list[Pending]) -> Written:
-        """Load ``items`` inside the caller's transaction.
+    async def write(self, conn: asyncpg.Connection, decoded: list[Decoded]) -> Written:
+        """Load the rows of ``decoded`` inside the caller's transaction.
 
-        Returns the items that became new rows (duplicates of stored rows are
-        not among them) and the records PostgreSQL refused.
+        Returns the rows that became new rows (duplicates of stored rows are
+        not among them) and the events PostgreSQL refused.
         """
-        written = Written()
-        if items:
-            await self._load(conn, items, written, staged=False)
-        return written
+        rows = [row for d in decoded for row in d.rows]
+        if not rows:
+            return Written()
+        out = _Outcome()
+        try:
+            async with conn.transaction():  # a savepoint
+                await conn.copy_records_to_table(
+                    self.spec.table, records=rows, columns=self.spec.columns
+                )
+        except asyncpg.UniqueViolationError:
+            await self._load(conn, _pending(decoded), out, staged=True)
+        except ROW_ERRORS as exc:
+            await self._isolate(conn, _pending(decoded), out, exc, staged=False)
+        else:
+            return Written(rows, [c for d in decoded for c in d.contexts])
+        return Written(
+            [i.row for i in out.inserted], [i.context for i in out.inserted], out.rejected
+        )
 
     async def _load(
-        self, conn: asyncpg.Connection, items: list[Pending], out: Written, *, staged: bool
+        self, conn: asyncpg.Connection, items: list[Pending], out: _Outcome, *, staged: bool
     ) -> None:
         try:
             async with conn.transaction():  # a savepoint
@@ -115,15 +167,27 @@ class CopyWriter:
                 raise  # cannot happen: ON CONFLICT DO NOTHING
             await self._load(conn, items, out, staged=True)
         except ROW_ERRORS as exc:
-            if len(items) > 1:
-                middle = len(items) // 2
-                await self._load(conn, items[:middle], out, staged=staged)
-                await self._load(conn, items[middle:], out, staged=staged)
-                return
-            error = f"{type(exc).__name__}: {exc}"
-            out.rejected.append(items[0].reject("rejected_by_postgres", error))
+            await self._isolate(conn, items, out, exc, staged=staged)
         else:
             out.inserted += inserted
+
+    async def _isolate(
+        self,
+        conn: asyncpg.Connection,
+        items: list[Pending],
+        out: _Outcome,
+        exc: Exception,
+        *,
+        staged: bool,
+    ) -> None:
+        """Split a refused batch in halves until each bad row is alone and set aside."""
+        if len(items) > 1:
+            middle = len(items) // 2
+            await self._load(conn, items[:middle], out, staged=staged)
+            await self._load(conn, items[middle:], out, staged=staged)
+            return
+        error = f"{type(exc).__name__}: {exc}"
+        out.rejected.append(items[0].reject("rejected_by_postgres", error))
 
     async def _insert(
         self, conn: asyncpg.Connection, items: list[Pending], *, staged: bool
@@ -156,3 +220,7 @@ class CopyWriter:
                 inserted.append(item)
                 new.discard(key)  # a duplicate inside the batch counts once
         return inserted
+
+
+def _pending(decoded: list[Decoded]) -> list[Pending]:
+    return [p for d in decoded for p in d.pending()]

@@ -28,7 +28,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from consumers import dead_letters, sessions
-from consumers.copy_writer import CopyWriter, Pending, Rejected, Written
+from consumers.copy_writer import CopyWriter, Decoded, Rejected, Written
 from consumers.offsets import Fenced, OffsetStore
 from consumers.rows import RecordRejected, TableSpec
 from ingest import metrics
@@ -66,9 +66,7 @@ _DECODE_SLICE = 100  # events decoded (about) between two yields to the event lo
 class Batch:
     """Records read since the last commit, decoded, by Kafka partition (in offset order)."""
 
-    records: dict[TopicPartition, list[Pending | Rejected]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
+    records: dict[TopicPartition, list[Decoded]] = field(default_factory=lambda: defaultdict(list))
     count: int = 0  # events
     size: int = 0  # bytes
     records_read: int = 0
@@ -78,31 +76,57 @@ class Batch:
     ) -> None:
         """Decode ``records`` of ``tp`` into the batch."""
         out = self.records[tp]
-        events_of, row_of = spec.events, spec.row
+        events_of, convert = spec.events, spec.convert
+        sessions = spec.keeps_sessions
         topic, partition = tp.topic, tp.partition
         for record in records:
             raw = record.value or b""
             offset = record.offset
+            self.size += len(raw)
             try:
                 events, batched = events_of(record.value)
             except RecordRejected as exc:
-                out.append(Rejected(topic, partition, offset, 0, raw, exc.reason, exc.error))
-                self.size += len(raw)
+                rejected = Rejected(topic, partition, offset, 0, raw, exc.reason, exc.error)
+                out.append(Decoded(topic, partition, offset, raw, False, [], [], None, [rejected]))
                 self.count += 1
                 continue
-            for index, data in enumerate(events):
-                try:
-                    row, context = row_of(data)
-                except RecordRejected as exc:
-                    own = orjson.dumps(data) if batched else raw
-                    out.append(
-                        Rejected(topic, partition, offset, index, own, exc.reason, exc.error)
-                    )
-                else:
-                    out.append(Pending(row, topic, partition, offset, index, raw, batched, context))
-            self.size += len(raw)
             self.count += len(events)
+            try:
+                # The fast path: every event of the record is good.
+                rows = [convert(data) for data in events]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                out.append(_one_by_one(tp, offset, raw, events, batched, spec))
+                continue
+            contexts = [data.get("context") for data in events] if sessions else []
+            out.append(Decoded(topic, partition, offset, raw, batched, rows, contexts))
         self.records_read += len(records)
+
+
+def _one_by_one(
+    tp: TopicPartition,
+    offset: int,
+    raw: bytes,
+    events: list[Any],
+    batched: bool,
+    spec: TableSpec,
+) -> Decoded:
+    """A record with a bad event: each event on its own, the bad ones with their reasons."""
+    decoded = Decoded(tp.topic, tp.partition, offset, raw, batched, [], [], [])
+    assert decoded.indexes is not None
+    for index, data in enumerate(events):
+        try:
+            row, context = spec.row(data)
+        except RecordRejected as exc:
+            own = orjson.dumps(data) if batched else raw
+            decoded.rejected.append(
+                Rejected(tp.topic, tp.partition, offset, index, own, exc.reason, exc.error)
+            )
+        else:
+            decoded.rows.append(row)
+            decoded.indexes.append(index)
+            if spec.keeps_sessions:
+                decoded.contexts.append(context)
+    return decoded
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -243,7 +267,7 @@ class Loader(Service):
                 batch = await self._collect()
                 if committing is not None:
                     await committing
-                    committing = None
+                committing = None
                 if batch.count:
                     committing = asyncio.create_task(self._apply_with_retry(batch))
         finally:
@@ -255,6 +279,7 @@ class Loader(Service):
         batch = Batch()
         loop = asyncio.get_running_loop()
         max_age = self.settings.batch_max_age_ms / 1000
+        max_rows = self.settings.batch_max_rows
         first_at: float | None = None
         while not self._stopping.is_set():
             wait = max_age if first_at is None else max(0.0, first_at + max_age - loop.time())
@@ -262,9 +287,7 @@ class Loader(Service):
                 timeout_ms=int(wait * 1000),
                 # Records carry several events each: ask for about as many
                 # records as there are rows left to fill.
-                max_records=max(
-                    1, int((self.settings.batch_max_rows - batch.count) / self._per_record)
-                ),
+                max_records=max(1, int((max_rows - batch.count) / self._per_record)),
             )
             step = max(1, int(_DECODE_SLICE / self._per_record))
             for tp, records in got.items():
@@ -277,7 +300,7 @@ class Loader(Service):
             if batch.count and first_at is None:
                 first_at = loop.time()
             if first_at is not None and (
-                batch.count >= self.settings.batch_max_rows
+                batch.count >= max_rows
                 or batch.size >= self.settings.batch_max_bytes
                 or loop.time() - first_at >= max_age
             ):
@@ -305,7 +328,7 @@ class Loader(Service):
                 return
 
     async def _apply(self, batch: Batch) -> None:
-        items: list[Pending] = []
+        decoded: list[Decoded] = []
         rejected: list[Rejected] = []
         ranges: dict[TopicPartition, tuple[int, int]] = {}
         for tp, records in batch.records.items():
@@ -322,22 +345,20 @@ class Loader(Service):
             if not fresh:
                 continue
             ranges[tp] = (start, fresh[-1].offset + 1)
+            decoded += fresh
             for entry in fresh:
-                if isinstance(entry, Pending):
-                    items.append(entry)
-                else:
-                    rejected.append(entry)
+                rejected += entry.rejected
         if not ranges:
             return
-        items = await self._ensure_partitions(items, rejected)
+        decoded = await self._ensure_partitions(decoded, rejected)
         started = time.perf_counter()
         async with self.db.pool.acquire() as conn, conn.transaction():
             if self.role:
                 await conn.execute(self.db.q["set_local_role"], self.role)
-            written = await self.writer.write(conn, items)
+            written = await self.writer.write(conn, decoded)
             rejected += written.rejected
-            if self.spec.stream == "behavior":
-                await sessions.upsert(conn, written.inserted)
+            if self.spec.keeps_sessions:
+                await sessions.upsert(conn, written.rows, written.contexts)
             await dead_letters.record(conn, self.group, rejected)
             await self.offsets.advance(
                 conn, [(tp.partition, start, end) for tp, (start, end) in ranges.items()]
@@ -362,8 +383,8 @@ class Loader(Service):
         self, batch: Batch, written: Written, rejected: list[Rejected], seconds: float
     ) -> None:
         table = self.spec.table
-        self.rows_loaded += len(written.inserted)
-        metrics.ROWS_LOADED.labels(table).inc(len(written.inserted))
+        self.rows_loaded += len(written.rows)
+        metrics.ROWS_LOADED.labels(table).inc(len(written.rows))
         metrics.BATCH_ROWS.labels(table).observe(batch.count)
         metrics.COPY_LATENCY.labels(table).observe(seconds)
         for tp in batch.records:
@@ -381,13 +402,13 @@ class Loader(Service):
             )
 
     async def _ensure_partitions(
-        self, items: list[Pending], rejected: list[Rejected]
-    ) -> list[Pending]:
+        self, decoded: list[Decoded], rejected: list[Rejected]
+    ) -> list[Decoded]:
         """Create missing month partitions; rows outside the window become dead letters."""
         index = self.spec.time_index
-        times = [item.row[index] for item in items]
+        times = [row[index] for d in decoded for row in d.rows]
         if not times:
-            return items
+            return decoded
         first, last = month_start(min(times)), month_start(max(times))
         # Almost every batch is within one month: two conversions instead of one per row.
         months = {first} if first == last else {month_start(t) for t in times}
@@ -398,14 +419,24 @@ class Loader(Service):
             except OutsideRetentionWindow as exc:
                 refused[month] = exc.message
         if not refused:
-            return items
-        kept: list[Pending] = []
-        for item in items:
-            reason = refused.get(month_start(item.row[index]))
-            if reason is None:
-                kept.append(item)
-            else:
-                rejected.append(item.reject("outside_window", reason))
+            return decoded
+        kept: list[Decoded] = []
+        for d in decoded:
+            if not any(month_start(row[index]) in refused for row in d.rows):
+                kept.append(d)
+                continue
+            inside = Decoded(d.topic, d.partition, d.offset, d.record, d.batched, [], [], [])
+            assert inside.indexes is not None
+            for item in d.pending():
+                reason = refused.get(month_start(item.row[index]))
+                if reason is not None:
+                    rejected.append(item.reject("outside_window", reason))
+                    continue
+                inside.rows.append(item.row)
+                inside.indexes.append(item.index)
+                if d.contexts:
+                    inside.contexts.append(item.context)
+            kept.append(inside)
         return kept
 
 

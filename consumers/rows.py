@@ -81,6 +81,11 @@ class TableSpec:
     convert: Callable[[dict[str, Any]], Row]
 
     @property
+    def keeps_sessions(self) -> bool:
+        """Whether the loader folds this stream's rows into ``user_sessions``."""
+        return self.stream == "behavior"
+
+    @property
     def time_index(self) -> int:
         """Position of the event-time column in a row."""
         return self.columns.index(self.time_column)

@@ -8,8 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from consumers.copy_writer import Pending
-from consumers.rows import BEHAVIOR
+from consumers.rows import BEHAVIOR, Row
 from ingest.db import QUERIES
 
 _AT = {name: BEHAVIOR.columns.index(name) for name in BEHAVIOR.columns}
@@ -42,24 +41,24 @@ def _context(raw: Any) -> dict[str, str | None]:
     return out
 
 
-def aggregate(items: list[Pending]) -> list[tuple[Any, ...]]:
-    """One upsert row per (shop, session) touched by ``items``, in ``upsert_sessions`` order."""
+def aggregate(rows: list[Row], contexts: list[object]) -> list[tuple[Any, ...]]:
+    """One upsert row per (shop, session) touched by ``rows`` (behavior rows, each with the
+    collector's session context), in ``upsert_sessions`` order."""
     sessions: dict[tuple[str, str], _Session] = {}
-    for item in items:
-        row = item.row
+    for row, context in zip(rows, contexts, strict=True):
         key = (row[_AT["shop_id"]], row[_AT["session_id"]])
         at, url = row[_AT["timestamp"]], row[_AT["page_url"]]
         views = 1 if row[_AT["event_type"]] == "page_view" else 0
         s = sessions.get(key)
         if s is None:
-            sessions[key] = _Session(at, url, at, url, views, _context(item.context))
+            sessions[key] = _Session(at, url, at, url, views, _context(context))
             continue
         if at < s.first_seen:
             s.first_seen, s.landing_page = at, url
         if at >= s.last_seen:
             s.last_seen, s.exit_page = at, url
         s.page_views += views
-        for name, value in _context(item.context).items():
+        for name, value in _context(context).items():
             if s.context.get(name) is None:
                 s.context[name] = value
     return [
@@ -82,10 +81,10 @@ def aggregate(items: list[Pending]) -> list[tuple[Any, ...]]:
     ]
 
 
-async def upsert(conn: asyncpg.Connection, items: list[Pending]) -> int:
+async def upsert(conn: asyncpg.Connection, rows: list[Row], contexts: list[object]) -> int:
     """Fold newly inserted behavior rows into ``user_sessions``; returns sessions touched."""
-    rows = aggregate(items)
-    if rows:
-        columns = list(zip(*rows, strict=True))
+    touched = aggregate(rows, contexts)
+    if touched:
+        columns = list(zip(*touched, strict=True))
         await conn.execute(QUERIES["upsert_sessions"], *columns)
-    return len(rows)
+    return len(touched)
