@@ -28,7 +28,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from consumers import dead_letters, sessions
-from consumers.copy_writer import CopyWriter, Decoded, Rejected, Written
+from consumers.copy_writer import CopyWriter, Decoded, NeedsCare, Rejected, Written
 from consumers.offsets import Fenced, OffsetStore
 from consumers.rows import RecordRejected, TableSpec
 from ingest import metrics
@@ -352,21 +352,38 @@ class Loader(Service):
             return
         decoded = await self._ensure_partitions(decoded, rejected)
         started = time.perf_counter()
-        async with self.db.pool.acquire() as conn, conn.transaction():
-            if self.role:
-                await conn.execute(self.db.q["set_local_role"], self.role)
-            written = await self.writer.write(conn, decoded)
-            rejected += written.rejected
-            if self.spec.keeps_sessions:
-                await sessions.upsert(conn, written.rows, written.contexts)
-            await dead_letters.record(conn, self.group, rejected)
-            await self.offsets.advance(
-                conn, [(tp.partition, start, end) for tp, (start, end) in ranges.items()]
-            )
+        moves = [(tp.partition, start, end) for tp, (start, end) in ranges.items()]
+        async with self.db.pool.acquire() as conn:
+            try:
+                written = await self._transaction(conn, decoded, rejected, moves, careful=False)
+            except NeedsCare:
+                # A duplicate or a refused row: the batch again, row by row where needed.
+                written = await self._transaction(conn, decoded, rejected, moves, careful=True)
+        rejected = rejected + written.rejected
         for tp, (_, end) in ranges.items():
             self.positions[tp] = end
         self._observe(batch, written, rejected, time.perf_counter() - started)
         self._commit_to_kafka({tp: end for tp, (_, end) in ranges.items()})
+
+    async def _transaction(
+        self,
+        conn: asyncpg.Connection,
+        decoded: list[Decoded],
+        rejected: list[Rejected],
+        moves: list[tuple[int, int, int]],
+        *,
+        careful: bool,
+    ) -> Written:
+        """One batch's rows, sessions, dead letters and offsets in one transaction."""
+        async with conn.transaction():
+            if self.role:
+                await conn.execute(self.db.q["set_local_role"], self.role)
+            written = await self.writer.write(conn, decoded, careful=careful)
+            if self.spec.keeps_sessions:
+                await sessions.upsert(conn, written.rows, written.contexts)
+            await dead_letters.record(conn, self.group, rejected + written.rejected)
+            await self.offsets.advance(conn, moves)
+        return written
 
     def _commit_to_kafka(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit to Kafka in the background, for lag tools only: PostgreSQL is the truth."""

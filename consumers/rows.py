@@ -178,11 +178,45 @@ def _opt_text(value: Any) -> bool:
     return value is None or type(value) is str
 
 
+class _Seen:
+    """Values that repeat in every event of a record (a request's shop id and receive
+    time), checked or parsed once; bounded: it starts over when full."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self.shops: set[str] = set()
+        self.times: dict[str, datetime] = {}
+
+    def shop(self, value: Any) -> bool:
+        if type(value) is not str:
+            return False
+        if value in self.shops:
+            return True
+        if not _is_uuid(value):
+            return False
+        if len(self.shops) >= self.limit:
+            self.shops.clear()
+        self.shops.add(value)
+        return True
+
+    def time(self, value: Any) -> datetime:
+        parsed = self.times.get(value) if type(value) is str else None
+        if parsed is None:
+            parsed = _from_iso(value)
+            if len(self.times) >= self.limit:
+                self.times.clear()
+            self.times[value] = parsed
+        return parsed
+
+
+_seen = _Seen()
+
+
 def _behavior(d: dict[str, Any]) -> Row:
     try:
         event_id, shop_id, session_id = d["event_id"], d["shop_id"], d["session_id"]
         event_type, page_url = d["event_type"], d["page_url"]
-        ts, received = _from_iso(d["timestamp"]), _from_iso(d["received_at"])
+        ts, received = _from_iso(d["timestamp"]), _seen.time(d["received_at"])
     except (KeyError, TypeError, ValueError):
         return _behavior_checked(d)
     get = d.get
@@ -201,8 +235,7 @@ def _behavior(d: dict[str, Any]) -> Row:
     if not (
         type(event_id) is str
         and _is_uuid(event_id)
-        and type(shop_id) is str
-        and _is_uuid(shop_id)
+        and _seen.shop(shop_id)
         and type(session_id) is str
         and type(event_type) is str
         and type(page_url) is str
@@ -239,7 +272,7 @@ def _storefront(d: dict[str, Any]) -> Row:
     try:
         event_id, shop_id, anon_id = d["event_id"], d["shop_id"], d["anon_id"]
         session_id, event_type = d["session_id"], d["event_type"]
-        ts, received = _from_iso(d["ts"]), _from_iso(d["received_at"])
+        ts, received = _from_iso(d["ts"]), _seen.time(d["received_at"])
     except (KeyError, TypeError, ValueError):
         return _storefront_checked(d)
     get = d.get
@@ -252,8 +285,7 @@ def _storefront(d: dict[str, Any]) -> Row:
     if not (
         type(event_id) is str
         and _is_uuid(event_id)
-        and type(shop_id) is str
-        and _is_uuid(shop_id)
+        and _seen.shop(shop_id)
         and type(anon_id) is str
         and type(session_id) is str
         and type(event_type) is str
