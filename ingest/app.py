@@ -123,6 +123,10 @@ def _whole_batch(stream: str, body: bytes, settings: Settings) -> BatchEnvelope 
     if len(body) > settings.max_event_bytes or b"u0000" in body:
         return None
     try:
+        if body.lstrip()[:1] == b"[":  # a bare array of events
+            if stream == "behavior":
+                return BehaviorBatch.model_construct(events=_BEHAVIOR_LIST.validate_json(body))
+            return StorefrontBatch.model_construct(events=_STOREFRONT_LIST.validate_json(body))
         return BATCH_MODELS[stream].model_validate_json(body)
     except pydantic.ValidationError:
         return None
@@ -147,6 +151,8 @@ async def _authenticate(request: web.Request, write_key: str | None) -> Shop:
 
 
 Valid = BehaviorEvent | StorefrontEvent
+_BEHAVIOR_LIST = pydantic.TypeAdapter(list[BehaviorEvent])
+_STOREFRONT_LIST = pydantic.TypeAdapter(list[StorefrontEvent])
 
 
 async def _accept_batch(request: web.Request, stream: str) -> web.Response:
@@ -176,20 +182,25 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     received = Received.of(request, settings, envelope.sent_at, received_at)
     times = request.app[TIMES]
     sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    late: list[dict[str, Any]] = []  # refused after validation: by enrichment or encoding
     for index, event in valid:
         given = None if event.event_time() else times.time_for(shop, event.event_id, received.at)
-        if isinstance(event, BehaviorEvent):
-            record = behavior_record(event, shop, received, given)
-        else:
-            record = storefront_record(event, shop, received, given)
+        try:
+            if isinstance(event, BehaviorEvent):
+                record = behavior_record(event, shop, received, given)
+            else:
+                record = storefront_record(event, shop, received, given)
+        except (OverflowError, ValueError) as exc:  # a time moved out of range by the skew
+            late.append({"index": index, "reason": f"event cannot be stored: {exc}"})
+            metrics.EVENTS_REJECTED.labels(stream, "unencodable").inc()
+            continue
         sessions.setdefault(event.session_id, []).append((index, record))
     messages: list[tuple[bytes, bytes]] = []
-    unencodable: list[dict[str, Any]] = []
     for session, items in sessions.items():
-        messages += _encode(f"{shop.id}:{session}".encode(), items, stream, unencodable)
-    accepted = len(valid) - len(unencodable)
-    if unencodable:
-        rejected = sorted([*rejected, *unencodable], key=lambda r: int(r["index"]))
+        messages += _encode(f"{shop.id}:{session}".encode(), items, stream, late)
+    accepted = len(valid) - len(late)
+    if late:
+        rejected = sorted([*rejected, *late], key=lambda r: int(r["index"]))
     if messages:
         try:
             await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)

@@ -301,6 +301,70 @@ async def test_event_size_limit_is_per_event(
     assert "max_event_bytes" in result["rejected"][0]["reason"]
 
 
+async def test_whole_batch_and_per_event_paths_make_the_same_records(
+    collector: str, settings: Settings, shop: ShopCredentials
+) -> None:
+    """A small clean batch is validated in one pass; a body larger than max_event_bytes
+    goes event by event. Both must write the same records."""
+    at = datetime.now(UTC).replace(microsecond=0).isoformat()
+    events = [
+        beacon(
+            event_id=str(uuid.uuid4()), timestamp=at, metadata={"referrer": "https://r.example"}
+        ),
+        beacon(event_id=str(uuid.uuid4()), event_type="scroll", event_data={"depth_pct": 40}),
+    ]
+    body = orjson.dumps({"events": events})
+    padded = body + b" " * settings.max_event_bytes  # trailing whitespace: the same JSON
+    url = f"{collector}/v1/behavior?k={shop.write_key}"
+    async with aiohttp.ClientSession() as http:
+        for data in (body, padded):
+            async with http.post(url, data=data) as resp:
+                assert await resp.json() == {"accepted": 2, "rejected": []}
+    written: dict[str, list[dict[str, Any]]] = {}
+    for event in await read_topic(settings, 4):
+        event.pop("received_at")  # the second event's time is still the same: a retry's
+        written.setdefault(event["event_id"], []).append(event)
+    assert len(written) == 2
+    for copies in written.values():
+        assert len(copies) == 2 and copies[0] == copies[1]
+    assert written[events[0]["event_id"]][0]["context"]["referrer"] == "https://r.example"
+
+
+async def test_an_event_that_cannot_be_encoded_is_rejected_alone(
+    collector: str, shop: ShopCredentials
+) -> None:
+    big = orjson.dumps(beacon(event_data={"n": 1})).replace(b'"n":1', b'"n":' + b"9" * 30)
+    body = b"[" + orjson.dumps(beacon()) + b"," + big + b"]"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{collector}/v1/behavior?k={shop.write_key}", data=body) as resp,
+    ):
+        assert resp.status == 200
+        result = await resp.json()
+    assert result["accepted"] == 1
+    assert [r["index"] for r in result["rejected"]] == [1]
+    assert "encoded" in result["rejected"][0]["reason"]
+
+
+async def test_a_time_the_skew_correction_moves_out_of_range_is_rejected_alone(
+    collector: str, shop: ShopCredentials
+) -> None:
+    # Found by the OpenAPI fuzz test: a client clock 70 years ahead moves year 1 below year 1.
+    body = {
+        "events": [beacon(timestamp="0001-01-01T00:00:00Z"), beacon()],
+        "sent_at": "2099-01-01T00:00:00Z",
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{collector}/v1/behavior?k={shop.write_key}", json=body) as resp,
+    ):
+        assert resp.status == 200
+        result = await resp.json()
+    assert result["accepted"] == 1
+    assert [r["index"] for r in result["rejected"]] == [0]
+    assert "cannot be stored" in result["rejected"][0]["reason"]
+
+
 async def test_health_ready_metrics_openapi(collector: str, shop: ShopCredentials) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{collector}/healthz") as resp:
