@@ -1,10 +1,12 @@
 """Rows into a partitioned table by binary COPY, deduplicated, with bad rows isolated.
 
-The fast path is a plain COPY into the parent table. Only when it meets a
-duplicate (a client retry, a replayed spool, a redelivered webhook) does the
-batch go through a temporary staging table and ``INSERT ... ON CONFLICT DO
-NOTHING``. A row PostgreSQL refuses is isolated by splitting the batch in
-halves under savepoints until it is alone; the good rows still load.
+The fast path is a plain COPY into the parent table, without a savepoint;
+when it fails the caller rolls back and writes the batch again carefully.
+Only when it meets a duplicate (a client retry, a replayed spool, a
+redelivered webhook) does the batch go through a temporary staging table and
+``INSERT ... ON CONFLICT DO NOTHING``. A row PostgreSQL refuses is isolated by
+splitting the batch in halves under savepoints until it is alone; the good
+rows still load.
 """
 
 from __future__ import annotations
@@ -158,17 +160,7 @@ class CopyWriter:
                 raise NeedsCare(str(exc)) from exc
             return Written(rows, [c for d in decoded for c in d.contexts])
         out = _Outcome()
-        try:
-            async with conn.transaction():  # a savepoint
-                await conn.copy_records_to_table(
-                    self.spec.table, records=rows, columns=self.spec.columns
-                )
-        except asyncpg.UniqueViolationError:
-            await self._load(conn, _pending(decoded), out, staged=True)
-        except ROW_ERRORS as exc:
-            await self._isolate(conn, _pending(decoded), out, exc, staged=False)
-        else:
-            return Written(rows, [c for d in decoded for c in d.contexts])
+        await self._load(conn, _pending(decoded), out, staged=False)
         return Written(
             [i.row for i in out.inserted], [i.context for i in out.inserted], out.rejected
         )
@@ -184,27 +176,16 @@ class CopyWriter:
                 raise  # cannot happen: ON CONFLICT DO NOTHING
             await self._load(conn, items, out, staged=True)
         except ROW_ERRORS as exc:
-            await self._isolate(conn, items, out, exc, staged=staged)
+            # Split in halves until each bad row is alone and set aside.
+            if len(items) > 1:
+                middle = len(items) // 2
+                await self._load(conn, items[:middle], out, staged=staged)
+                await self._load(conn, items[middle:], out, staged=staged)
+                return
+            error = f"{type(exc).__name__}: {exc}"
+            out.rejected.append(items[0].reject("rejected_by_postgres", error))
         else:
             out.inserted += inserted
-
-    async def _isolate(
-        self,
-        conn: asyncpg.Connection,
-        items: list[Pending],
-        out: _Outcome,
-        exc: Exception,
-        *,
-        staged: bool,
-    ) -> None:
-        """Split a refused batch in halves until each bad row is alone and set aside."""
-        if len(items) > 1:
-            middle = len(items) // 2
-            await self._load(conn, items[:middle], out, staged=staged)
-            await self._load(conn, items[middle:], out, staged=staged)
-            return
-        error = f"{type(exc).__name__}: {exc}"
-        out.rejected.append(items[0].reject("rejected_by_postgres", error))
 
     async def _insert(
         self, conn: asyncpg.Connection, items: list[Pending], *, staged: bool

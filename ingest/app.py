@@ -168,39 +168,9 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
             f"{settings.max_events_per_batch}",
         )
     rejected: list[dict[str, Any]] = []
-    valid: list[tuple[int, Valid]]
-    if isinstance(envelope, BehaviorBatch | StorefrontBatch):
-        valid = list(enumerate(envelope.events))
-    else:
-        valid = []
-        for index, raw in enumerate(envelope.events):
-            try:
-                valid.append((index, _validated(stream, raw, settings.max_event_bytes)))
-            except _EventRejected as exc:
-                rejected.append({"index": index, "reason": exc.reason})
-                metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
+    valid = _valid_events(stream, envelope, settings.max_event_bytes, rejected)
     received = Received.of(request, settings, envelope.sent_at, received_at)
-    times = request.app[TIMES]
-    sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
-    late: list[dict[str, Any]] = []  # refused after validation: by enrichment or encoding
-    for index, event in valid:
-        given = None if event.event_time() else times.time_for(shop, event.event_id, received.at)
-        try:
-            if isinstance(event, BehaviorEvent):
-                record = behavior_record(event, shop, received, given)
-            else:
-                record = storefront_record(event, shop, received, given)
-        except (OverflowError, ValueError) as exc:  # a time moved out of range by the skew
-            late.append({"index": index, "reason": f"event cannot be stored: {exc}"})
-            metrics.EVENTS_REJECTED.labels(stream, "unencodable").inc()
-            continue
-        sessions.setdefault(event.session_id, []).append((index, record))
-    messages: list[tuple[bytes, bytes]] = []
-    for session, items in sessions.items():
-        messages += _encode(f"{shop.id}:{session}".encode(), items, stream, late)
-    accepted = len(valid) - len(late)
-    if late:
-        rejected = sorted([*rejected, *late], key=lambda r: int(r["index"]))
+    messages, accepted = _records(stream, valid, shop, received, request.app[TIMES], rejected)
     if messages:
         try:
             await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)
@@ -214,14 +184,66 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     return _json({"accepted": accepted, "rejected": rejected}, status)
 
 
+def _valid_events(
+    stream: str, envelope: BatchEnvelope, max_bytes: int, rejected: list[dict[str, Any]]
+) -> list[tuple[int, Valid]]:
+    """The batch's valid events with their places; the others go to ``rejected``."""
+    if isinstance(envelope, BehaviorBatch | StorefrontBatch):
+        return list(enumerate(envelope.events))  # validated whole by _whole_batch
+    valid: list[tuple[int, Valid]] = []
+    for index, raw in enumerate(envelope.events):
+        try:
+            valid.append((index, _validated(stream, raw, max_bytes)))
+        except _EventRejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+            metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
+    return valid
+
+
+def _records(
+    stream: str,
+    valid: list[tuple[int, Valid]],
+    shop: Shop,
+    received: Received,
+    times: AssignedTimes,
+    rejected: list[dict[str, Any]],
+) -> tuple[list[tuple[bytes, bytes]], int]:
+    """(Kafka records, events accepted): the events enriched, one record per session.
+
+    An event refused here (a time the skew correction moves out of range, an
+    integer beyond 64 bits) joins ``rejected``, kept in index order.
+    """
+    sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    late: list[dict[str, Any]] = []
+    for index, event in valid:
+        given = None if event.event_time() else times.time_for(shop, event.event_id, received.at)
+        try:
+            if isinstance(event, BehaviorEvent):
+                record = behavior_record(event, shop, received, given)
+            else:
+                record = storefront_record(event, shop, received, given)
+        except (OverflowError, ValueError) as exc:
+            late.append({"index": index, "reason": f"event cannot be stored: {exc}"})
+            metrics.EVENTS_REJECTED.labels(stream, "unencodable").inc()
+            continue
+        sessions.setdefault(event.session_id, []).append((index, record))
+    messages: list[tuple[bytes, bytes]] = []
+    for session, items in sessions.items():
+        messages += _encode(f"{shop.id}:{session}".encode(), items, stream, late)
+    if late:
+        rejected += late
+        rejected.sort(key=lambda r: int(r["index"]))
+    return messages, len(valid) - len(late)
+
+
 def _encode(
     key: bytes, items: list[tuple[int, dict[str, Any]]], stream: str, rejected: list[dict[str, Any]]
 ) -> list[tuple[bytes, bytes]]:
     """The Kafka records of one session's records: usually one JSON array in one call.
 
     An event that cannot be encoded (an integer beyond 64 bits, say) is added
-    to ``rejected`` and the others still go; so does a group too large for one
-    record, cut by ``records.pack``.
+    to ``rejected`` and the others still go. A group too large for one record
+    is cut into several by ``records.pack``.
     """
     try:
         value = orjson.dumps([record for _, record in items])
