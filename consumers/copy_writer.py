@@ -91,9 +91,22 @@ class Decoded:
     record: bytes
     batched: bool
     rows: list[Row]
-    contexts: list[object]  # one per row; empty when the table keeps no sessions
+    contexts: list[object]  # one per row, or empty when the table keeps no sessions
     indexes: list[int] | None = None  # the rows' places in the record; None: 0, 1, ...
     rejected: list[Rejected] = field(default_factory=list)
+
+    def emptied(self) -> Decoded:
+        """The same record with no rows (nor refusals) yet, to be filled by ``add``."""
+        return Decoded(
+            self.topic, self.partition, self.offset, self.record, self.batched, [], [], []
+        )
+
+    def add(self, row: Row, index: int, context: object) -> None:
+        """One more row, the event at ``index`` of the record (after ``emptied``)."""
+        assert self.indexes is not None, "add() follows emptied()"
+        self.rows.append(row)
+        self.indexes.append(index)
+        self.contexts.append(context)
 
     def pending(self) -> list[Pending]:
         """The rows as Pending items."""

@@ -111,8 +111,7 @@ def _one_by_one(
     spec: TableSpec,
 ) -> Decoded:
     """A record with a bad event: each event on its own, the bad ones with their reasons."""
-    decoded = Decoded(tp.topic, tp.partition, offset, raw, batched, [], [], [])
-    assert decoded.indexes is not None
+    decoded = Decoded(tp.topic, tp.partition, offset, raw, batched, [], [], indexes=[])
     for index, data in enumerate(events):
         try:
             row, context = spec.row(data)
@@ -122,10 +121,7 @@ def _one_by_one(
                 Rejected(tp.topic, tp.partition, offset, index, own, exc.reason, exc.error)
             )
         else:
-            decoded.rows.append(row)
-            decoded.indexes.append(index)
-            if spec.keeps_sessions:
-                decoded.contexts.append(context)
+            decoded.add(row, index, context)
     return decoded
 
 
@@ -439,20 +435,13 @@ class Loader(Service):
             return decoded
         kept: list[Decoded] = []
         for d in decoded:
-            if not any(month_start(row[index]) in refused for row in d.rows):
-                kept.append(d)
-                continue
-            inside = Decoded(d.topic, d.partition, d.offset, d.record, d.batched, [], [], [])
-            assert inside.indexes is not None
+            inside = d.emptied()
             for item in d.pending():
                 reason = refused.get(month_start(item.row[index]))
-                if reason is not None:
+                if reason is None:
+                    inside.add(item.row, item.index, item.context)
+                else:
                     rejected.append(item.reject("outside_window", reason))
-                    continue
-                inside.rows.append(item.row)
-                inside.indexes.append(item.index)
-                if d.contexts:
-                    inside.contexts.append(item.context)
             kept.append(inside)
         return kept
 

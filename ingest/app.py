@@ -123,11 +123,10 @@ def _whole_batch(stream: str, body: bytes, settings: Settings) -> BatchEnvelope 
     if len(body) > settings.max_event_bytes or b"u0000" in body:
         return None
     try:
+        model = BATCH_MODELS[stream]
         if body.lstrip()[:1] == b"[":  # a bare array of events
-            if stream == "behavior":
-                return BehaviorBatch.model_construct(events=_BEHAVIOR_LIST.validate_json(body))
-            return StorefrontBatch.model_construct(events=_STOREFRONT_LIST.validate_json(body))
-        return BATCH_MODELS[stream].model_validate_json(body)
+            return model.model_construct(events=_EVENT_LISTS[stream].validate_json(body))
+        return model.model_validate_json(body)
     except pydantic.ValidationError:
         return None
 
@@ -151,8 +150,10 @@ async def _authenticate(request: web.Request, write_key: str | None) -> Shop:
 
 
 Valid = BehaviorEvent | StorefrontEvent
-_BEHAVIOR_LIST = pydantic.TypeAdapter(list[BehaviorEvent])
-_STOREFRONT_LIST = pydantic.TypeAdapter(list[StorefrontEvent])
+_EVENT_LISTS: dict[str, pydantic.TypeAdapter[Any]] = {  # what a bare array body holds
+    "behavior": pydantic.TypeAdapter(list[BehaviorEvent]),
+    "storefront": pydantic.TypeAdapter(list[StorefrontEvent]),
+}
 
 
 async def _accept_batch(request: web.Request, stream: str) -> web.Response:

@@ -81,18 +81,11 @@ class Received:
 
     at: datetime
     skew: timedelta
-    max_future: timedelta
+    latest: datetime  # the latest event time accepted as it is; later ones become ``at``
     context: dict[str, str | None]
-
-    @functools.cached_property
-    def behavior_context(self) -> dict[str, str | None]:
-        """The context of a behavior event whose metadata names no session fact."""
-        return {**self.context, **dict.fromkeys(_SESSION_FACTS)}
-
-    @functools.cached_property
-    def latest(self) -> datetime:
-        """The latest event time accepted as it is; later ones are clamped to ``at``."""
-        return self.at + self.max_future
+    # The context of a behavior event whose metadata names no session fact:
+    # one dict for all of them, never changed.
+    behavior_context: dict[str, str | None]
 
     @classmethod
     def of(
@@ -115,7 +108,8 @@ class Received:
             # a retry of the same body seconds later must keep the same event
             # time, or (event_id, time) deduplication would store it twice.
             skew = timedelta(minutes=round((at - sent_at) / timedelta(minutes=1)))
-        return cls(at, skew, timedelta(seconds=settings.max_future_skew_s), context)
+        latest = at + timedelta(seconds=settings.max_future_skew_s)
+        return cls(at, skew, latest, context, {**context, **dict.fromkeys(_SESSION_FACTS)})
 
     def event_time(
         self, client_time: datetime | None, assigned: datetime | None = None
@@ -197,7 +191,7 @@ def behavior_record(
             value = metadata.get(fact)
             context[fact] = value[:1024] if isinstance(value, str) else None
         record["context"] = context
-    else:  # most events: the request's context, one dict shared (and never changed)
+    else:
         record["context"] = received.behavior_context
     return record
 

@@ -34,7 +34,10 @@ class EventProducer(Service):
         self.settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = DefaultPartitioner()
-        self._partition_cache: dict[str, tuple[object, dict[bytes, int]]] = {}
+        # topic -> ((partitions, available partitions), {key: partition})
+        self._partition_cache: dict[
+            str, tuple[tuple[frozenset[int], frozenset[int]], dict[bytes, int]]
+        ] = {}
 
     async def start(self) -> None:
         """Connect to the brokers."""
@@ -92,19 +95,16 @@ class EventProducer(Service):
                 )
                 for key, value in messages
             ]
-            if len(futures) == 1:  # a beacon's usual single record: no gather to set up
-                await futures[0]
-            else:
-                await asyncio.gather(*futures)
+            await asyncio.gather(*futures)
         except KafkaError as exc:
             raise ProduceFailed(str(exc)) from exc
 
     def _partitions_by_key(
         self, topic: str, messages: Sequence[tuple[bytes, bytes]]
     ) -> dict[bytes, int]:
-        """The partition of each distinct key (the same murmur2 as aiokafka's and Java's
-        default partitioner); empty until the topic's metadata is known, and then aiokafka
-        partitions each message itself.
+        """A key -> partition map covering every key of ``messages`` (the same murmur2 as
+        aiokafka's and Java's default partitioner); empty until the topic's metadata is
+        known, and then aiokafka partitions each message itself.
 
         aiokafka's murmur2 is pure Python, and a session sends many requests with
         one key: partitions are remembered per key while the topic's partitions
@@ -115,16 +115,15 @@ class EventProducer(Service):
         every = cluster.partitions_for_topic(topic)
         if not every:
             return {}
-        available = cluster.available_partitions_for_topic(topic) or every
-        layout = (topic, frozenset(every), frozenset(available))
-        cache = self._partition_cache.get(topic)
-        if cache is None or cache[0] != layout or len(cache[1]) > _PARTITION_CACHE_KEYS:
-            cache = self._partition_cache[topic] = (layout, {})
-        known = cache[1]
-        out: dict[bytes, int] = {}
+        layout = (
+            frozenset(every),
+            frozenset(cluster.available_partitions_for_topic(topic) or every),
+        )
+        cached = self._partition_cache.get(topic)
+        if cached is None or cached[0] != layout or len(cached[1]) > _PARTITION_CACHE_KEYS:
+            cached = self._partition_cache[topic] = (layout, {})
+        known = cached[1]
         for key, _ in messages:
-            partition = known.get(key)
-            if partition is None:
-                partition = known[key] = self._partitioner(key, sorted(every), sorted(available))
-            out[key] = partition
-        return out
+            if key not in known:
+                known[key] = self._partitioner(key, sorted(layout[0]), sorted(layout[1]))
+        return known
