@@ -221,8 +221,8 @@ class CopyWriter:
         await conn.copy_records_to_table(
             f"_stage_{self.spec.table}", records=rows, columns=self.spec.columns
         )
-        # Rows hold event ids as canonical strings (see rows._uuid).
-        new = {(str(r[0]), r[1]) for r in await conn.fetch(self._merge)}
+        # Rows hold event ids as asyncpg's UUIDs, the type fetch returns (see rows._event_id).
+        new = {(r[0], r[1]) for r in await conn.fetch(self._merge)}
         id_at, time_at = self._key_at
         inserted: list[Pending] = []
         for item in items:

@@ -76,29 +76,28 @@ class Batch:
     ) -> None:
         """Decode ``records`` of ``tp`` into the batch."""
         out = self.records[tp]
-        events_of, convert = spec.events, spec.convert
-        sessions = spec.keeps_sessions
+        decode = spec.decode
         topic, partition = tp.topic, tp.partition
         for record in records:
             raw = record.value or b""
             offset = record.offset
             self.size += len(raw)
+            fast = decode(record.value)
+            if fast is not None:
+                rows, contexts, batched = fast
+                self.count += len(rows)
+                out.append(Decoded(topic, partition, offset, raw, batched, rows, contexts))
+                continue
+            # The record or one of its events is bad: each event checked on its own.
             try:
-                events, batched = events_of(record.value)
+                events, batched = spec.events(record.value)
             except RecordRejected as exc:
                 rejected = Rejected(topic, partition, offset, 0, raw, exc.reason, exc.error)
                 out.append(Decoded(topic, partition, offset, raw, False, [], [], None, [rejected]))
                 self.count += 1
                 continue
             self.count += len(events)
-            try:
-                # The fast path: every event of the record is good.
-                rows = [convert(data) for data in events]
-            except (KeyError, TypeError, ValueError, AttributeError):
-                out.append(_one_by_one(tp, offset, raw, events, batched, spec))
-                continue
-            contexts = [data.get("context") for data in events] if sessions else []
-            out.append(Decoded(topic, partition, offset, raw, batched, rows, contexts))
+            out.append(_one_by_one(tp, offset, raw, events, batched, spec))
         self.records_read += len(records)
 
 
@@ -165,6 +164,9 @@ class Loader(Service):
         self._stopping = asyncio.Event()
         self._kafka_commit: asyncio.Task[None] | None = None
         self.role: str | None = None
+        # Held from batch to batch: a pool release resets the connection, one
+        # more round trip per batch. Given back when stopped or when it broke.
+        self._conn: asyncpg.Connection | None = None
 
     async def start(self) -> None:
         """Join the consumer group and start loading in the background."""
@@ -254,21 +256,34 @@ class Loader(Service):
             self.positions[tp] = offset
 
     async def _run(self) -> None:
-        # Two stages: while PostgreSQL commits one batch, the next is fetched and
-        # decoded, so Python's work overlaps the database's. Batches still commit
-        # one at a time, in order.
-        committing: asyncio.Task[None] | None = None
+        # Two stages: while this task writes batch N, a reader task fetches and
+        # decodes batch N+1 and hands it over as soon as it is full, so the
+        # database gets its next COPY the moment a commit returns. Batches commit
+        # one at a time, in order; at most two are in memory.
+        ready: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
+        reader = asyncio.create_task(self._read(ready), name=f"reader-{self.spec.stream}")
+        try:
+            while (batch := await ready.get()) is not None:
+                ready.task_done()  # taken: the reader may start the next batch
+                await self._apply_with_retry(batch)
+            await reader  # its error, if it stopped on one
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await self._release_connection()
+
+    async def _read(self, ready: asyncio.Queue[Batch | None]) -> None:
+        """Collect batches into ``ready`` until stopped; None tells the writer to finish."""
         try:
             while not self._stopping.is_set():
                 batch = await self._collect()
-                if committing is not None:
-                    await committing
-                committing = None
                 if batch.count:
-                    committing = asyncio.create_task(self._apply_with_retry(batch))
+                    await ready.put(batch)
+                    await ready.join()  # wait until the writer took it
         finally:
-            if committing is not None:
-                await committing
+            with contextlib.suppress(asyncio.QueueFull):
+                ready.put_nowait(None)
 
     async def _collect(self) -> Batch:
         """Read until the batch is full by rows or bytes, or its first record is old enough."""
@@ -312,6 +327,7 @@ class Loader(Service):
                 return
             except DB_UNAVAILABLE as exc:
                 log.warning("postgres unavailable, retrying batch", error=str(exc), retry_in=delay)
+                await self._release_connection()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 10.0)
             except Fenced as exc:
@@ -349,12 +365,13 @@ class Loader(Service):
         decoded = await self._ensure_partitions(decoded, rejected)
         started = time.perf_counter()
         moves = [(tp.partition, start, end) for tp, (start, end) in ranges.items()]
-        async with self.db.pool.acquire() as conn:
-            try:
-                written = await self._transaction(conn, decoded, rejected, moves, careful=False)
-            except NeedsCare:
-                # A duplicate or a refused row: the batch again, row by row where needed.
-                written = await self._transaction(conn, decoded, rejected, moves, careful=True)
+        if self._conn is None:
+            self._conn = await self.db.pool.acquire()
+        try:
+            written = await self._transaction(self._conn, decoded, rejected, moves, careful=False)
+        except NeedsCare:
+            # A duplicate or a refused row: the batch again, row by row where needed.
+            written = await self._transaction(self._conn, decoded, rejected, moves, careful=True)
         rejected = rejected + written.rejected
         for tp, (_, end) in ranges.items():
             self.positions[tp] = end
@@ -380,6 +397,13 @@ class Loader(Service):
             await dead_letters.record(conn, self.group, rejected + written.rejected)
             await self.offsets.advance(conn, moves)
         return written
+
+    async def _release_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # A broken connection is closed by the pool; nothing here may stop a retry.
+            with contextlib.suppress(Exception):
+                await self.db.pool.release(conn, timeout=5)
 
     def _commit_to_kafka(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit to Kafka in the background, for lag tools only: PostgreSQL is the truth."""

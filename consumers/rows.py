@@ -1,4 +1,10 @@
-"""Kafka records to table rows: one spec per stream, decoding with orjson."""
+"""Kafka records to table rows: one spec per stream.
+
+Each stream has two decoders. The fast one (msgspec, into typed structs)
+takes a well-formed record in one call; the checked one (orjson, then field
+by field) runs only for a record the fast one refuses, and gives each bad
+event its reason. Both make the same rows (``tests/consumers/test_rows.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import cached_property
+from typing import Annotated, Any
 
+import msgspec
 import orjson
+from asyncpg.pgproto.pgproto import UUID
 
 
 class RecordRejected(Exception):
@@ -32,9 +41,17 @@ def _time(value: Any) -> datetime:
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def _event_id(value: Any) -> UUID:
+    # asyncpg's own UUID: parsed in C, and its COPY encoder copies the bytes
+    # (a uuid.UUID goes through a Python property). It takes the hex digits
+    # with or without hyphens, in either case.
+    if not isinstance(value, str):
+        raise TypeError(f"expected a UUID string, got {type(value).__name__}")
+    return UUID(value)
+
+
 def _uuid(value: Any) -> str:
-    # Checked here, parsed by asyncpg's C encoder: uuid.UUID() would cost more
-    # than the COPY of the row.
+    # A shop id stays a canonical string: rows of one session are grouped by it.
     if not isinstance(value, str):
         raise TypeError(f"expected a UUID string, got {type(value).__name__}")
     canonical = value.lower()
@@ -68,6 +85,8 @@ def _json_object(value: Any) -> str:
 
 
 Row = tuple[Any, ...]
+# A record's rows, with each row's session context when the table keeps sessions.
+_Rows = tuple[list[Row], list[object]]
 
 
 @dataclass(frozen=True)
@@ -78,7 +97,13 @@ class TableSpec:
     table: str
     time_column: str
     columns: tuple[str, ...]
-    convert: Callable[[dict[str, Any]], Row]
+    convert: Callable[[dict[str, Any]], Row]  # the checked decoder of one event
+    event: type[msgspec.Struct]  # the fast decoder's event, fields in column order
+    fast: Callable[[list[Any]], _Rows | None]  # its events to rows, None if one is bad
+
+    @cached_property
+    def _decoder(self) -> msgspec.json.Decoder[Any]:
+        return msgspec.json.Decoder(list[self.event] | self.event)  # type: ignore[name-defined]
 
     @property
     def keeps_sessions(self) -> bool:
@@ -89,6 +114,21 @@ class TableSpec:
     def time_index(self) -> int:
         """Position of the event-time column in a row."""
         return self.columns.index(self.time_column)
+
+    def decode(self, raw: bytes | None) -> tuple[list[Row], list[object], bool] | None:
+        """The fast path: a record's rows, their session contexts (when the table keeps
+        sessions) and whether it was a batch; None when the record or any of its events
+        needs the checked path (``events`` and ``row``)."""
+        if raw is None:
+            return None
+        try:
+            data = self._decoder.decode(raw)
+            batched = type(data) is list
+            events = data if batched else [data]
+            decoded = self.fast(events) if events else None
+        except (msgspec.DecodeError, ValueError):
+            return None
+        return None if decoded is None else (*decoded, batched)
 
     def events(self, raw: bytes | None) -> tuple[list[Any], bool]:
         """A record's events, and whether it was a batch (a JSON array of events).
@@ -129,7 +169,7 @@ class TableSpec:
 
 def _behavior_checked(d: dict[str, Any]) -> Row:
     return (
-        _uuid(d["event_id"]),
+        _event_id(d["event_id"]),
         _uuid(d["shop_id"]),
         _required_text(d["session_id"]),
         _required_text(d["event_type"]),
@@ -149,7 +189,7 @@ def _behavior_checked(d: dict[str, Any]) -> Row:
 
 def _storefront_checked(d: dict[str, Any]) -> Row:
     return (
-        _uuid(d["event_id"]),
+        _event_id(d["event_id"]),
         _uuid(d["shop_id"]),
         _required_text(d["anon_id"]),
         _required_text(d["session_id"]),
@@ -163,153 +203,137 @@ def _storefront_checked(d: dict[str, Any]) -> Row:
     )
 
 
-# The fast paths below are hand-unrolled because decoding is the loader's
-# hottest Python code (it must keep up with COPY). They accept only
-# well-formed records; anything else goes through the *_checked converters,
-# which return the same row or raise with a precise reason.
+# The fast decoders: msgspec parses a well-formed record straight into typed
+# structs in C (times included), and jsonb fields stay as their raw JSON text
+# instead of being parsed and dumped again. A record they refuse in any way
+# goes to the checked decoders above, which give each bad event its reason.
 
 _is_uuid = _UUID.fullmatch
-_from_iso = datetime.fromisoformat
-_dumps = orjson.dumps
-_NONE = type(None)
+_Aware = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
-def _opt_text(value: Any) -> bool:
-    return value is None or type(value) is str
-
-
-class _Seen:
-    """Values that repeat in every event of a record (a request's shop id and receive
-    time), checked or parsed once; bounded: it starts over when full."""
+class _Shops:
+    """Shop ids already checked: every event of a record carries the same one.
+    Bounded: it starts over when full."""
 
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
-        self.shops: set[str] = set()
-        self.times: dict[str, datetime] = {}
+        self.seen: set[str] = set()
 
-    def shop(self, value: Any) -> bool:
-        if type(value) is not str:
-            return False
-        if value in self.shops:
+    def ok(self, value: str) -> bool:
+        if value in self.seen:
             return True
         if not _is_uuid(value):
             return False
-        if len(self.shops) >= self.limit:
-            self.shops.clear()
-        self.shops.add(value)
+        if len(self.seen) >= self.limit:
+            self.seen.clear()
+        self.seen.add(value)
         return True
 
-    def time(self, value: Any) -> datetime:
-        parsed = self.times.get(value) if type(value) is str else None
-        if parsed is None:
-            parsed = _from_iso(value)
-            if len(self.times) >= self.limit:
-                self.times.clear()
-            self.times[value] = parsed
-        return parsed
+
+_shops = _Shops()
 
 
-_seen = _Seen()
+_NULL = msgspec.Raw(b"null")  # msgspec can't decode a Raw or None: a missing field is this
 
 
-def _behavior(d: dict[str, Any]) -> Row:
-    try:
-        event_id, shop_id, session_id = d["event_id"], d["shop_id"], d["session_id"]
-        event_type, page_url = d["event_type"], d["page_url"]
-        ts, received = _from_iso(d["timestamp"]), _seen.time(d["received_at"])
-    except (KeyError, TypeError, ValueError):
-        return _behavior_checked(d)
-    get = d.get
-    path, etype, etext, component = (
-        get("element_path"),
-        get("element_type"),
-        get("element_text"),
-        get("component_id"),
-    )
-    coords, viewport, data, meta = (
-        get("coordinates"),
-        get("viewport_size"),
-        get("event_data"),
-        get("metadata"),
-    )
-    if not (
-        type(event_id) is str
-        and _is_uuid(event_id)
-        and _seen.shop(shop_id)
-        and type(session_id) is str
-        and type(event_type) is str
-        and type(page_url) is str
-        and _opt_text(path)
-        and _opt_text(etype)
-        and _opt_text(etext)
-        and _opt_text(component)
-        and type(data) in (dict, _NONE)
-        and type(meta) in (dict, _NONE)
-        and ts.tzinfo is not None
-        and received.tzinfo is not None
-    ):
-        return _behavior_checked(d)
-    return (
-        event_id,
-        shop_id,
-        session_id,
-        event_type,
-        path,
-        etype,
-        etext,
-        None if coords is None else _dumps(coords).decode(),
-        None if viewport is None else _dumps(viewport).decode(),
-        "{}" if data is None else _dumps(data).decode(),
-        ts,
-        page_url,
-        component,
-        "{}" if meta is None else _dumps(meta).decode(),
-        received,
-    )
+def _object_text(raw: msgspec.Raw) -> str:
+    """A jsonb column that holds a JSON object: "{}" for null, "" (refused) for another value."""
+    text = str(raw, "utf-8")
+    if text[0] == "{":
+        return text
+    return "{}" if text == "null" else ""
 
 
-def _storefront(d: dict[str, Any]) -> Row:
-    try:
-        event_id, shop_id, anon_id = d["event_id"], d["shop_id"], d["anon_id"]
-        session_id, event_type = d["session_id"], d["event_type"]
-        ts, received = _from_iso(d["ts"]), _seen.time(d["received_at"])
-    except (KeyError, TypeError, ValueError):
-        return _storefront_checked(d)
-    get = d.get
-    props, product, experiment, variant = (
-        get("props"),
-        get("product_id"),
-        get("experiment_id"),
-        get("variant"),
-    )
-    if not (
-        type(event_id) is str
-        and _is_uuid(event_id)
-        and _seen.shop(shop_id)
-        and type(anon_id) is str
-        and type(session_id) is str
-        and type(event_type) is str
-        and _opt_text(product)
-        and _opt_text(experiment)
-        and _opt_text(variant)
-        and type(props) in (dict, _NONE)
-        and ts.tzinfo is not None
-        and received.tzinfo is not None
-    ):
-        return _storefront_checked(d)
-    return (
-        event_id,
-        shop_id,
-        anon_id,
-        session_id,
-        event_type,
-        ts,
-        "{}" if props is None else _dumps(props).decode(),
-        product,
-        experiment,
-        variant,
-        received,
-    )
+def _json_text(raw: msgspec.Raw) -> str | None:
+    """A jsonb column of any JSON value; JSON null is SQL NULL."""
+    text = str(raw, "utf-8")
+    return None if text == "null" else text
+
+
+class _BehaviorEvent(msgspec.Struct, kw_only=True, gc=False):
+    event_id: str
+    shop_id: str
+    session_id: str
+    event_type: str
+    element_path: str | None = None
+    element_type: str | None = None
+    element_text: str | None = None
+    coordinates: msgspec.Raw = _NULL
+    viewport_size: msgspec.Raw = _NULL
+    event_data: msgspec.Raw = _NULL
+    timestamp: _Aware
+    page_url: str
+    component_id: str | None = None
+    metadata: msgspec.Raw = _NULL
+    received_at: _Aware
+    context: Any = None
+
+
+def _behavior_fast(events: list[_BehaviorEvent]) -> _Rows | None:
+    rows: list[Row] = []
+    for e in events:
+        data, meta = _object_text(e.event_data), _object_text(e.metadata)
+        if not (_shops.ok(e.shop_id) and data and meta):
+            return None
+        rows.append(
+            (
+                UUID(e.event_id),  # ValueError: the checked decoder gives the reason
+                e.shop_id,
+                e.session_id,
+                e.event_type,
+                e.element_path,
+                e.element_type,
+                e.element_text,
+                _json_text(e.coordinates),
+                _json_text(e.viewport_size),
+                data,
+                e.timestamp,
+                e.page_url,
+                e.component_id,
+                meta,
+                e.received_at,
+            )
+        )
+    return rows, [e.context for e in events]
+
+
+class _StorefrontEvent(msgspec.Struct, kw_only=True, gc=False):
+    event_id: str
+    shop_id: str
+    anon_id: str
+    session_id: str
+    event_type: str
+    ts: _Aware
+    props: msgspec.Raw = _NULL
+    product_id: str | None = None
+    experiment_id: str | None = None
+    variant: str | None = None
+    received_at: _Aware
+
+
+def _storefront_fast(events: list[_StorefrontEvent]) -> _Rows | None:
+    rows: list[Row] = []
+    for e in events:
+        props = _object_text(e.props)
+        if not (_shops.ok(e.shop_id) and props):
+            return None
+        rows.append(
+            (
+                UUID(e.event_id),  # ValueError: the checked decoder gives the reason
+                e.shop_id,
+                e.anon_id,
+                e.session_id,
+                e.event_type,
+                e.ts,
+                props,
+                e.product_id,
+                e.experiment_id,
+                e.variant,
+                e.received_at,
+            )
+        )
+    return rows, []
 
 
 BEHAVIOR = TableSpec(
@@ -333,7 +357,9 @@ BEHAVIOR = TableSpec(
         "metadata",
         "received_at",
     ),
-    _behavior,
+    _behavior_checked,
+    _BehaviorEvent,
+    _behavior_fast,
 )
 STOREFRONT = TableSpec(
     "storefront",
@@ -352,6 +378,8 @@ STOREFRONT = TableSpec(
         "variant",
         "received_at",
     ),
-    _storefront,
+    _storefront_checked,
+    _StorefrontEvent,
+    _storefront_fast,
 )
 SPECS: dict[str, TableSpec] = {spec.stream: spec for spec in (BEHAVIOR, STOREFRONT)}
