@@ -6,6 +6,12 @@ Both sides write the same decoded rows into the same table (`events`, with its
 indexes), in batches of the same size, over one connection. The loader also
 fetches from Kafka, decodes, deduplicates, and commits its offsets in the same
 transaction: the exactly-once guarantees stay on.
+
+The topic holds a tenth more rows than are timed (at least two batches), so
+the timing ends while the loader still has a backlog, as raw COPY does: the
+end of a backlog (partitions running dry one by one, the last batch closing
+by age rather than by size) is latency, measured by the end-to-end figure,
+not throughput.
 """
 
 from __future__ import annotations
@@ -78,10 +84,11 @@ async def prefill(settings: Settings, messages: list[tuple[bytes, bytes]]) -> No
 
 
 async def raw_copy(
-    db: Database, messages: list[tuple[bytes, bytes]], batch: int, cpu: CpuMeter
+    db: Database, messages: list[tuple[bytes, bytes]], n: int, batch: int, cpu: CpuMeter
 ) -> float:
-    """Seconds for plain binary COPY of the decoded rows, batch by batch, one connection."""
-    rows = [row for _, value in messages for row in STOREFRONT.rows(value)]
+    """Seconds for plain binary COPY of the first ``n`` decoded rows, batch by batch,
+    one connection."""
+    rows = [row for _, value in messages for row in STOREFRONT.rows(value)][:n]
     await db.pool.execute("TRUNCATE events")
     async with db.pool.acquire() as conn:
         cpu.start()
@@ -129,20 +136,22 @@ async def bench(stack: Stack, rows: int, repeat: int) -> dict[str, Any]:
     async with Database(stack.dsn, max_size=4) as db:
         shop = await ensure_shop(db, "bench.myshopify.com")
         await PartitionManager(db).maintain()
-        values = storefront_records(str(shop.shop_id), rows)
+        spare = max(2 * settings.batch_max_rows, rows // 10)
+        values = storefront_records(str(shop.shop_id), rows + spare)
         await prefill(settings, values)
         copy_s: list[float] = []
         loader_s: list[float] = []
         cpu = CpuMeter(stack.pids)
         tune_gc(settings)  # as a loader process does (both sides run in this process)
         for _ in range(repeat):
-            copy_s.append(await raw_copy(db, values, settings.batch_max_rows, cpu))
+            copy_s.append(await raw_copy(db, values, rows, settings.batch_max_rows, cpu))
             copy_cpu = cpu.stop()
             loader_s.append(await loader_run(settings, db, rows, cpu))
             loader_cpu = cpu.stop()
     copy_rate, loader_rate = rows / median(copy_s), rows / median(loader_s)
     return {
         "rows": rows,
+        "rows_in_topic": rows + spare,
         "batch_rows": settings.batch_max_rows,
         "connections": 1,
         "copy_rows_per_s": round(copy_rate),

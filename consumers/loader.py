@@ -59,7 +59,10 @@ DB_UNAVAILABLE = (
 )
 
 
-_DECODE_SLICE = 100  # events decoded (about) between two yields to the event loop
+# The reader shares the event loop with the batch being written: it works in
+# small pieces so the writer's round trips to PostgreSQL aren't kept waiting.
+_READ_SLICE = 500  # events (about) per getmany: aiokafka parses its records in one go
+_DECODE_SLICE = 100  # events (about) decoded between two yields to the event loop
 
 
 @dataclass
@@ -297,14 +300,15 @@ class Loader(Service):
             got = await self.consumer.getmany(
                 timeout_ms=int(wait * 1000),
                 # Records carry several events each: ask for about as many
-                # records as there are rows left to fill.
-                max_records=max(1, int((max_rows - batch.count) / self._per_record)),
+                # records as there are rows left to fill (in slices).
+                max_records=max(
+                    1, int(min(max_rows - batch.count, _READ_SLICE) / self._per_record)
+                ),
             )
             step = max(1, int(_DECODE_SLICE / self._per_record))
             for tp, records in got.items():
                 for i in range(0, len(records), step):
                     batch.add(tp, records[i : i + step], self.spec)
-                    # Let the batch being committed send its rows meanwhile.
                     await asyncio.sleep(0)
             if batch.records_read:
                 self._per_record = batch.count / batch.records_read
