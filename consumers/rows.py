@@ -98,7 +98,7 @@ class TableSpec:
     time_column: str
     columns: tuple[str, ...]
     convert: Callable[[dict[str, Any]], Row]  # the checked decoder of one event
-    event: type[msgspec.Struct]  # the fast decoder's event, fields in column order
+    event: type[msgspec.Struct]  # one event, as the fast decoder reads it
     fast: Callable[[list[Any]], _Rows | None]  # its events to rows, None if one is bad
 
     @cached_property
