@@ -2,6 +2,9 @@
 
 Usage: python -m benchmarks.loader_bench [--rows N] [--repeat K] [--dsn DSN]
 
+``benchmarks.run`` runs it in a process of its own (``--stack``), as a real
+loader runs: the suite's process has run the load generator by then.
+
 Both sides write the same decoded rows into the same table (`events`, with its
 indexes), in batches of the same size, over one connection. The loader also
 fetches from Kafka, decodes, deduplicates, and commits its offsets in the same
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -171,8 +175,16 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dsn", help="PostgreSQL to use instead of an embedded one")
+    parser.add_argument(
+        "--stack",
+        help="a running stack as JSON (benchmarks.run): print the result as one JSON line",
+    )
     args = parser.parse_args()
     logs.configure("warning")
+    if args.stack:
+        result = await bench(Stack(**json.loads(args.stack)), args.rows, args.repeat)
+        print(json.dumps(result))
+        return
     async with embedded_stack(args.dsn) as stack:
         result = await bench(stack, args.rows, args.repeat)
     result = {"machine": machine(), "loader": result}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -222,7 +223,14 @@ class Suite:
     async def loader_section(self) -> None:
         console.rule("2. loader vs raw asyncpg binary COPY")
         rows, repeat = (30_000, 1) if self.quick else (100_000, 3)
-        self.results["loader"] = await loader_bench.bench(self.stack, rows, repeat)
+        # In a fresh process, as a real loader runs (see loader_bench).
+        argv = [sys.executable, "-m", "benchmarks.loader_bench", "--rows", str(rows)]
+        argv += ["--repeat", str(repeat), "--stack", json.dumps(dataclasses.asdict(self.stack))]
+        child = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE)
+        out, _ = await child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"loader benchmark failed (exit {child.returncode})")
+        self.results["loader"] = json.loads(out.splitlines()[-1])
 
     async def _await_ready(self, target: Target, verifier_dsn: str) -> int:
         """Warm-up requests that must become rows (the loaders have joined); their events."""
