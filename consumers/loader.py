@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from consumers import dead_letters, sessions
 from consumers.copy_writer import CopyWriter, Decoded, NeedsCare, Rejected, Written
 from consumers.offsets import Fenced, OffsetStore
-from consumers.rows import RecordRejected, TableSpec
+from consumers.rows import RecordRejected, TableSpec, as_datetime, use_datetimes, use_pg_times
 from ingest import metrics
 from ingest.app import HttpServer, metrics_app
 from ingest.db import Database
@@ -371,6 +371,7 @@ class Loader(Service):
         moves = [(tp.partition, start, end) for tp, (start, end) in ranges.items()]
         if self._conn is None:
             self._conn = await self.db.pool.acquire()
+            await use_pg_times(self._conn)
         try:
             written = await self._transaction(self._conn, decoded, rejected, moves, careful=False)
         except NeedsCare:
@@ -406,6 +407,12 @@ class Loader(Service):
         conn, self._conn = self._conn, None
         if conn is not None:
             # A broken connection is closed by the pool; nothing here may stop a retry.
+            try:
+                await use_datetimes(conn)
+            except Exception:
+                # Never hand the pool a connection that speaks PgTime.
+                with contextlib.suppress(Exception):
+                    conn.terminate()
             with contextlib.suppress(Exception):
                 await self.db.pool.release(conn, timeout=5)
 
@@ -450,9 +457,9 @@ class Loader(Service):
         times = [row[index] for d in decoded for row in d.rows]
         if not times:
             return decoded
-        first, last = month_start(min(times)), month_start(max(times))
+        first, last = (month_start(as_datetime(t)) for t in (min(times), max(times)))
         # Almost every batch is within one month: two conversions instead of one per row.
-        months = {first} if first == last else {month_start(t) for t in times}
+        months = {first} if first == last else {month_start(as_datetime(t)) for t in times}
         refused: dict[date, str] = {}
         for month in sorted(months):
             try:
@@ -465,7 +472,7 @@ class Loader(Service):
         for d in decoded:
             inside = d.emptied()
             for item in d.pending():
-                reason = refused.get(month_start(item.row[index]))
+                reason = refused.get(month_start(as_datetime(item.row[index])))
                 if reason is None:
                     inside.add(item.row, item.index, item.context)
                 else:

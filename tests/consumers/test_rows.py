@@ -16,7 +16,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumers.rows import BEHAVIOR, SPECS, STOREFRONT, RecordRejected, Row, TableSpec
+from consumers.rows import (
+    BEHAVIOR,
+    SPECS,
+    STOREFRONT,
+    RecordRejected,
+    Row,
+    TableSpec,
+    as_datetime,
+    pg_time,
+    use_datetimes,
+    use_pg_times,
+)
+from ingest.db import Database
 
 SHOP = str(uuid.uuid4())
 NOW = datetime(2026, 11, 25, 12, 30, 15, 123456, tzinfo=UTC).isoformat()
@@ -229,3 +241,24 @@ def test_the_fast_decoder_never_takes_what_the_checked_one_refuses(
         return  # the checked decoder decides, with reasons
     assert expected is not None, f"fast decoder took an event the checked one refuses: {event}"
     assert comparable(spec, decoded[0]) == comparable(spec, expected)
+
+
+@given(st.datetimes(timezones=st.just(UTC)))
+def test_a_row_time_is_postgres_microseconds_and_back(at: datetime) -> None:
+    assert as_datetime(pg_time(at)) == at
+    assert pg_time(datetime(2000, 1, 1, tzinfo=UTC)) == (0,)
+
+
+async def test_a_pg_time_connection_copies_and_reads_exact_times(db: Database) -> None:
+    times = [datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime.now(UTC)]
+    async with db.pool.acquire() as conn:
+        await use_pg_times(conn)
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE TEMP TABLE times (at timestamptz) ON COMMIT DROP")
+                await conn.copy_records_to_table("times", records=[(pg_time(t),) for t in times])
+                read = [r["at"] for r in await conn.fetch("SELECT at FROM times")]
+        finally:
+            await use_datetimes(conn)
+        assert read == [pg_time(t) for t in times]
+        assert await conn.fetchval("SELECT $1::timestamptz", times[1]) == times[1]
