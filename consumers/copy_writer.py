@@ -153,7 +153,8 @@ class CopyWriter:
     async def write(
         self, conn: asyncpg.Connection, decoded: list[Decoded], *, careful: bool = True
     ) -> Written:
-        """Load the rows of ``decoded`` inside the caller's transaction.
+        """Load the rows of ``decoded`` inside the caller's transaction (``conn`` takes
+        times as rows carry them: ``rows.use_pg_times``).
 
         Returns the rows that became new rows (duplicates of stored rows are
         not among them) and the events PostgreSQL refused. Not ``careful``:

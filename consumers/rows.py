@@ -347,6 +347,8 @@ class _StorefrontEvent(msgspec.Struct, kw_only=True, gc=False):
     received_at: _Aware
 
 
+# The two loops share their shape on purpose: a per-stream row builder called
+# from one loop would cost a Python call per row on the loader's hottest path.
 def _storefront_fast(events: list[_StorefrontEvent]) -> _Rows | None:
     rows: list[Row] = []
     received: tuple[datetime | None, PgTime] = (None, (0,))  # a request's: the same in each

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from consumers.rows import BEHAVIOR, Row
+from consumers.rows import BEHAVIOR, PgTime, Row
 from ingest.db import QUERIES
 
 _AT = {name: BEHAVIOR.columns.index(name) for name in BEHAVIOR.columns}
@@ -18,9 +17,9 @@ _CONTEXT_TEXT = ("user_agent", "referrer", "screen_resolution", "language")
 
 @dataclass
 class _Session:
-    first_seen: datetime
+    first_seen: PgTime  # as the rows carry times (consumers.rows)
     landing_page: str
-    last_seen: datetime
+    last_seen: PgTime
     exit_page: str
     page_views: int
     context: dict[str, str | None]
@@ -82,7 +81,9 @@ def aggregate(rows: list[Row], contexts: list[object]) -> list[tuple[Any, ...]]:
 
 
 async def upsert(conn: asyncpg.Connection, rows: list[Row], contexts: list[object]) -> int:
-    """Fold newly inserted behavior rows into ``user_sessions``; returns sessions touched."""
+    """Fold newly inserted behavior rows into ``user_sessions``; returns sessions touched.
+
+    ``conn`` takes times as rows carry them (``rows.use_pg_times``)."""
     touched = aggregate(rows, contexts)
     if touched:
         columns = list(zip(*touched, strict=True))
