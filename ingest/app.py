@@ -120,7 +120,7 @@ def _whole_batch(stream: str, body: bytes, settings: Settings) -> BatchEnvelope 
     every event validates. Otherwise None, and the per-event path decides
     event by event, with reasons.
     """
-    if len(body) > settings.max_event_bytes or b"u0000" in body:
+    if len(body) > settings.max_event_bytes or has_nul(body):
         return None
     try:
         model = BATCH_MODELS[stream]
@@ -151,8 +151,8 @@ async def _authenticate(request: web.Request, write_key: str | None) -> Shop:
 
 Valid = BehaviorEvent | StorefrontEvent
 _EVENT_LISTS: dict[str, pydantic.TypeAdapter[Any]] = {  # what a bare array body holds
-    "behavior": pydantic.TypeAdapter(list[BehaviorEvent]),
-    "storefront": pydantic.TypeAdapter(list[StorefrontEvent]),
+    stream: pydantic.TypeAdapter(list[model])  # type: ignore[valid-type]
+    for stream, model in STREAM_MODELS.items()
 }
 
 

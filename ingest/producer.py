@@ -17,6 +17,8 @@ from ingest.settings import Settings
 log = structlog.get_logger(__name__)
 
 _PARTITION_CACHE_KEYS = 100_000  # keys remembered per topic (then the cache starts over)
+_Layout = tuple[frozenset[int], frozenset[int]]  # a topic's partitions, and the available ones
+_Keys = dict[bytes, int]  # key -> partition
 
 
 class ProduceFailed(Exception):
@@ -34,10 +36,9 @@ class EventProducer(Service):
         self.settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = DefaultPartitioner()
-        # topic -> ((partitions, available partitions), {key: partition})
-        self._partition_cache: dict[
-            str, tuple[tuple[frozenset[int], frozenset[int]], dict[bytes, int]]
-        ] = {}
+        # topic -> ((partitions, available), the same sorted as the partitioner
+        # takes them, {key: partition})
+        self._partition_cache: dict[str, tuple[_Layout, tuple[list[int], list[int]], _Keys]] = {}
 
     async def start(self) -> None:
         """Connect to the brokers."""
@@ -120,10 +121,11 @@ class EventProducer(Service):
             frozenset(cluster.available_partitions_for_topic(topic) or every),
         )
         cached = self._partition_cache.get(topic)
-        if cached is None or cached[0] != layout or len(cached[1]) > _PARTITION_CACHE_KEYS:
-            cached = self._partition_cache[topic] = (layout, {})
-        known = cached[1]
+        if cached is None or cached[0] != layout or len(cached[2]) > _PARTITION_CACHE_KEYS:
+            ordered = (sorted(layout[0]), sorted(layout[1]))
+            cached = self._partition_cache[topic] = (layout, ordered, {})
+        _, (every_sorted, available_sorted), known = cached
         for key, _ in messages:
             if key not in known:
-                known[key] = self._partitioner(key, sorted(layout[0]), sorted(layout[1]))
+                known[key] = self._partitioner(key, every_sorted, available_sorted)
         return known
