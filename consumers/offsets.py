@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ingest.db import Database
+from ingest.db import Database, inline
+
+# advance_loader_offsets (migration 0004) raises this when a stored offset moved.
+FENCED_SQLSTATE = "EPF01"
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,25 @@ class OffsetStore:
 
         Raises Fenced when a stored offset is not its ``expected``.
         """
+        try:
+            await conn.execute(self.db.q["advance_offsets"], *self._arguments(moves))
+        except asyncpg.PostgresError as exc:
+            if is_fenced(exc):
+                raise Fenced(str(exc)) from exc
+            raise
+
+    def advance_inline(self, moves: list[tuple[int, int, int]]) -> str:
+        """``advance`` as plain SQL text, to send with other statements in one round trip
+        (``is_fenced`` tells its refusal)."""
+        return inline("advance_offsets", *self._arguments(moves))
+
+    def _arguments(
+        self, moves: list[tuple[int, int, int]]
+    ) -> tuple[str, str, *tuple[list[int], ...]]:
         partitions, expected, new = (list(c) for c in zip(*moves, strict=True))
-        status = await conn.execute(
-            self.db.q["advance_offsets"], self.group, self.topic, partitions, expected, new
-        )
-        if status != f"UPDATE {len(moves)}":
-            raise Fenced(f"{self.topic}{partitions}: a stored offset moved under this loader")
+        return self.group, self.topic, partitions, expected, new
+
+
+def is_fenced(exc: asyncpg.PostgresError) -> bool:
+    """Whether ``exc`` is advance_loader_offsets' refusal: a stored offset moved."""
+    return bool(getattr(exc, "sqlstate", None) == FENCED_SQLSTATE)

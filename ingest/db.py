@@ -36,6 +36,35 @@ def load_queries(path: Path) -> dict[str, str]:
 
 QUERIES = load_queries(sql_dir() / "queries.sql")
 
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
+def literal(value: str | int | list[int]) -> str:
+    """``value`` as an SQL literal, quoted as PostgreSQL's ``quote_literal`` does."""
+    if isinstance(value, bool):
+        raise TypeError("no boolean literals")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "'{" + ",".join(str(int(v)) for v in value) + "}'"
+    if "\x00" in value:
+        raise ValueError("PostgreSQL text cannot hold NUL")
+    quoted = value.replace("'", "''")
+    if "\\" in value:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+def inline(name: str, *args: str | int | list[int]) -> str:
+    """Named query ``name`` with its parameters written in as literals.
+
+    For statements sent together as one plain-text query, one round trip for
+    several statements (the extended protocol, which takes parameters, runs
+    one statement per round trip).
+    """
+    return _PARAMETER.sub(lambda m: literal(args[int(m.group(1)) - 1]), QUERIES[name])
+
+
 # The group roles of sql/migrations/0002_roles.sql.
 INGEST_ROLE = "eventpipe_ingest"
 PARTITION_ADMIN_ROLE = "eventpipe_partition_admin"

@@ -55,12 +55,9 @@ UPDATE loader_offsets SET next_offset = $4, log_id = $5, updated_at = now()
 WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3;
 
 -- name: advance_offsets
--- Fenced: each partition only moves from the position this loader believes in,
--- so a loader that lost a partition in a rebalance cannot apply a batch twice.
-UPDATE loader_offsets o SET next_offset = m.new, updated_at = now()
-FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS m(kafka_partition, expected, new)
-WHERE o.consumer_group = $1 AND o.topic = $2
-  AND o.kafka_partition = m.kafka_partition AND o.next_offset = m.expected;
+-- Fenced (raises EPF01, see migration 0004): each partition only moves from the
+-- position this loader believes in.
+SELECT advance_loader_offsets($1, $2, $3::int[], $4::bigint[], $5::bigint[]);
 
 -- name: insert_dead_letter
 INSERT INTO dead_letters

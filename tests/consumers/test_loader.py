@@ -236,3 +236,26 @@ async def test_dead_letters_list_and_replay_after_a_fix(
             assert await dead_letters.replay(db, producer, ids=[letters[0]["id"]]) == 0
         await wait_for(lambda: _all_present(db, [str(good["event_id"])]))
     assert await count_ids(db, [str(good["event_id"])]) == {str(good["event_id"]): 1}
+
+
+def test_a_written_batch_is_freed_piecemeal() -> None:
+    from aiokafka import TopicPartition
+
+    from consumers.copy_writer import Decoded
+    from consumers.loader import Batch
+
+    batch = Batch()
+    for partition in (0, 1):
+        for offset in range(10):  # records of 20 rows, and one refused record per partition
+            rows: list[tuple[object, ...]] = [(i,) for i in range(0 if offset == 9 else 20)]
+            batch.records[TopicPartition("t", partition)].append(
+                Decoded("t", partition, offset, b"", True, rows, [])
+            )
+    left = [sum(len(d) for d in batch.records.values())]
+    while batch.free_some(100):
+        left.append(sum(len(d) for d in batch.records.values()))
+    # At least 100 events a step, newest first: a record without rows counts as one,
+    # so the first step takes it and five of 20 rows; the last step empties the batch.
+    assert left == [20, 14, 8, 3]
+    assert not batch.records
+    assert not batch.free_some(100)
