@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -70,6 +71,8 @@ DB_UNAVAILABLE = (
 # small pieces so the writer's round trips to PostgreSQL aren't kept waiting.
 _READ_SLICE = 500  # events (about) per getmany: aiokafka parses its records in one go
 _DECODE_SLICE = 100  # events (about) decoded between two yields to the event loop
+_FETCH_BYTES = 1024 * 1024  # prefetched per Kafka partition
+_KAFKA_COMMIT_EVERY_S = 1.0  # offsets told to Kafka (for lag tools) at most this often
 
 
 @dataclass
@@ -172,6 +175,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self.loader.lock:
             for tp in revoked:
                 self.loader.positions.pop(tp, None)
+                self.loader._uncommitted.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.loader.lock:
@@ -202,11 +206,14 @@ class Loader(Service):
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._kafka_commit: asyncio.Task[None] | None = None
+        self._uncommitted: dict[TopicPartition, int] = {}  # loaded, not yet told to Kafka
+        self._kafka_committed_at = 0.0
         self.role: str | None = None
         # Held from batch to batch: a pool release resets the connection, one
         # more round trip per batch. Given back when stopped or when it broke.
         self._conn: asyncpg.Connection | None = None
         self._retired: deque[Batch] = deque()  # written batches the reader frees piecemeal
+        self._reader_waits: Callable[[], None] | None = None  # lets it read the next batch
 
     async def start(self) -> None:
         """Join the consumer group and start loading in the background."""
@@ -216,7 +223,7 @@ class Loader(Service):
             group_id=self.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            max_partition_fetch_bytes=_FETCH_BYTES,
             fetch_max_bytes=min(self.settings.batch_max_bytes, 50 * 1024 * 1024),
             # A fetch never waits longer than a batch may age.
             fetch_max_wait_ms=min(self.settings.batch_max_age_ms, 500),
@@ -243,6 +250,9 @@ class Loader(Service):
         if self._kafka_commit is not None:
             await self._kafka_commit
         if self._consumer is not None:
+            self._commit_to_kafka({}, now=True)
+            if self._kafka_commit is not None:
+                await self._kafka_commit
             await self._consumer.stop()
         log.info("loader stopped", stream=self.spec.stream, rows_loaded=self.rows_loaded)
 
@@ -305,8 +315,13 @@ class Loader(Service):
         reader = asyncio.create_task(self._read(ready), name=f"reader-{self.spec.stream}")
         try:
             while (batch := await ready.get()) is not None:
-                ready.task_done()  # taken: the reader may start the next batch
-                await self._apply_with_retry(batch)
+                # The reader starts the next batch once this one's transaction is
+                # open: its work would otherwise delay that round trip.
+                self._reader_waits = ready.task_done
+                try:
+                    await self._apply_with_retry(batch)
+                finally:
+                    self._let_reader_go()
                 self._retired.append(batch)
             await reader  # its error, if it stopped on one
         finally:
@@ -363,6 +378,11 @@ class Loader(Service):
             ):
                 break
         return batch
+
+    def _let_reader_go(self) -> None:
+        release, self._reader_waits = self._reader_waits, None
+        if release is not None:
+            release()
 
     def _free_retired(self, events: int) -> None:
         if self._retired and not self._retired[0].free_some(events):
@@ -450,6 +470,7 @@ class Loader(Service):
         opening.append(self.offsets.advance_inline(moves))
         try:
             await conn.execute(";\n".join(opening))
+            self._let_reader_go()
             written = await self.writer.write(conn, decoded, careful=False)
             if self.spec.keeps_sessions:
                 await sessions.upsert(conn, written.rows, written.contexts)
@@ -497,14 +518,26 @@ class Loader(Service):
             with contextlib.suppress(Exception):
                 await self.db.pool.release(conn, timeout=5)
 
-    def _commit_to_kafka(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit to Kafka in the background, for lag tools only: PostgreSQL is the truth."""
-        if self._kafka_commit is not None and not self._kafka_commit.done():
-            return  # the next batch's commit will carry these offsets forward
+    def _commit_to_kafka(self, offsets: dict[TopicPartition, int], *, now: bool = False) -> None:
+        """Commit to Kafka in the background, for lag tools only: PostgreSQL is the truth.
+
+        At most one commit a second (``now``: whatever is pending), not one per batch:
+        each is a round trip to the group coordinator the loader's event loop and
+        the broker pay for.
+        """
+        self._uncommitted.update(offsets)
+        if not self._uncommitted or (
+            self._kafka_commit is not None and not self._kafka_commit.done()
+        ):
+            return
+        at = time.monotonic()
+        if not now and at - self._kafka_committed_at < _KAFKA_COMMIT_EVERY_S:
+            return
+        pending, self._uncommitted, self._kafka_committed_at = self._uncommitted, {}, at
 
         async def commit() -> None:
             with contextlib.suppress(KafkaError, asyncio.CancelledError):
-                await self.consumer.commit(offsets)
+                await self.consumer.commit(pending)
 
         self._kafka_commit = asyncio.create_task(commit())
 

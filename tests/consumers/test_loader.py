@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumers.loader import Loader
 from consumers.rows import BEHAVIOR
@@ -183,6 +183,29 @@ async def test_restart_resumes_from_stored_offsets(
         await wait_for(lambda: _all_present(db, ids))
     assert loader.rows_loaded == 15  # nothing of the first run was read again
     assert await count_ids(db, ids) == {i: 1 for i in ids}
+
+
+async def test_kafka_hears_of_the_loaded_offsets_for_lag_tools(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    first, second = [record(shop) for _ in range(15)], [record(shop) for _ in range(15)]
+    async with running_loader(settings, db) as loader:
+        for events in (first, second):  # the second, likely within the commit interval
+            await produce(settings, [orjson.dumps(r) for r in events])
+            await wait_for(lambda: _all_present(db, [str(r["event_id"]) for r in events]))  # noqa: B023
+        stored = {p: s.next_offset for p, s in (await loader.offsets.load([0, 1, 2])).items()}
+    # Commits to Kafka are throttled while loading; stopping tells Kafka the rest.
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=loader.group)
+    await consumer.start()
+    try:
+        committed = {
+            p: await consumer.committed(TopicPartition(settings.topic_behavior, p)) for p in stored
+        }
+    finally:
+        await consumer.stop()
+    assert sum(stored.values()) == 30
+    loaded = {p: o for p, o in stored.items() if o}  # partitions never loaded have no commit
+    assert {p: o for p, o in committed.items() if o is not None} == loaded
 
 
 async def test_a_new_broker_log_resets_offsets_without_duplicates(
