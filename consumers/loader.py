@@ -238,6 +238,7 @@ class Loader(Service):
                 f"loader cannot reach Kafka at {self.settings.bootstrap}: {exc}",
                 hint="check EVENTPIPE_KAFKA_BOOTSTRAP",
             ) from exc
+        _fetch_drained_partitions_at_once(self._consumer)
         self._task = asyncio.create_task(self._run(), name=f"loader-{self.spec.stream}")
         log.info("loader started", stream=self.spec.stream, topic=self.topic, group=self.group)
 
@@ -600,6 +601,24 @@ class Loader(Service):
                     rejected.append(item.reject("outside_window", reason))
             kept.append(inside)
         return kept
+
+
+def _fetch_drained_partitions_at_once(consumer: AIOKafkaConsumer) -> None:
+    """Have aiokafka fetch a partition as soon as its records are consumed.
+
+    aiokafka (0.14) sends no fetch to a broker while any partition it leads still
+    has records fetched less than ``prefetch_backoff`` (0.1 s) ago, and the
+    consumer doesn't take that option. A loader drains its partitions one after
+    another, so the reader waited a whole fetch round trip (15-25 ms) each time
+    its buffers ran dry, and the writer waited for the reader (measured: 40-150 ms
+    per 150,000 rows, none with 0). Memory stays bounded: a partition with
+    records not yet consumed is still not fetched again.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is not None and hasattr(fetcher, "_prefetch_backoff"):
+        fetcher._prefetch_backoff = 0.0
+    else:
+        log.warning("cannot tune aiokafka's prefetching: its internals changed")
 
 
 async def _rollback(conn: asyncpg.Connection) -> None:

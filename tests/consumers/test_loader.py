@@ -185,6 +185,16 @@ async def test_restart_resumes_from_stored_offsets(
     assert await count_ids(db, ids) == {i: 1 for i in ids}
 
 
+async def test_partitions_are_fetched_again_as_soon_as_they_are_drained(
+    settings: Settings, db: Database
+) -> None:
+    # aiokafka's default holds back fetches while any partition has buffered
+    # records (see loader._fetch_drained_partitions_at_once); a warning says when
+    # an aiokafka release moves the knob.
+    async with running_loader(settings, db) as loader:
+        assert loader.consumer._fetcher._prefetch_backoff == 0.0
+
+
 async def test_kafka_hears_of_the_loaded_offsets_for_lag_tools(
     settings: Settings, db: Database, shop: ShopCredentials
 ) -> None:
