@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaProducer
 
 from benchmarks.common import CpuMeter, Stack, embedded_stack, machine, median, write_result
 from consumers.loader import Loader
-from consumers.rows import STOREFRONT, as_datetime, use_datetimes, use_pg_times
+from consumers.rows import STOREFRONT, as_datetime, pg_times
 from ingest import logs, records
 from ingest.db import Database
 from ingest.partitions import PartitionManager
@@ -118,9 +118,10 @@ async def raw_copy(
     if datetimes:
         rows = [tuple(as_datetime(v) if i in _TIMES else v for i, v in enumerate(r)) for r in rows]
     await fresh_table(db)
-    async with db.pool.acquire() as conn:
-        if not datetimes:
-            await use_pg_times(conn)
+    async with (
+        db.pool.acquire() as conn,
+        contextlib.nullcontext() if datetimes else pg_times(conn),
+    ):
         cpu.start()
         started = time.perf_counter()
         for i in range(0, len(rows), batch):
@@ -128,9 +129,7 @@ async def raw_copy(
                 await conn.copy_records_to_table(
                     "events", records=rows[i : i + batch], columns=STOREFRONT.columns
                 )
-        seconds = time.perf_counter() - started
-        await use_datetimes(conn)
-        return seconds
+        return time.perf_counter() - started
 
 
 async def loader_run(settings: Settings, db: Database, n: int, cpu: CpuMeter) -> float:

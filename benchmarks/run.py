@@ -32,7 +32,7 @@ from rich.table import Table
 
 from benchmarks import loader_bench, partitions_bench
 from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
-from consumers.rows import STOREFRONT, use_datetimes, use_pg_times
+from consumers.rows import STOREFRONT, pg_times
 from ingest import logs
 from ingest.db import Database
 from ingest.loadgen import LoadConfig, Mix, Result, Target, run_load
@@ -405,8 +405,8 @@ async def naive_loader(settings: Settings, db: Database, rows: int) -> float:
     )
     loaded, started = 0, None
     try:
-        async with db.pool.acquire() as conn:
-            await use_pg_times(conn)  # the rows' times, as STOREFRONT makes them
+        # The rows' times, as STOREFRONT makes them.
+        async with db.pool.acquire() as conn, pg_times(conn):
             deadline = time.monotonic() + 300
             while loaded < rows and time.monotonic() < deadline:
                 got = await consumer.getmany(timeout_ms=200, max_records=settings.batch_max_rows)
@@ -418,7 +418,6 @@ async def naive_loader(settings: Settings, db: Database, rows: int) -> float:
                     await conn.executemany(sql, batch)
                 await consumer.commit()
                 loaded += len(batch)
-            await use_datetimes(conn)
         assert started is not None
         return time.perf_counter() - started
     finally:

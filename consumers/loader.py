@@ -472,18 +472,12 @@ class Loader(Service):
         try:
             await conn.execute(";\n".join(opening))
             self._let_reader_go()
-            written = await self.writer.write(conn, decoded, careful=False)
-            if self.spec.keeps_sessions:
-                await sessions.upsert(conn, written.rows, written.contexts)
-            await dead_letters.record(conn, self.group, rejected)
+            written = await self._write(conn, decoded, rejected, careful=False)
             await conn.execute("COMMIT")
-        except asyncpg.PostgresError as exc:
+        except BaseException as exc:
             await _rollback(conn)
-            if is_fenced(exc):
+            if isinstance(exc, asyncpg.PostgresError) and is_fenced(exc):
                 raise Fenced(str(exc)) from exc
-            raise
-        except BaseException:
-            await _rollback(conn)
             raise
         return written
 
@@ -499,11 +493,24 @@ class Loader(Service):
         async with conn.transaction():
             if self.role:
                 await conn.execute(self.db.q["set_local_role"], self.role)
-            written = await self.writer.write(conn, decoded, careful=True)
-            if self.spec.keeps_sessions:
-                await sessions.upsert(conn, written.rows, written.contexts)
-            await dead_letters.record(conn, self.group, rejected + written.rejected)
+            written = await self._write(conn, decoded, rejected, careful=True)
             await self.offsets.advance(conn, moves)
+        return written
+
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        decoded: list[Decoded],
+        rejected: list[Rejected],
+        *,
+        careful: bool,
+    ) -> Written:
+        """A batch's rows, the sessions they touch and its dead letters, in the
+        caller's transaction."""
+        written = await self.writer.write(conn, decoded, careful=careful)
+        if self.spec.keeps_sessions:
+            await sessions.upsert(conn, written.rows, written.contexts)
+        await dead_letters.record(conn, self.group, rejected + written.rejected)
         return written
 
     async def _release_connection(self) -> None:

@@ -71,4 +71,4 @@ class OffsetStore:
 
 def is_fenced(exc: asyncpg.PostgresError) -> bool:
     """Whether ``exc`` is advance_loader_offsets' refusal: a stored offset moved."""
-    return bool(getattr(exc, "sqlstate", None) == FENCED_SQLSTATE)
+    return bool(exc.sqlstate == FENCED_SQLSTATE)

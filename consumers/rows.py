@@ -9,7 +9,8 @@ event its reason. Both make the same rows (``tests/consumers/test_rows.py``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -59,6 +60,16 @@ async def use_pg_times(conn: asyncpg.Connection) -> None:
 async def use_datetimes(conn: asyncpg.Connection) -> None:
     """Undo ``use_pg_times``: ``conn`` back to asyncpg's datetimes."""
     await conn.reset_type_codec("timestamptz", schema="pg_catalog")
+
+
+@asynccontextmanager
+async def pg_times(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """``conn`` speaking PgTime for the block (``use_pg_times``), then datetimes again."""
+    await use_pg_times(conn)
+    try:
+        yield conn
+    finally:
+        await use_datetimes(conn)
 
 
 def _time(value: Any) -> PgTime:

@@ -40,7 +40,11 @@ _PARAMETER = re.compile(r"\$(\d+)")
 
 
 def literal(value: str | int | list[int]) -> str:
-    """``value`` as an SQL literal, quoted as PostgreSQL's ``quote_literal`` does."""
+    """``value`` as an SQL literal, quoted as PostgreSQL's ``quote_literal`` does.
+
+    Hand-written: asyncpg's quoting helper is private (``asyncpg.utils``), and
+    the few literals needed here are texts of the settings and lists of ints.
+    """
     if isinstance(value, bool):
         raise TypeError("no boolean literals")
     if isinstance(value, int):

@@ -11,7 +11,7 @@ import pytest
 from consumers.copy_writer import Decoded
 from consumers.loader import Loader
 from consumers.offsets import Fenced, OffsetStore
-from consumers.rows import BEHAVIOR, use_datetimes, use_pg_times
+from consumers.rows import BEHAVIOR, pg_times
 from ingest.db import Database
 from ingest.partitions import PartitionManager, month_start
 from ingest.settings import Settings
@@ -50,16 +50,12 @@ async def test_a_fenced_batch_writes_nothing_and_the_connection_goes_on(
     rows, contexts, batched = decoded
     batch = [Decoded(loader.topic, 0, 0, raw, batched, rows, contexts)]
     ids = [str(e["event_id"]) for e in events]
-    async with db.pool.acquire() as conn:
-        await use_pg_times(conn)
-        try:
-            with pytest.raises(Fenced):
-                await loader._fast_transaction(conn, batch, [], [(0, 4, 5)])
-            assert not conn.is_in_transaction()
-            assert await count_ids(db, ids) == {}
-            written = await loader._fast_transaction(conn, batch, [], [(0, 0, 1)])
-        finally:
-            await use_datetimes(conn)
+    async with db.pool.acquire() as conn, pg_times(conn):
+        with pytest.raises(Fenced):
+            await loader._fast_transaction(conn, batch, [], [(0, 4, 5)])
+        assert not conn.is_in_transaction()
+        assert await count_ids(db, ids) == {}
+        written = await loader._fast_transaction(conn, batch, [], [(0, 0, 1)])
     assert len(written.rows) == 3
     assert await count_ids(db, ids) == dict.fromkeys(ids, 1)
     assert {p: s.next_offset for p, s in (await loader.offsets.load([0])).items()} == {0: 1}

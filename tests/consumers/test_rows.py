@@ -25,8 +25,7 @@ from consumers.rows import (
     TableSpec,
     as_datetime,
     pg_time,
-    use_datetimes,
-    use_pg_times,
+    pg_times,
 )
 from ingest.db import Database
 
@@ -252,13 +251,9 @@ def test_a_row_time_is_postgres_microseconds_and_back(at: datetime) -> None:
 async def test_a_pg_time_connection_copies_and_reads_exact_times(db: Database) -> None:
     times = [datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime.now(UTC)]
     async with db.pool.acquire() as conn:
-        await use_pg_times(conn)
-        try:
-            async with conn.transaction():
-                await conn.execute("CREATE TEMP TABLE times (at timestamptz) ON COMMIT DROP")
-                await conn.copy_records_to_table("times", records=[(pg_time(t),) for t in times])
-                read = [r["at"] for r in await conn.fetch("SELECT at FROM times")]
-        finally:
-            await use_datetimes(conn)
+        async with pg_times(conn), conn.transaction():
+            await conn.execute("CREATE TEMP TABLE times (at timestamptz) ON COMMIT DROP")
+            await conn.copy_records_to_table("times", records=[(pg_time(t),) for t in times])
+            read = [r["at"] for r in await conn.fetch("SELECT at FROM times")]
         assert read == [pg_time(t) for t in times]
         assert await conn.fetchval("SELECT $1::timestamptz", times[1]) == times[1]
