@@ -93,12 +93,23 @@ class Batch:
         """Decode ``records`` of ``tp`` into the batch."""
         out = self.records[tp]
         first = len(out)
-        decode = spec.decode
+        decode, decode_copy = spec.decode, spec.decode_copy
         topic, partition = tp.topic, tp.partition
+        times: list[PgTime] = []
         for record in records:
             raw = record.value or b""
             offset = record.offset
             self.size += len(raw)
+            encoded = decode_copy(record.value)
+            if encoded is not None:
+                self.count += encoded.count
+                times += (encoded.earliest, encoded.latest)
+                out.append(
+                    Decoded(
+                        topic, partition, offset, raw, encoded.batched, [], [], None, [], encoded
+                    )
+                )
+                continue
             fast = decode(record.value)
             if fast is not None:
                 rows, contexts, batched = fast
@@ -118,7 +129,7 @@ class Batch:
         self.records_read += len(records)
         # Here, in the reader's time, not as one pass over the batch in the writer's.
         at = spec.time_index
-        times = [row[at] for d in out[first:] for row in d.rows]
+        times += [row[at] for d in out[first:] for row in d.rows]
         if times:
             low, high = min(times), max(times)
             self.earliest = low if self.earliest is None else min(self.earliest, low)
@@ -136,7 +147,7 @@ class Batch:
             tp = next(iter(self.records))
             decoded = self.records[tp]
             while decoded and events > 0:
-                events -= len(decoded.pop().rows) or 1
+                events -= decoded.pop().count or 1
             if events <= 0:
                 return True
             del self.records[tp]
@@ -214,6 +225,7 @@ class Loader(Service):
         self._conn: asyncpg.Connection | None = None
         self._retired: deque[Batch] = deque()  # written batches the reader frees piecemeal
         self._reader_waits: Callable[[], None] | None = None  # lets it read the next batch
+        self._writer_idle = False  # waiting for the reader's next batch
 
     async def start(self) -> None:
         """Join the consumer group and start loading in the background."""
@@ -315,7 +327,12 @@ class Loader(Service):
         ready: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         reader = asyncio.create_task(self._read(ready), name=f"reader-{self.spec.stream}")
         try:
-            while (batch := await ready.get()) is not None:
+            while True:
+                self._writer_idle = True
+                batch = await ready.get()
+                self._writer_idle = False
+                if batch is None:
+                    break
                 # The reader starts the next batch once this one's transaction is
                 # open: its work would otherwise delay that round trip.
                 self._reader_waits = ready.task_done
@@ -349,6 +366,10 @@ class Loader(Service):
         loop = asyncio.get_running_loop()
         max_age = self.settings.batch_max_age_ms / 1000
         max_rows = self.settings.batch_max_rows
+        # With the database idle, a tenth of a batch is worth writing now: the
+        # first batch after start-up or after a lull doesn't keep it waiting
+        # for a whole one (and while it writes, the next fills up).
+        enough_for_idle = max(1, max_rows // 10)
         first_at: float | None = None
         while not self._stopping.is_set():
             wait = max_age if first_at is None else max(0.0, first_at + max_age - loop.time())
@@ -374,6 +395,7 @@ class Loader(Service):
                 first_at = loop.time()
             if first_at is not None and (
                 batch.count >= max_rows
+                or (self._writer_idle and batch.count >= enough_for_idle)
                 or batch.size >= self.settings.batch_max_bytes
                 or loop.time() - first_at >= max_age
             ):
@@ -553,8 +575,8 @@ class Loader(Service):
         self, batch: Batch, written: Written, rejected: list[Rejected], seconds: float
     ) -> None:
         table = self.spec.table
-        self.rows_loaded += len(written.rows)
-        metrics.ROWS_LOADED.labels(table).inc(len(written.rows))
+        self.rows_loaded += written.count
+        metrics.ROWS_LOADED.labels(table).inc(written.count)
         metrics.BATCH_ROWS.labels(table).observe(batch.count)
         metrics.COPY_LATENCY.labels(table).observe(seconds)
         for tp in batch.records:
@@ -587,7 +609,11 @@ class Loader(Service):
         months = (
             {first}
             if first == last
-            else {month_start(as_datetime(row[index])) for d in decoded for row in d.rows}
+            else {
+                month_start(as_datetime(row[index]))
+                for d in decoded
+                for row in d.built(self.spec).rows
+            }
         )
         refused: dict[date, str] = {}
         for month in sorted(months):
@@ -600,7 +626,7 @@ class Loader(Service):
         kept: list[Decoded] = []
         for d in decoded:
             inside = d.emptied()
-            for item in d.pending():
+            for item in d.built(self.spec).pending():
                 reason = refused.get(month_start(as_datetime(item.row[index])))
                 if reason is None:
                     inside.add(item.row, item.index, item.context)

@@ -11,7 +11,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumers.loader import Loader
-from consumers.rows import BEHAVIOR
+from consumers.rows import BEHAVIOR, STOREFRONT, TableSpec
 from ingest.db import Database
 from ingest.partitions import PartitionManager, month_start, partition_name
 from ingest.settings import Settings
@@ -36,36 +36,40 @@ def record(shop: ShopCredentials, **overrides: object) -> dict[str, object]:
     return data
 
 
-async def produce(settings: Settings, values: list[bytes]) -> None:
+async def produce(settings: Settings, values: list[bytes], topic: str | None = None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
     await producer.start()
     try:
         for value in values:
-            await producer.send_and_wait(settings.topic_behavior, value, key=b"k")
+            await producer.send_and_wait(topic or settings.topic_behavior, value, key=b"k")
     finally:
         await producer.stop()
 
 
 @asynccontextmanager
-async def running_loader(settings: Settings, db: Database) -> AsyncIterator[Loader]:
-    async with Loader(settings, BEHAVIOR, db, PartitionManager(db)) as loader:
+async def running_loader(
+    settings: Settings, db: Database, spec: TableSpec = BEHAVIOR
+) -> AsyncIterator[Loader]:
+    async with Loader(settings, spec, db, PartitionManager(db)) as loader:
         yield loader
 
 
-async def count_ids(db: Database, ids: list[str]) -> dict[str, int]:
+async def count_ids(db: Database, ids: list[str], table: str = "behavior_events") -> dict[str, int]:
     rows = await db.pool.fetch(
-        "SELECT event_id::text AS id, count(*) AS n FROM behavior_events "
+        f"SELECT event_id::text AS id, count(*) AS n FROM {table} "
         "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
         ids,
     )
     return {r["id"]: r["n"] for r in rows}
 
 
-async def dead_letters(db: Database, settings: Settings) -> list[dict[str, object]]:
+async def dead_letters(
+    db: Database, settings: Settings, topic: str | None = None
+) -> list[dict[str, object]]:
     rows = await db.pool.fetch(
         "SELECT kafka_offset, reason, error, raw FROM dead_letters WHERE topic = $1 "
         "ORDER BY kafka_offset",
-        settings.topic_behavior,
+        topic or settings.topic_behavior,
     )
     return [dict(r) for r in rows]
 
@@ -165,8 +169,72 @@ async def test_a_record_of_many_events_loads_them_all_and_sets_aside_its_bad_one
     assert bytes(letters[3]["raw"]) == b"[]"
 
 
-async def _dead_count(db: Database, settings: Settings, n: int) -> bool:
-    return len(await dead_letters(db, settings)) >= n
+async def _dead_count(db: Database, settings: Settings, n: int, topic: str | None = None) -> bool:
+    return len(await dead_letters(db, settings, topic)) >= n
+
+
+async def test_storefront_records_go_straight_to_copy_data_and_still_load_once(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """Storefront records are encoded for COPY without rows (consumers.binary_copy); rows
+    are built only where a batch needs them: a value asyncpg must encode, a batch over
+    two months, a careful write (a duplicate, a refused row, a month outside the window)."""
+    from tests.consumers.test_rows import storefront
+
+    topic = settings.topic_storefront
+
+    def event(**fields: object) -> dict[str, object]:
+        return storefront(shop_id=str(shop.shop_id), **fields)
+
+    async def all_present(events: list[dict[str, object]]) -> bool:
+        ids = [str(e["event_id"]) for e in events]
+        return len(await count_ids(db, ids, "events")) == len(ids)
+
+    last_month = datetime.combine(month_start(datetime.now(UTC)), datetime.min.time(), UTC)
+    last_month -= timedelta(hours=12)
+    requests = [[event() for _ in range(5)] for _ in range(3)]
+    requests += [
+        [event(), event(product_id="p" * 5000)],  # 4 KB or more: asyncpg encodes this record
+        [event(ts=last_month.isoformat())],  # the batch spans two months
+    ]
+    # One record of 5 events again (redelivered), a NUL PostgreSQL refuses, a far future.
+    again = requests[0]
+    refused = [event(), event(anon_id="bad\x00text")]
+    far = [event(ts=(datetime.now(UTC) + timedelta(days=3650)).isoformat())]
+    async with running_loader(settings, db, STOREFRONT) as loader:
+        await produce(settings, [orjson.dumps(r) for r in requests], topic)
+        first = [e for r in requests for e in r]
+        await wait_for(lambda: all_present(first))
+        await produce(settings, [orjson.dumps(r) for r in (again, refused, far)], topic)
+        await wait_for(lambda: all_present(refused[:1]))
+        await wait_for(lambda: _dead_count(db, settings, 2, topic))
+    good = [*first, refused[0]]
+    ids = [str(e["event_id"]) for e in good]
+    assert await count_ids(db, ids, "events") == {i: 1 for i in ids}
+    assert loader.rows_loaded == len(good)
+    assert sorted(str(d["reason"]) for d in await dead_letters(db, settings, topic)) == [
+        "outside_window",
+        "rejected_by_postgres",
+    ]
+    long = await db.pool.fetchrow(
+        "SELECT product_id, ts, props FROM events WHERE event_id = $1",
+        uuid.UUID(str(requests[3][1]["event_id"])),
+    )
+    assert long is not None
+    assert long["product_id"] == "p" * 5000
+    assert long["ts"] == datetime.fromisoformat(str(requests[3][1]["ts"]))
+    assert orjson.loads(long["props"]) == requests[3][1]["props"]
+
+
+async def test_with_the_database_idle_a_tenth_of_a_batch_is_written_at_once(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    # Without it, these ten events would wait a minute for their batch to age.
+    patient = settings.model_copy(update={"batch_max_rows": 100, "batch_max_age_ms": 60_000})
+    events = [record(shop, session_id="idle") for _ in range(10)]
+    async with running_loader(patient, db):
+        await produce(patient, [orjson.dumps(events)])
+        await wait_for(lambda: _all_present(db, [str(e["event_id"]) for e in events]), 15)
 
 
 async def test_restart_resumes_from_stored_offsets(

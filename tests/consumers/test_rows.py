@@ -3,6 +3,7 @@
 The fast decoder must give exactly the checked decoder's rows for a record
 it takes, and must refuse (hand to the checked decoder) every record with an
 event the checked decoder refuses, so that each bad event gets its reason.
+The storefront's decoder straight to COPY data takes the same records.
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ def test_the_fast_decoder_never_takes_what_the_checked_one_refuses(
         return  # an integer beyond 64 bits: the collector never writes one
     decoded = spec.decode(raw)
     expected = checked(spec, raw)
+    if spec.fast_copy is not None:  # the same records straight to COPY data (test_binary_copy)
+        encoded = spec.decode_copy(raw)
+        assert (encoded is None) == (decoded is None), event
+        assert encoded is None or decoded is None or encoded.count == len(decoded[0])
     if decoded is None:
         return  # the checked decoder decides, with reasons
     assert expected is not None, f"fast decoder took an event the checked one refuses: {event}"
