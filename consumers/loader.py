@@ -104,11 +104,8 @@ class Batch:
             if encoded is not None:
                 self.count += encoded.count
                 times += (encoded.earliest, encoded.latest)
-                out.append(
-                    Decoded(
-                        topic, partition, offset, raw, encoded.batched, [], [], None, [], encoded
-                    )
-                )
+                batched = encoded.batched
+                out.append(Decoded(topic, partition, offset, raw, batched, [], [], encoded=encoded))
                 continue
             fast = decode(record.value)
             if fast is not None:
@@ -225,7 +222,6 @@ class Loader(Service):
         self._conn: asyncpg.Connection | None = None
         self._retired: deque[Batch] = deque()  # written batches the reader frees piecemeal
         self._reader_waits: Callable[[], None] | None = None  # lets it read the next batch
-        self._writer_idle = False  # waiting for the reader's next batch
 
     async def start(self) -> None:
         """Join the consumer group and start loading in the background."""
@@ -327,12 +323,7 @@ class Loader(Service):
         ready: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         reader = asyncio.create_task(self._read(ready), name=f"reader-{self.spec.stream}")
         try:
-            while True:
-                self._writer_idle = True
-                batch = await ready.get()
-                self._writer_idle = False
-                if batch is None:
-                    break
+            while (batch := await ready.get()) is not None:
                 # The reader starts the next batch once this one's transaction is
                 # open: its work would otherwise delay that round trip.
                 self._reader_waits = ready.task_done
@@ -366,10 +357,6 @@ class Loader(Service):
         loop = asyncio.get_running_loop()
         max_age = self.settings.batch_max_age_ms / 1000
         max_rows = self.settings.batch_max_rows
-        # With the database idle, a tenth of a batch is worth writing now: the
-        # first batch after start-up or after a lull doesn't keep it waiting
-        # for a whole one (and while it writes, the next fills up).
-        enough_for_idle = max(1, max_rows // 10)
         first_at: float | None = None
         while not self._stopping.is_set():
             wait = max_age if first_at is None else max(0.0, first_at + max_age - loop.time())
@@ -395,7 +382,6 @@ class Loader(Service):
                 first_at = loop.time()
             if first_at is not None and (
                 batch.count >= max_rows
-                or (self._writer_idle and batch.count >= enough_for_idle)
                 or batch.size >= self.settings.batch_max_bytes
                 or loop.time() - first_at >= max_age
             ):

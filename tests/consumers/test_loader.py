@@ -226,17 +226,6 @@ async def test_storefront_records_go_straight_to_copy_data_and_still_load_once(
     assert orjson.loads(long["props"]) == requests[3][1]["props"]
 
 
-async def test_with_the_database_idle_a_tenth_of_a_batch_is_written_at_once(
-    settings: Settings, db: Database, shop: ShopCredentials
-) -> None:
-    # Without it, these ten events would wait a minute for their batch to age.
-    patient = settings.model_copy(update={"batch_max_rows": 100, "batch_max_age_ms": 60_000})
-    events = [record(shop, session_id="idle") for _ in range(10)]
-    async with running_loader(patient, db):
-        await produce(patient, [orjson.dumps(events)])
-        await wait_for(lambda: _all_present(db, [str(e["event_id"]) for e in events]), 15)
-
-
 async def test_restart_resumes_from_stored_offsets(
     settings: Settings, db: Database, shop: ShopCredentials
 ) -> None:
