@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumers.loader import Loader
-from consumers.rows import BEHAVIOR
+from consumers.rows import BEHAVIOR, SPECS
 from ingest.db import Database
 from ingest.migrate import migrate
 from ingest.partitions import PartitionManager
@@ -24,23 +24,36 @@ from ingest.settings import Settings
 from ingest.shops import ShopCredentials, ensure_shop
 from tests.conftest import wait_for
 from tests.consumers.test_loader import record
+from tests.consumers.test_rows import storefront
 
 pytestmark = pytest.mark.slow
 
 
-async def produce_many(settings: Settings, shop: ShopCredentials, n: int) -> list[str]:
-    """Produce ``n`` behavior records over many sessions; returns their event ids."""
+# Each stream's table: storefront records take another path through the loader
+# (straight to COPY data, consumers.binary_copy), so the faults are tried on both.
+TABLES = {"behavior": "behavior_events", "storefront": "events"}
+
+
+async def produce_many(
+    settings: Settings, shop: ShopCredentials, n: int, stream: str = "behavior"
+) -> list[str]:
+    """Produce ``n`` records of ``stream`` over many sessions; returns their event ids."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", linger_ms=5)
     await producer.start()
     ids: list[str] = []
     try:
         futures = []
         for i in range(n):
-            data = record(shop, session_id=f"s{i % 97}")
+            session = f"s{i % 97}"
+            data = (
+                record(shop, session_id=session)
+                if stream == "behavior"
+                else storefront(shop_id=str(shop.shop_id), session_id=session)
+            )
             ids.append(str(data["event_id"]))
             futures.append(
                 await producer.send(
-                    settings.topic_behavior, orjson.dumps(data), key=f"s{i % 97}".encode()
+                    settings.topic_for(stream), orjson.dumps(data), key=session.encode()
                 )
             )
         await asyncio.gather(*futures)
@@ -49,10 +62,12 @@ async def produce_many(settings: Settings, shop: ShopCredentials, n: int) -> lis
     return ids
 
 
-async def reconcile(db: Database, ids: list[str]) -> tuple[int, int]:
+async def reconcile(
+    db: Database, ids: list[str], table: str = "behavior_events"
+) -> tuple[int, int]:
     """(missing, duplicated) among ``ids``."""
     rows = await db.pool.fetch(
-        "SELECT event_id::text AS id, count(*) AS n FROM behavior_events "
+        f"SELECT event_id::text AS id, count(*) AS n FROM {table} "
         "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
         ids,
     )
@@ -60,15 +75,17 @@ async def reconcile(db: Database, ids: list[str]) -> tuple[int, int]:
     return len(set(ids) - set(counts)), sum(1 for n in counts.values() if n > 1)
 
 
-async def loaded(db: Database, ids: list[str]) -> int:
+async def loaded(db: Database, ids: list[str], table: str = "behavior_events") -> int:
     return int(
         await db.pool.fetchval(
-            "SELECT count(*) FROM behavior_events WHERE event_id = ANY($1::uuid[])", ids
+            f"SELECT count(*) FROM {table} WHERE event_id = ANY($1::uuid[])", ids
         )
     )
 
 
-def loader_process(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
+def loader_process(
+    settings: Settings, *extra: str, stream: str = "behavior"
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "EVENTPIPE_POSTGRES_DSN": settings.dsn,
@@ -83,34 +100,36 @@ def loader_process(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
         "EVENTPIPE_LOG_LEVEL": "warning",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "ingest.cli", "loader", "--stream", "behavior", *extra], env=env
+        [sys.executable, "-m", "ingest.cli", "loader", "--stream", stream, *extra], env=env
     )
 
 
+@pytest.mark.parametrize("stream", sorted(TABLES))
 async def test_loader_sigkilled_mid_batch_and_restarted(
-    settings: Settings, db: Database, shop: ShopCredentials
+    settings: Settings, db: Database, shop: ShopCredentials, stream: str
 ) -> None:
-    ids = await produce_many(settings, shop, 20_000)
-    proc = loader_process(settings)
+    table = TABLES[stream]
+    ids = await produce_many(settings, shop, 20_000, stream)
+    proc = loader_process(settings, stream=stream)
     try:
-        await wait_for(lambda: _at_least(db, ids, 1500), timeout=60, interval=0.02)
+        await wait_for(lambda: _at_least(db, ids, 1500, table), timeout=60, interval=0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert await loaded(db, ids) < len(ids), "the loader finished before it could be killed"
+        assert await loaded(db, ids, table) < len(ids), "the loader finished before it was killed"
     finally:
         proc.kill()
-    proc = loader_process(settings)
+    proc = loader_process(settings, stream=stream)
     try:
-        await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=90)
+        await wait_for(lambda: _at_least(db, ids, len(ids), table), timeout=90)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0  # SIGTERM drains and exits 0
     finally:
         proc.kill()
-    assert await reconcile(db, ids) == (0, 0)
+    assert await reconcile(db, ids, table) == (0, 0)
 
 
-async def _at_least(db: Database, ids: list[str], n: int) -> bool:
-    return await loaded(db, ids) >= n
+async def _at_least(db: Database, ids: list[str], n: int, table: str = "behavior_events") -> bool:
+    return await loaded(db, ids, table) >= n
 
 
 async def test_two_loaders_one_leaves_and_rejoins(
@@ -137,7 +156,11 @@ async def test_two_loaders_one_leaves_and_rejoins(
     assert await reconcile(db, ids) == (0, 0)
 
 
-async def test_postgres_restarted_during_load(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", sorted(TABLES))
+async def test_postgres_restarted_during_load(
+    settings: Settings, tmp_path: Path, stream: str
+) -> None:
+    table = TABLES[stream]
     pg = EmbeddedPostgres(tmp_path / "pg", settings={"fsync": "off"})
     await pg.start()
     try:
@@ -145,15 +168,15 @@ async def test_postgres_restarted_during_load(settings: Settings, tmp_path: Path
         own = settings.model_copy(update={"postgres_dsn": pg.dsn, "batch_max_rows": 300})
         async with Database(pg.dsn, max_size=4) as db:
             shop = await ensure_shop(db, f"pg-restart-{uuid.uuid4().hex[:6]}.myshopify.com")
-            ids = await produce_many(own, shop, 8000)
-            async with Loader(own, BEHAVIOR, db, PartitionManager(db)):
-                await wait_for(lambda: _at_least(db, ids, 600), timeout=60, interval=0.02)
-                assert await loaded(db, ids) < len(ids)
+            ids = await produce_many(own, shop, 8000, stream)
+            async with Loader(own, SPECS[stream], db, PartitionManager(db)):
+                await wait_for(lambda: _at_least(db, ids, 600, table), timeout=60, interval=0.02)
+                assert await loaded(db, ids, table) < len(ids)
                 await pg.stop()
                 await asyncio.sleep(2)  # the loader sees PostgreSQL gone, pauses and retries
                 await pg.start()  # same port: the pool reconnects
-                await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=90)
-            assert await reconcile(db, ids) == (0, 0)
+                await wait_for(lambda: _at_least(db, ids, len(ids), table), timeout=90)
+            assert await reconcile(db, ids, table) == (0, 0)
     finally:
         await pg.stop()
 
