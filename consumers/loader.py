@@ -181,9 +181,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Waits for the batch in flight to commit, so nothing is half-applied.
         async with self.loader.lock:
-            for tp in revoked:
-                self.loader.positions.pop(tp, None)
-                self.loader._uncommitted.pop(tp, None)
+            self.loader.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.loader.lock:
@@ -276,6 +274,13 @@ class Loader(Service):
         """The running Kafka consumer."""
         assert self._consumer is not None, "Loader not started"
         return self._consumer
+
+    def forget(self, revoked: set[TopicPartition]) -> None:
+        """Stop loading ``revoked`` partitions (their new owner resumes them from
+        PostgreSQL); called with ``lock`` held, so no batch is half-applied."""
+        for tp in revoked:
+            self.positions.pop(tp, None)
+            self._uncommitted.pop(tp, None)
 
     async def position(self, assigned: set[TopicPartition]) -> None:
         """Seek each newly assigned partition to the offset stored in PostgreSQL."""
@@ -413,8 +418,7 @@ class Loader(Service):
                 log.warning("fenced: re-reading offsets", error=str(exc))
                 async with self.lock:
                     owned = set(self.positions)
-                    for tp in owned:
-                        self.positions.pop(tp)
+                    self.forget(owned)
                     await self.position(owned)
                 return
 

@@ -160,6 +160,10 @@ class TableSpec:
     # without sessions (they need the rows).
     fast_copy: Callable[[list[Any], bool], Encoded | None] | None = None
 
+    def __post_init__(self) -> None:
+        if self.fast_copy is not None and self.keeps_sessions:
+            raise ValueError(f"{self.stream}: user_sessions are built from rows, not COPY data")
+
     @cached_property
     def _decoder(self) -> msgspec.json.Decoder[Any]:
         return msgspec.json.Decoder(list[self.event] | self.event)  # type: ignore[name-defined]
