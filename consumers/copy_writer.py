@@ -139,11 +139,11 @@ class Decoded:
 
 @dataclass
 class Written:
-    """What one write did: the rows that became new rows (with their session contexts,
-    when the table keeps sessions), and the events refused."""
+    """What one write did: how many rows became new rows, those rows (with their
+    session contexts, when the table keeps sessions), and the events refused."""
 
     count: int = 0
-    rows: list[Row] = field(default_factory=list)  # when the table keeps sessions
+    rows: list[Row] = field(default_factory=list)  # none when written from COPY data
     contexts: list[object] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
 

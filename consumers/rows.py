@@ -198,7 +198,8 @@ class TableSpec:
         data; None when the record needs ``decode`` (or the checked path).
 
         Takes the records ``decode`` takes (but for values of 4 KB or more),
-        and its data loads as ``decode``'s rows do (``tests/consumers/test_rows.py``).
+        and its data loads as ``decode``'s rows do (``tests/consumers/test_rows.py``,
+        ``test_binary_copy.py``).
         """
         if raw is None or self.fast_copy is None:
             return None
