@@ -183,8 +183,10 @@ async def test_storefront_records_go_straight_to_copy_data_and_still_load_once(
 
     topic = settings.topic_storefront
 
+    now = datetime.now(UTC).isoformat()
+
     def event(**fields: object) -> dict[str, object]:
-        return storefront(shop_id=str(shop.shop_id), **fields)
+        return storefront(**{"shop_id": str(shop.shop_id), "ts": now, "received_at": now, **fields})
 
     async def all_present(events: list[dict[str, object]]) -> bool:
         ids = [str(e["event_id"]) for e in events]

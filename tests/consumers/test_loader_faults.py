@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -41,6 +42,7 @@ async def produce_many(
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", linger_ms=5)
     await producer.start()
     ids: list[str] = []
+    now = datetime.now(UTC).isoformat()
     try:
         futures = []
         for i in range(n):
@@ -48,7 +50,9 @@ async def produce_many(
             data = (
                 record(shop, session_id=session)
                 if stream == "behavior"
-                else storefront(shop_id=str(shop.shop_id), session_id=session)
+                else storefront(
+                    shop_id=str(shop.shop_id), session_id=session, ts=now, received_at=now
+                )
             )
             ids.append(str(data["event_id"]))
             futures.append(
