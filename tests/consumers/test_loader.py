@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumers.loader import Loader
-from consumers.rows import BEHAVIOR, STOREFRONT, TableSpec
+from consumers.rows import BEHAVIOR, SPECS, STOREFRONT, TableSpec
 from ingest.db import Database
 from ingest.partitions import PartitionManager, month_start, partition_name
 from ingest.settings import Settings
@@ -351,3 +352,54 @@ def test_a_written_batch_is_freed_piecemeal() -> None:
     assert left == [20, 14, 8, 3]
     assert not batch.records
     assert not batch.free_some(100)
+
+
+@pytest.mark.parametrize("stream", ["behavior", "storefront"])
+async def test_metrics_count_rows_batches_copies_lag_and_dead_letters(
+    settings: Settings, db: Database, shop: ShopCredentials, stream: str
+) -> None:
+    """What the loader's /metrics serves (prometheus-client's registry), on both paths."""
+    from prometheus_client import REGISTRY
+
+    from tests.consumers.test_rows import storefront
+
+    spec = SPECS[stream]
+    table, topic = spec.table, settings.topic_for(stream)
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def counters() -> list[float]:
+        return [
+            sample("eventpipe_rows_loaded_total", table=table),
+            sample("eventpipe_batch_rows_count", table=table),
+            sample("eventpipe_copy_latency_seconds_count", table=table),
+            sample("eventpipe_dead_letters_total", table=table, reason="decode_error"),
+        ]
+
+    now = datetime.now(UTC).isoformat()
+    events = [
+        record(shop)
+        if stream == "behavior"
+        else storefront(shop_id=str(shop.shop_id), ts=now, received_at=now)
+        for _ in range(12)
+    ]
+    before = counters()
+    await produce(settings, [orjson.dumps(events[:6]), orjson.dumps(events[6:]), b"{"], topic)
+    async with running_loader(settings, db, spec):
+        await wait_for(lambda: _dead_count(db, settings, 1, topic))
+        ids = [str(e["event_id"]) for e in events]
+        assert await count_ids(db, ids, table) == {i: 1 for i in ids}
+    rows, batches, copies, dead = (a - b for a, b in zip(counters(), before, strict=True))
+    assert (rows, dead) == (12, 1)
+    assert batches >= 1
+    assert copies == batches
+    lags = [
+        sample("eventpipe_consumer_lag", topic=topic, partition=str(p))
+        for p in range(settings.topic_partitions)
+        if REGISTRY.get_sample_value(
+            "eventpipe_consumer_lag", {"topic": topic, "partition": str(p)}
+        )
+        is not None
+    ]
+    assert lags == [0.0]  # the one partition keyed records went to, loaded to its end
