@@ -403,3 +403,42 @@ async def test_metrics_count_rows_batches_copies_lag_and_dead_letters(
         is not None
     ]
     assert lags == [0.0]  # the one partition keyed records went to, loaded to its end
+
+
+async def test_a_backlog_is_loaded_in_batches_bounded_by_bytes(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """Memory stays bounded with any backlog: a batch closes at ``batch_max_bytes`` (it may
+    pass it by what one read brings: aiokafka buffers at most 1 MiB a partition)."""
+    from prometheus_client import REGISTRY
+
+    capped = settings.model_copy(update={"batch_max_rows": 100_000, "batch_max_bytes": 256 * 1024})
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"table": "behavior_events", **labels}) or 0.0
+
+    def histogram() -> tuple[float, float]:
+        return sample("eventpipe_batch_rows_count"), sample(
+            "eventpipe_batch_rows_bucket", le="1000.0"
+        )
+
+    events = [record(shop, element_text="x" * 900, session_id=f"s{i % 50}") for i in range(3000)]
+    producer = AIOKafkaProducer(bootstrap_servers=capped.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(
+                capped.topic_behavior, orjson.dumps(e), key=str(e["session_id"]).encode()
+            )
+            for e in events
+        ]
+        for future in sent:
+            await future
+    finally:
+        await producer.stop()
+    (batches, small), ids = histogram(), [str(e["event_id"]) for e in events]
+    async with running_loader(capped, db):
+        await wait_for(lambda: _all_present(db, ids), timeout=60)
+    batches, small = (a - b for a, b in zip(histogram(), (batches, small), strict=True))
+    assert batches >= 3  # 3 MB in batches of about 256 KB
+    assert small == batches  # none over 1 000 rows (about 1 MB), though 100 000 were allowed
