@@ -452,31 +452,42 @@ class Loader(Service):
             self._conn = await self.db.pool.acquire()
             await use_pg_times(self._conn)
         try:
-            written = await self._fast_transaction(self._conn, decoded, rejected, moves)
+            written = await self._transaction(self._conn, decoded, rejected, moves, careful=False)
         except NeedsCare:
             # A duplicate or a refused row: the batch again, row by row where needed.
-            written = await self._transaction(self._conn, decoded, rejected, moves)
+            written = await self._transaction(self._conn, decoded, rejected, moves, careful=True)
         rejected = rejected + written.rejected
         for tp, (_, end) in ranges.items():
             self.positions[tp] = end
         self._observe(batch, written, rejected, time.perf_counter() - started)
         self._commit_to_kafka({tp: end for tp, (_, end) in ranges.items()})
 
-    async def _fast_transaction(
+    async def _transaction(
         self,
         conn: asyncpg.Connection,
         decoded: list[Decoded],
         rejected: list[Rejected],
         moves: list[tuple[int, int, int]],
+        *,
+        careful: bool,
     ) -> Written:
-        """What ``_transaction`` does, on the path almost every batch takes.
+        """One batch's rows, sessions, dead letters and offsets in one transaction.
 
-        One plain COPY, which raises NeedsCare when it meets a duplicate or a
-        row PostgreSQL refuses (the transaction is rolled back), and the
-        offsets moved in the round trip that opens the transaction: three round
-        trips, as a bare COPY in a transaction takes. The transaction is begun
-        by hand: asyncpg's ``transaction()`` sends its BEGIN alone.
+        Not ``careful`` (the path almost every batch takes): one plain COPY,
+        which raises NeedsCare when it meets a duplicate or a row PostgreSQL
+        refuses (the transaction is rolled back), and the offsets moved in the
+        round trip that opens the transaction: three round trips, as a bare
+        COPY in a transaction takes. That transaction is begun by hand:
+        asyncpg's ``transaction()`` sends its BEGIN alone. ``careful``: each
+        refused row isolated and set aside (savepoints).
         """
+        if careful:
+            async with conn.transaction():
+                if self.role:
+                    await conn.execute(self.db.q["set_local_role"], self.role)
+                written = await self._write(conn, decoded, rejected, careful=True)
+                await self.offsets.advance(conn, moves)
+            return written
         opening = ["BEGIN"]
         if self.role:
             opening.append(inline("set_local_role", self.role))
@@ -491,22 +502,6 @@ class Loader(Service):
             if isinstance(exc, asyncpg.PostgresError) and is_fenced(exc):
                 raise Fenced(str(exc)) from exc
             raise
-        return written
-
-    async def _transaction(
-        self,
-        conn: asyncpg.Connection,
-        decoded: list[Decoded],
-        rejected: list[Rejected],
-        moves: list[tuple[int, int, int]],
-    ) -> Written:
-        """One batch's rows, sessions, dead letters and offsets in one transaction,
-        each refused row isolated and set aside (savepoints)."""
-        async with conn.transaction():
-            if self.role:
-                await conn.execute(self.db.q["set_local_role"], self.role)
-            written = await self._write(conn, decoded, rejected, careful=True)
-            await self.offsets.advance(conn, moves)
         return written
 
     async def _write(

@@ -52,10 +52,10 @@ async def test_a_fenced_batch_writes_nothing_and_the_connection_goes_on(
     ids = [str(e["event_id"]) for e in events]
     async with db.pool.acquire() as conn, pg_times(conn):
         with pytest.raises(Fenced):
-            await loader._fast_transaction(conn, batch, [], [(0, 4, 5)])
+            await loader._transaction(conn, batch, [], [(0, 4, 5)], careful=False)
         assert not conn.is_in_transaction()
         assert await count_ids(db, ids) == {}
-        written = await loader._fast_transaction(conn, batch, [], [(0, 0, 1)])
+        written = await loader._transaction(conn, batch, [], [(0, 0, 1)], careful=False)
     assert len(written.rows) == 3
     assert await count_ids(db, ids) == dict.fromkeys(ids, 1)
     assert {p: s.next_offset for p, s in (await loader.offsets.load([0])).items()} == {0: 1}
