@@ -39,7 +39,11 @@ async def serving(
     server, started in order and stopped in reverse: the collector of one process."""
     ttl = settings.write_key_cache_seconds if key_cache_s is None else key_cache_s
     async with contextlib.AsyncExitStack() as stack:
-        producer = await stack.enter_async_context(EventProducer(settings))
+        # The broker may be down right now: the collector serves from the spool
+        # meanwhile, which is what the spool is for (the producer keeps connecting).
+        producer = await stack.enter_async_context(
+            EventProducer(settings, connect_in_background=True)
+        )
         delivery = await stack.enter_async_context(
             Delivery(settings, producer, spool_for(settings) if spool else None)
         )
@@ -81,9 +85,7 @@ async def run_collector_workers(settings: Settings, stop: asyncio.Event) -> int:
         )
         for i in range(settings.collector_workers)
     ]
+    # A worker that keeps exiting is restarted with backoff, never given up on.
     async with Supervisor(children, {**os.environ, **settings.to_env()}) as supervisor:
-        failed = await supervisor.wait(stop)
-    if failed:
-        log.error("collector workers failed", reason=supervisor.failure)
-        return 1
+        await supervisor.wait(stop)
     return 0

@@ -22,6 +22,11 @@ PRODUCE_LATENCY = Histogram(
 )
 SPOOL_BYTES = Gauge("eventpipe_spool_bytes", "Bytes waiting in the collector's local spool")
 SPOOL_RECORDS = Gauge("eventpipe_spool_records", "Records waiting in the collector's local spool")
+BROKER_UP = Gauge(
+    "eventpipe_broker_up",
+    "1 while the collector's producer reaches a Kafka broker, 0 while it doesn't (batches "
+    "then go to the spool); set by the producer's background checks and by /readyz",
+)
 
 # Loaders
 ROWS_LOADED = Counter("eventpipe_rows_loaded_total", "Rows committed to PostgreSQL", ["table"])

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     # while a produce request is in flight; a linger adds its delay to every 2xx.
     kafka_linger_ms: int = Field(default=0, ge=0)
     kafka_request_timeout_ms: int = Field(default=10_000, ge=100)
+    kafka_connect_backoff_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="longest wait between the collector's attempts to reach a broker that is "
+        "down (it starts anyway and spools meanwhile); the waits double from 0.5 s",
+    )
     kafka_session_timeout_ms: int = Field(
         default=10_000,
         ge=1000,
@@ -136,7 +142,10 @@ class Settings(BaseSettings):
     spool_enabled: bool = True
     spool_max_bytes: int = Field(default=1 << 30, ge=0, description="spool size cap")
     spool_high_water: float = Field(
-        default=0.8, gt=0, le=1, description="/readyz fails above this fraction of the cap"
+        default=0.8,
+        gt=0,
+        le=1,
+        description="while the broker is unreachable, /readyz fails above this fraction of the cap",
     )
     collector_workers: int = Field(default=1, ge=1, le=64)
     collector_reuse_port: bool = Field(
