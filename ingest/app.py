@@ -17,6 +17,7 @@ from ingest import beacon, metrics, openapi, records, webhooks
 from ingest.delivery import Delivery, Unavailable
 from ingest.enrich import AssignedTimes, Received, behavior_record, storefront_record
 from ingest.errors import StartupError
+from ingest.headers import is_printable_ascii, printable_ascii, valid_text
 from ingest.models import (
     BATCH_MODELS,
     STREAM_MODELS,
@@ -48,6 +49,9 @@ class Refused(Exception):
     """A request answered with a 4xx (or 503) and a reason; never a crash."""
 
     def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        # A reason may quote a header (a Content-Encoding, say) in any bytes: made valid
+        # UTF-8 here, or encoding the JSON answer would fail and the refusal become a 500.
+        reason = valid_text(reason)
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -133,12 +137,18 @@ def _whole_batch(stream: str, body: bytes, settings: Settings) -> BatchEnvelope 
 
 async def _authenticate(request: web.Request, write_key: str | None) -> Shop:
     key = request.query.get("k") or request.headers.get("X-Write-Key") or write_key
+    # A key that is not printable ASCII (an undecodable header byte arrives as a lone
+    # surrogate) cannot be a write key: a 401 without a database lookup.
+    key = printable_ascii(key)
     shop = await request.app[SHOPS].by_write_key(key) if key else None
     if shop is None:
         raise Refused(
             401, "missing or unknown write key (query k, header X-Write-Key, or body write_key)"
         )
     origin = request.headers.get("Origin")
+    if origin and not is_printable_ascii(origin):
+        # Browsers send an origin's ASCII serialisation (RFC 6454; IDNs in punycode).
+        raise Refused(400, "Origin header is not an origin (printable ASCII)")
     if origin and shop.allowed_origins is not None and origin not in shop.allowed_origins:
         raise Refused(403, f"origin {origin} is not allowed for this write key")
     wait = request.app[LIMITER].take(key or "")
@@ -300,15 +310,20 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
     received_at = datetime.now(UTC)
     body = await read_body(request)
     headers = request.headers
-    domain, topic = headers.get("X-Shopify-Shop-Domain"), headers.get("X-Shopify-Topic")
-    webhook_id = headers.get("X-Shopify-Webhook-Id")
+    # Shopify's headers are ASCII tokens; any other value (in any bytes) counts as absent,
+    # so nothing undecodable is looked up, hashed into the event id or stored.
+    domain = printable_ascii(headers.get("X-Shopify-Shop-Domain"))
+    topic = printable_ascii(headers.get("X-Shopify-Topic"))
+    webhook_id = printable_ascii(headers.get("X-Shopify-Webhook-Id"))
     found = await request.app[SHOPS].by_domain(domain) if domain else None
     if found is None or not webhooks.verify(found[1], body, headers.get("X-Shopify-Hmac-Sha256")):
         metrics.EVENTS_REJECTED.labels("webhook", "unauthorized").inc()
         raise Refused(401, "unknown shop or invalid X-Shopify-Hmac-Sha256")
     shop = found[0]
     if not topic or not webhook_id:
-        raise Refused(400, "X-Shopify-Topic and X-Shopify-Webhook-Id are required")
+        raise Refused(
+            400, "X-Shopify-Topic and X-Shopify-Webhook-Id are required (printable ASCII)"
+        )
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -318,7 +333,11 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
     if has_nul(orjson.dumps(payload)):
         raise Refused(400, "webhook text must not contain NUL (\\u0000)")
     fields = webhooks.storefront_fields(
-        topic[:200], webhook_id[:200], shop.domain, payload, headers.get("X-Shopify-Triggered-At")
+        topic[:200],
+        webhook_id[:200],
+        shop.domain,
+        payload,
+        printable_ascii(headers.get("X-Shopify-Triggered-At")),
     )
     settings = request.app[SETTINGS]
     received = Received.of(request, settings, None, received_at)
@@ -344,13 +363,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: the broker is reachable and the spool is below its high-water mark."""
+    """``GET /readyz``: this process can take a batch now.
+
+    That is: the broker answers, or the spool has room (below its high-water
+    mark). During a broker outage collectors thus stay in the load balancer and
+    answer from their spools, which is what the spools are for; broker health
+    is reported on its own (``eventpipe_broker_up``, which this check updates).
+    """
     delivery = request.app[DELIVERY]
+    if await delivery.producer.ready():
+        return _json({"status": "ready", "broker": "up"})
+    if delivery.spool is None:
+        return _json({"status": "broker unreachable and the spool is disabled"}, 503)
     if not delivery.spool_below_high_water:
-        return _json({"status": "spool above its high-water mark"}, 503)
-    if not await delivery.producer.ready():
-        return _json({"status": "broker unreachable"}, 503)
-    return _json({"status": "ready"})
+        return _json({"status": "broker unreachable and the spool above its high-water mark"}, 503)
+    return _json({"status": "ready", "broker": "down", "spooling": True})
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -397,7 +424,10 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     endpoint = route.canonical if route is not None else "unmatched"
     metrics.HTTP_REQUESTS.labels(endpoint, str(response.status)).inc()
     if request.path.startswith("/v1/"):
-        response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin", "*")
+        # Echo only what can be an origin; never reflect arbitrary bytes into a header.
+        response.headers["Access-Control-Allow-Origin"] = (
+            printable_ascii(request.headers.get("Origin")) or "*"
+        )
         response.headers["Vary"] = "Origin"
     return response
 

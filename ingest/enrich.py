@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ingest.headers import valid_text
 from ingest.models import BehaviorEvent, StorefrontEvent
 from ingest.settings import Settings
 from ingest.shops import Shop
@@ -70,9 +71,14 @@ def _truncated(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 
 def _parse(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(value) if value else None
+        address = ipaddress.ip_address(value) if value else None
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        # A zone id ("fe80::1%eth0", from a header: any text) names an interface of
+        # the sender, no part of the address, and PostgreSQL's inet refuses it.
+        return ipaddress.IPv6Address(address.packed)
+    return address
 
 
 @dataclass(frozen=True)
@@ -93,13 +99,15 @@ class Received:
     ) -> Received:
         """Build from the request; ``sent_at`` is the client's clock when it sent the batch."""
         agent = request.headers.get("User-Agent")
+        # Stored as sent, but as valid UTF-8: an undecodable byte becomes U+FFFD.
+        agent = valid_text(agent) if agent else None
         country = request.headers.get(settings.country_header) if settings.country_header else None
         context: dict[str, str | None] = {
             "user_agent": agent[:1024] if agent else None,
             "device_type": device_type(agent),
             "client_ip": client_ip(request, settings),
             "country_code": country.upper()
-            if country and len(country) == 2 and country.isalpha()
+            if country and len(country) == 2 and country.isascii() and country.isalpha()
             else None,
         }
         skew = timedelta(0)

@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 
 from ingest.db import Database
+from ingest.headers import is_printable_ascii
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,10 @@ class ShopDirectory:
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
 
     async def _cached(self, query: str, key: str) -> asyncpg.Record | None:
-        if len(key) > 255 or "\x00" in key:  # no such key; PostgreSQL text can't hold NUL
+        # Keys and domains are printable ASCII: anything else is no such key, and is never
+        # sent to PostgreSQL (text can't hold NUL; a lone surrogate from an undecodable
+        # header byte can't be encoded at all).
+        if len(key) > 255 or not is_printable_ascii(key):
             return None
         now = time.monotonic()
         hit = self._cache.get((query, key))

@@ -29,8 +29,15 @@ def signature(secret: str, body: bytes) -> str:
 
 
 def verify(secret: str, body: bytes, header: str | None) -> bool:
-    """Constant-time check of the signature header."""
-    return bool(header) and hmac.compare_digest(signature(secret, body), header or "")
+    """Constant-time check of the signature header; False for any header that is not it.
+
+    A signature is base64, so ASCII: anything else (an undecodable byte arrives
+    as a lone surrogate) is wrong, and is refused before ``compare_digest``,
+    which raises on non-ASCII text. Bytes are compared, never text.
+    """
+    if not header or not header.isascii():
+        return False
+    return hmac.compare_digest(signature(secret, body).encode(), header.encode())
 
 
 def event_type(topic: str) -> str:

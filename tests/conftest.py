@@ -141,3 +141,38 @@ async def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def raw_request(
+    base_url: str,
+    method: str,
+    target: str,
+    headers: list[tuple[str, bytes]],
+    body: bytes = b"",
+) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 exchange written as raw bytes over a socket.
+
+    Header values go on the wire exactly as given, in any bytes (HTTP clients
+    refuse or re-encode non-ASCII ones), so tests can send what a hostile or
+    broken client would.
+    """
+    import asyncio
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        head = f"{method} {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode()
+        for name, value in headers:
+            head += name.encode() + b": " + value + b"\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        writer.write(head + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=15)
+    finally:
+        writer.close()
+    if not answer:  # the server closed the connection without an answer
+        return 0, b""
+    status_line, _, rest = answer.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), payload

@@ -10,11 +10,17 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer
 
+from consumers.loader import Loader
+from consumers.rows import BEHAVIOR
 from ingest.collector import serving
+from ingest.db import Database
+from ingest.partitions import PartitionManager
 from ingest.settings import Settings
-from ingest.shops import ShopCredentials
+from ingest.shops import ShopCredentials, ShopDirectory
+from tests.conftest import raw_request, wait_for
 
 
 def beacon(**overrides: object) -> dict[str, object]:
@@ -399,3 +405,91 @@ def test_openapi_lists_exactly_the_routes() -> None:
     }
     documented = {(m, p) for p, ops in document()["paths"].items() for m in ops}
     assert routes == documented
+
+
+# Header values as raw bytes: aiohttp decodes them as UTF-8 with surrogateescape,
+# so an undecodable byte arrives as a lone surrogate, which asyncpg, orjson and
+# hmac.compare_digest all refuse. Each must be a 4xx, never a 500.
+HEADER_BYTES = [
+    ("X-Write-Key", b"\xff\xfe", 401),  # not UTF-8
+    ("X-Write-Key", b"wk_\xc3\xa9", 401),  # UTF-8, not ASCII: cannot be a key
+    ("X-Write-Key", b"\xed\xa0\x80", 401),  # an encoded surrogate (CESU-8)
+    ("Origin", b"https://\xff.example", 400),
+    ("Origin", b"https://\xc3\xa9.example", 400),
+    ("Content-Type", b"\xff/json", 415),
+    ("Content-Type", b"application/json; charset=\xff", 200),
+    ("Content-Encoding", b"\xff", 415),
+    ("Content-Encoding", b"gz\xc3\xadp", 415),
+    ("X-Forwarded-For", b"\xff, 10.0.0.1", 200),  # the peer is no trusted proxy: ignored
+]
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), HEADER_BYTES)
+async def test_header_bytes_get_a_4xx_not_a_500(
+    collector: str, shop: ShopCredentials, name: str, value: bytes, expected: int
+) -> None:
+    body = orjson.dumps([beacon()])
+    # The key goes in the query unless the header under test is the key.
+    target = "/v1/behavior" if name == "X-Write-Key" else f"/v1/behavior?k={shop.write_key}"
+    headers = [(name, value)]
+    if name != "Content-Type":
+        headers.append(("Content-Type", b"text/plain"))
+    status, answer = await raw_request(collector, "POST", target, headers, body)
+    assert status == expected, answer
+    assert orjson.loads(answer)  # a JSON answer, whatever the header held
+
+
+async def test_a_key_that_is_not_printable_ascii_is_never_looked_up(db: Database) -> None:
+    """Lone surrogates never reach asyncpg: no such key or domain, and no error."""
+    shops = ShopDirectory(db, ttl=0)
+    for key in ["\udcff\udcfe", "wk_\u00e9", "\ud800", "wk_\x7f", "wk_\ufffd"]:
+        assert await shops.by_write_key(key) is None
+        assert await shops.by_domain(key) is None
+
+
+async def test_header_facts_are_stored_as_valid_utf8(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """User-Agent, X-Forwarded-For and the country header, in bytes that are not UTF-8,
+    become valid text (or nothing), and the event is a row."""
+    proxied = settings.model_copy(
+        update={
+            "trusted_proxies": ["127.0.0.1/32"],
+            "keep_full_ip": True,
+            "country_header": "CF-IPCountry",
+        }
+    )
+    session = f"hdr-{uuid.uuid4().hex[:8]}"
+    event = beacon(session_id=session, event_id=str(uuid.uuid4()), event_type="page_view")
+    headers = [
+        ("Content-Type", b"text/plain"),
+        ("User-Agent", b"Mozilla/5.0 (iPhone) \xff\xfe caf\xc3\xa9"),
+        ("X-Forwarded-For", b"fe80::1%\xff"),  # an IPv6 zone id is no part of an address
+        ("CF-IPCountry", b"\xc3\xa9\xc3\xa9"),  # letters, but not a country code
+    ]
+    async with serving(proxied, db, key_cache_s=0.5) as (server, _):
+        status, answer = await raw_request(
+            server.url, "POST", f"/v1/behavior?k={shop.write_key}", headers, orjson.dumps([event])
+        )
+    assert status == 200, answer
+    assert orjson.loads(answer) == {"accepted": 1, "rejected": []}
+    [record] = await read_topic(settings, 1)
+    assert record["context"]["user_agent"] == "Mozilla/5.0 (iPhone) \ufffd\ufffd café"
+    assert record["context"]["device_type"] == "mobile"
+    assert record["context"]["client_ip"] == "fe80::1"
+    assert record["context"]["country_code"] is None
+
+    async def loaded() -> bool:
+        return bool(
+            await db.pool.fetchval(
+                "SELECT count(*) FROM user_sessions WHERE session_id = $1", session
+            )
+        )
+
+    async with Loader(settings, BEHAVIOR, db, PartitionManager(db)):
+        await wait_for(loaded)
+    row = await db.pool.fetchrow(
+        "SELECT user_agent, country_code FROM user_sessions WHERE session_id = $1", session
+    )
+    assert row is not None
+    assert tuple(row) == ("Mozilla/5.0 (iPhone) \ufffd\ufffd café", None)

@@ -262,3 +262,60 @@ async def test_embedded_broker_restart_recovers_by_itself(
                 after += [e["event_id"] for e in events]
             await wait_for(lambda: _loaded(db, after), timeout=90)
         assert await reconcile(db, before + after) == (0, 0)
+
+
+async def _metric(http: aiohttp.ClientSession, base: str, name: str) -> float | None:
+    """The value of an unlabelled metric on ``base``'s /metrics, or None when absent."""
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None
+
+
+async def test_collector_started_with_the_broker_down_spools_then_delivers(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """Nothing listens on the bootstrap port when the collector starts: it starts anyway,
+    answers 2xx from its spool, and /readyz is 200 (it can take batches). The broker then
+    comes up on that port: the producer connects, the spool drains, every event is a row."""
+    port = free_port()
+    own = settings.model_copy(
+        update={
+            "kafka_bootstrap": f"127.0.0.1:{port}",
+            "kafka_connect_backoff_max_s": 1.0,
+            "state_dir": tmp_path,
+        }
+    )
+    accepted: list[str] = []
+    async with (
+        serving(own, db, key_cache_s=5) as (server, delivery),
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{server.url}/v1/behavior?k={shop.write_key}"
+        for _ in range(10):
+            events = batch()
+            assert await post(http, url, events) == 200
+            accepted += [e["event_id"] for e in events]
+        assert delivery.spool is not None and delivery.spool.frames == 10
+        async with http.get(f"{server.url}/readyz") as resp:
+            assert resp.status == 200, await resp.text()
+        assert await _metric(http, server.url, "eventpipe_broker_up") == 0
+        async with EmbeddedBroker(tmp_path / "broker", port=port) as broker:
+            await ensure_topics(
+                broker.bootstrap, [own.topic_behavior], partitions=own.topic_partitions
+            )
+            await wait_for(lambda: _spool_empty(delivery), timeout=60)
+            for _ in range(5):  # now straight to Kafka
+                events = batch()
+                assert await post(http, url, events) == 200
+                accepted += [e["event_id"] for e in events]
+            async with http.get(f"{server.url}/readyz") as resp:
+                assert resp.status == 200
+            assert await _metric(http, server.url, "eventpipe_broker_up") == 1
+            loading = own.model_copy(update={"kafka_log_id": broker.log_id})
+            async with Loader(loading, BEHAVIOR, db, PartitionManager(db)):
+                await wait_for(lambda: _loaded(db, accepted), timeout=60)
+    assert len(accepted) == 75
+    assert await reconcile(db, accepted) == (0, 0)

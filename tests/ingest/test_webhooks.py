@@ -6,6 +6,7 @@ import uuid
 
 import aiohttp
 import orjson
+import pytest
 
 from consumers.loader import Loader
 from consumers.rows import STOREFRONT
@@ -14,7 +15,7 @@ from ingest.partitions import PartitionManager
 from ingest.settings import Settings
 from ingest.shops import ShopCredentials
 from ingest.webhooks import event_type, signature, verify
-from tests.conftest import wait_for
+from tests.conftest import raw_request, wait_for
 
 ORDER = {
     "id": 820982911946154508,
@@ -43,6 +44,9 @@ def test_signature_and_mapping() -> None:
     assert not verify("s3cret", body + b" ", good)
     assert not verify("other", body, good)
     assert not verify("s3cret", body, None)
+    # hmac.compare_digest raises on non-ASCII str: such a header is just wrong.
+    for bad in ["\udcff\udcfe", "é" + good[1:], good[:-1] + "\ud800", ""]:
+        assert not verify("s3cret", body, bad)
     assert event_type("orders/create") == "purchase"
     assert event_type("checkouts/create") == "begin_checkout"
     assert event_type("carts/update") == "cart_update"
@@ -107,3 +111,31 @@ async def _offsets_at(db: Database, settings: Settings, n: int) -> bool:
         "SELECT sum(next_offset) FROM loader_offsets WHERE topic = $1", settings.topic_storefront
     )
     return bool(total == n)
+
+
+# (header, raw value, expected status), each sent with an otherwise good, signed webhook.
+WEBHOOK_HEADER_BYTES = [
+    ("X-Shopify-Hmac-Sha256", b"\xff\xfe", 401),
+    ("X-Shopify-Hmac-Sha256", b"\xc3\xa9", 401),  # UTF-8, but not base64
+    ("X-Shopify-Shop-Domain", b"\xff.myshopify.com", 401),
+    ("X-Shopify-Shop-Domain", b"b\xc3\xbccher.myshopify.com", 401),
+    ("X-Shopify-Topic", b"orders/\xff", 400),
+    ("X-Shopify-Topic", b"orders/cr\xc3\xa9ate", 400),
+    ("X-Shopify-Webhook-Id", b"\xff\xfe", 400),
+    ("X-Shopify-Webhook-Id", b"\xed\xa0\x80", 400),
+    ("X-Shopify-Triggered-At", b"2026-11-20T\xff", 200),  # unreadable: the payload's time
+    ("Content-Type", b"application/\xff", 415),
+    ("Content-Encoding", b"\xff", 415),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), WEBHOOK_HEADER_BYTES)
+async def test_webhook_header_bytes_get_a_4xx_not_a_500(
+    collector: str, shop: ShopCredentials, name: str, value: bytes, expected: int
+) -> None:
+    body = orjson.dumps(ORDER)
+    good = headers(shop, body, "orders/create", str(uuid.uuid4()))
+    sent = [(k, v.encode()) for k, v in good.items() if k != name] + [(name, value)]
+    status, answer = await raw_request(collector, "POST", "/v1/webhooks/shopify", sent, body)
+    assert status == expected, answer
+    assert orjson.loads(answer)
