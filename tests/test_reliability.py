@@ -275,3 +275,102 @@ def test_loader_decoding_never_crashes(raw: bytes, stream: str) -> None:
             continue
         assert len(row) == len(spec.columns)
         assert isinstance(row[spec.time_index][0], int)  # a PgTime
+
+
+def _month_start(at: datetime) -> datetime:
+    return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+async def _post_retry(
+    http: aiohttp.ClientSession, url: str, stream: str, event: dict[str, object], sent_at: object
+) -> None:
+    body: dict[str, object] = {"events": [event]}
+    if sent_at is not None:
+        body["sent_at"] = sent_at.isoformat() if isinstance(sent_at, datetime) else sent_at
+    async with http.post(f"{url}/v1/{stream}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["accepted"] == 1
+
+
+async def test_a_retry_is_one_row_whatever_the_time_correction_does(
+    collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """Same event id and client time, any sent_at: one row, across every way the time moves.
+
+    Each case sends one event twice, the second attempt with another
+    ``sent_at`` (or later), so that the collector stores it at another time:
+    the skew correction rounding to another minute, the future clamp taking
+    another receive time, a correction moving it into the month before, a
+    first attempt stored as sent and a retry corrected, and the reverse.
+    """
+    now = datetime.now(UTC)
+    # a client time just after this month began (or the previous one, so that
+    # the time is in the past), for a correction that crosses into the month before
+    start = _month_start(now)
+    if now - start < timedelta(minutes=20):
+        start = _month_start(start - timedelta(days=1))
+    month_edge = start + timedelta(seconds=30)
+    future = now + timedelta(minutes=20)
+    cases: dict[str, tuple[datetime, object, object]] = {
+        # client time, first sent_at, retry's sent_at
+        "minute": (
+            now - timedelta(hours=2),
+            now - timedelta(hours=2),
+            now - timedelta(hours=2, seconds=40),
+        ),
+        "clamp": (future, None, None),
+        "clamp_then_corrected": (future, None, future),
+        "month": (month_edge, None, datetime.now(UTC) + timedelta(minutes=10)),
+        "corrected_then_not": (now - timedelta(minutes=30), now - timedelta(minutes=30), None),
+    }
+    url = f"{collector}"
+    sent: dict[str, str] = {}
+    async with aiohttp.ClientSession(headers={"X-Write-Key": shop.write_key}) as http:
+        for stream, time_field in (("behavior", "timestamp"), ("storefront", "ts")):
+            for name, (client_time, first, retry) in cases.items():
+                event_id = str(uuid.uuid4())
+                sent[f"{stream}:{name}"] = event_id
+                event: dict[str, object] = {
+                    "event_id": event_id,
+                    "event_type": "click" if stream == "behavior" else "page_view",
+                    "session_id": f"retry-{name}",
+                    time_field: client_time.isoformat(),
+                }
+                if stream == "behavior":
+                    event["page_url"] = "https://x/"
+                else:
+                    event["anon_id"] = "a"
+                await _post_retry(http, url, stream, event, first)
+                await asyncio.sleep(1.1)  # the retry is received later
+                await _post_retry(http, url, stream, event, retry)
+    async with (
+        Loader(settings, BEHAVIOR, db, PartitionManager(db)),
+        Loader(settings, SPECS["storefront"], db, PartitionManager(db)),
+    ):
+        behavior = [v for k, v in sent.items() if k.startswith("behavior:")]
+        storefront = [v for k, v in sent.items() if k.startswith("storefront:")]
+
+        async def loaded() -> bool:
+            b = await db.pool.fetchval(
+                "SELECT count(DISTINCT event_id) FROM behavior_events "
+                "WHERE event_id = ANY($1::uuid[])",
+                behavior,
+            )
+            s = await db.pool.fetchval(
+                "SELECT count(DISTINCT event_id) FROM events WHERE event_id = ANY($1::uuid[])",
+                storefront,
+            )
+            return bool(b == len(behavior) and s == len(storefront))
+
+        await wait_for(loaded, timeout=60)
+        await asyncio.sleep(1.0)  # any second row would be loaded by now too
+    rows = {
+        str(r["event_id"]): r["n"]
+        for r in await db.pool.fetch(
+            "SELECT event_id, count(*) AS n FROM behavior_events WHERE event_id = ANY($1::uuid[]) "
+            "GROUP BY 1 UNION ALL "
+            "SELECT event_id, count(*) FROM events WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
+            list(sent.values()),
+        )
+    }
+    assert {k: rows.get(v) for k, v in sent.items()} == dict.fromkeys(sent, 1)
