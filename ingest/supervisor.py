@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,28 +28,50 @@ class Child:
     argv: Sequence[str]
     env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
     proc: subprocess.Popen[bytes] | None = None
-    restarts: list[float] = field(default_factory=list)
+    restarts: int = 0  # how many times it was restarted
+    delays: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # the latest waits
+    delay: float = 0.0  # the wait before its next restart (0: the supervisor's first)
+    started_at: float = 0.0  # time.monotonic() of its latest start
+    restart_at: float | None = None  # set while it is down, waiting for its restart
 
 
 class Supervisor(Service):
     """Starts children, restarts one that exits, and stops them all (SIGTERM, then SIGKILL).
 
-    A child that dies five times within a minute is given up on, and ``failed``
-    is set so ``up`` can stop with a clear message instead of looping.
+    A child that exits is restarted after a delay that doubles from
+    ``restart_delay_s`` up to ``max_restart_delay_s`` while it keeps exiting,
+    and starts over once it has stayed up ``stable_after_s``. It is never
+    given up on, and the others never stopped for it: a flapping loader (a
+    PostgreSQL restart, a broker outage) must not take the collector, and
+    the spool it fills, down with it. ``failed`` is kept for callers and is
+    never set any more.
     """
 
     def __init__(
-        self, children: list[Child], env: dict[str, str], stop_timeout: float = 6.0
+        self,
+        children: list[Child],
+        env: dict[str, str],
+        stop_timeout: float = 6.0,
+        *,
+        restart_delay_s: float = 1.0,
+        max_restart_delay_s: float = 30.0,
+        stable_after_s: float = 60.0,
+        poll_s: float = 0.2,
     ) -> None:
         self.children = children
         self.env = env
         self.stop_timeout = stop_timeout
+        self.restart_delay_s = restart_delay_s
+        self.max_restart_delay_s = max(max_restart_delay_s, restart_delay_s)
+        self.stable_after_s = stable_after_s
+        self.poll_s = poll_s
         self.failed = asyncio.Event()
         self.failure = ""
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
     def _spawn(self, child: Child) -> None:
+        child.started_at = time.monotonic()
         child.proc = subprocess.Popen(
             list(child.argv),
             stdin=subprocess.DEVNULL,
@@ -60,31 +84,54 @@ class Supervisor(Service):
     async def start(self) -> None:
         """Start every child and the watcher."""
         for child in self.children:
+            child.delay = self.restart_delay_s
             self._spawn(child)
         self._watch = asyncio.create_task(self._watcher())
 
     async def _watcher(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(self.poll_s)
             for child in self.children:
-                if self._stopping or child.proc is None or child.proc.poll() is None:
-                    continue
-                now = loop.time()
-                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-                log.warning("process exited", process=child.name, code=child.proc.returncode)
-                if len(child.restarts) >= 5:
-                    self.failure = (
-                        f"the {child.name} process keeps exiting (code {child.proc.returncode})"
-                    )
-                    self.failed.set()
+                if self._stopping:
                     return
-                await asyncio.sleep(min(2 ** len(child.restarts) * 0.25, 5))
-                if not self._stopping:
-                    self._spawn(child)
+                try:
+                    self._tend(child, time.monotonic())
+                except Exception as exc:  # the watcher must outlive any one child's trouble
+                    log.error("supervising failed", process=child.name, error=str(exc))
+
+    def _tend(self, child: Child, now: float) -> None:
+        """Notice an exit and schedule the restart, or do a restart that is due."""
+        if child.restart_at is not None:
+            if now < child.restart_at:
+                return
+            child.restart_at = None
+            try:
+                self._spawn(child)
+            except OSError as exc:  # e.g. the executable is gone: try again, later
+                self._schedule(child, now, f"cannot start: {exc}")
+            return
+        if child.proc is None or child.proc.poll() is None:
+            return
+        self._schedule(child, now, f"exited with code {child.proc.returncode}")
+
+    def _schedule(self, child: Child, now: float, why: str) -> None:
+        if now - child.started_at >= self.stable_after_s:
+            child.delay = self.restart_delay_s  # it was up a while: not flapping
+        delay = child.delay
+        child.delay = min(delay * 2, self.max_restart_delay_s)
+        child.restart_at = now + delay
+        child.restarts += 1
+        child.delays.append(delay)
+        log.warning(
+            "process down; restarting",
+            process=child.name,
+            reason=why,
+            restart_in=delay,
+            restarts=child.restarts,
+        )
 
     async def wait(self, stop: asyncio.Event) -> bool:
-        """Wait until ``stop`` is set or a child is given up on; True in the second case."""
+        """Wait until ``stop`` is set; returns ``failed`` (never set: nothing is given up on)."""
         failed = asyncio.create_task(self.failed.wait())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)

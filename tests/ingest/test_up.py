@@ -1,4 +1,5 @@
-"""``eventpipe up`` as a user runs it: a subprocess, a curl-like beacon, Ctrl-C, and again."""
+"""``eventpipe up`` as a user runs it: a subprocess, a curl-like beacon, Ctrl-C, and again;
+and its supervisor, which backs off a flapping child instead of giving up."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import psutil
 import pytest
 
 from ingest.processes import free_port
+from ingest.supervisor import Child, Supervisor
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -168,3 +171,45 @@ def test_broker_binary_that_will_not_start(tmp_path: Path) -> None:
     )
     assert code == 3
     assert_one_clear_line(stderr, "broker", "EVENTPIPE_KAFKA_BOOTSTRAP")
+
+
+async def _restarted(child: Child, times: int) -> bool:
+    return len(child.delays) >= times and child.proc is not None
+
+
+async def test_supervisor_backs_off_a_flapping_child_and_keeps_the_others() -> None:
+    """A child that exits at once is restarted again and again with growing, capped delays;
+    the supervisor never gives up on it, and the other child keeps running untouched."""
+    flapping = Child("flapping", [sys.executable, "-c", "import sys; sys.exit(1)"])
+    steady = Child("steady", [sys.executable, "-c", "import time; time.sleep(120)"])
+    supervisor = Supervisor(
+        [flapping, steady],
+        dict(os.environ),
+        restart_delay_s=0.05,
+        max_restart_delay_s=0.4,
+        stable_after_s=30,
+        poll_s=0.02,
+    )
+    started = time.monotonic()
+    async with supervisor:
+        assert steady.proc is not None
+        steady_pid = steady.proc.pid
+        await wait_for(lambda: _restarted(flapping, 7), timeout=30)
+        took = time.monotonic() - started
+        assert not supervisor.failed.is_set()
+        assert steady.proc.pid == steady_pid and steady.proc.poll() is None
+    assert list(flapping.delays)[:7] == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4, 0.4]
+    assert took >= sum([0.05, 0.1, 0.2, 0.4, 0.4, 0.4])  # the delays were really waited
+    assert steady.proc.poll() is not None  # stopped with the supervisor
+
+
+async def test_supervisor_resets_the_delay_of_a_child_that_stayed_up() -> None:
+    """A child that ran longer than ``stable_after_s`` before exiting restarts after the
+    first delay again, not a grown one."""
+    child = Child("tired", [sys.executable, "-c", "import time; time.sleep(0.3)"])
+    supervisor = Supervisor(
+        [child], dict(os.environ), restart_delay_s=0.05, stable_after_s=0.2, poll_s=0.02
+    )
+    async with supervisor:
+        await wait_for(lambda: _restarted(child, 3), timeout=30)
+    assert list(child.delays)[:3] == [0.05, 0.05, 0.05]
