@@ -5,6 +5,12 @@ one row per line (the text format escapes newlines inside values), so a file
 can be checked without a database: its line count is the row count and its
 sha256 is taken over the uncompressed bytes. Everything here is synchronous
 file work; the partition manager runs it in a thread.
+
+Durability: the partition is dropped once its archive is written, so the
+archive must survive a power loss that follows the DROP's commit. Every file
+is fsynced before it is renamed into place, and its directory after (a rename
+lives in the directory, not in the file), and a directory created for an
+archive is fsynced into its parent.
 """
 
 from __future__ import annotations
@@ -39,10 +45,8 @@ class Manifest:
     format: str = FORMAT
 
     def save(self, path: Path) -> None:
-        """Write the manifest atomically."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)
+        """Write the manifest atomically and durably (fsynced, and its directory)."""
+        write_durably(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -55,6 +59,47 @@ class Manifest:
                 f"cannot read archive manifest {path}: {exc}",
                 hint="pass the .manifest.json written by `partitions maintain` in archive mode",
             ) from exc
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the entries of ``directory`` (files created or renamed in it) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_directories(directory: Path) -> None:
+    """``mkdir -p`` whose new directories survive a power loss: each is fsynced into its
+    parent (and itself, once its first entry is written, by the caller)."""
+    missing: list[Path] = []
+    at = directory
+    while not at.is_dir():
+        missing.append(at)
+        if at.parent == at:
+            break
+        at = at.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):  # outermost first
+        fsync_directory(created.parent)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename the fsynced file ``tmp`` to ``path`` and fsync the directory, so that after
+    a crash ``path`` is either the old file or the whole new one, and stays there."""
+    tmp.replace(path)
+    fsync_directory(path.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: tmp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_durably(tmp, path)
 
 
 def paths(directory: Path, partition: str) -> tuple[Path, Path]:
@@ -81,7 +126,7 @@ class ArchiveWriter:
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directories(path.parent)
         self.path = path
         self._tmp = path.with_name(path.name + ".tmp")
         self._file = gzip.GzipFile(self._tmp, "wb", compresslevel=6)
@@ -95,11 +140,11 @@ class ArchiveWriter:
         self._file.write(data)
 
     def close(self) -> tuple[int, str]:
-        """Flush to disk and move into place; returns (rows, sha256)."""
+        """Flush to disk and move into place, durably; returns (rows, sha256)."""
         self._file.close()
         with open(self._tmp, "rb") as f:
             os.fsync(f.fileno())
-        self._tmp.replace(self.path)
+        replace_durably(self._tmp, self.path)
         return self.rows, self._sha.hexdigest()
 
     def abort(self) -> None:

@@ -881,6 +881,9 @@ class PartitionManager:
                 )
             await asyncio.to_thread(archive.verify, manifest, data)
             await asyncio.to_thread(manifest.save, manifest_file)
+            # The data file, the manifest and their directory entries are fsynced by now
+            # (ArchiveWriter.close, Manifest.save): a power loss after this DROP commits
+            # cannot take the archive with it.
             await conn.execute(f"DROP TABLE {ident(name)}")
         log.info(
             "partition archived", table=policy.table, partition=name, rows=rows, file=str(data)

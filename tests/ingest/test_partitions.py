@@ -260,6 +260,64 @@ async def test_archive_verify_drop_and_restore(fresh: Database, tmp_path: Path) 
         await manager.restore(manifest_file)
 
 
+async def test_archive_is_fsynced_before_the_drop(
+    fresh: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power loss after DROP TABLE commits must not lose the month: the archive file, its
+    manifest, their directory (and the new directory's own entry) are on disk first."""
+    import os
+
+    import asyncpg
+
+    events: list[tuple[str, str, int]] = []  # (what, path or statement, inode)
+    real_fsync = os.fsync
+    real_execute = asyncpg.Connection.execute
+
+    def fsync(fd: int) -> None:
+        # The path the fd has at fsync time (a temporary name, for a file renamed later)
+        # and its inode, which the final file keeps.
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    async def execute(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> str:
+        if query.startswith("DROP TABLE"):
+            events.append(("drop", query, 0))
+        return await real_execute(self, query, *args, **kw)
+
+    manager = PartitionManager(fresh)
+    await _old_months(fresh, manager, rows_per_month=2)
+    location = tmp_path / "archive"  # does not exist yet: created by the archive
+    await _set_mode(fresh, "archive", location)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+    report = await manager.maintain(NOW)
+    monkeypatch.undo()
+    archived = [a.partition for a in report.actions if a.kind == "archive"]
+    assert len(archived) == 5
+    directory = location / "behavior_events"
+    drops = [i for i, e in enumerate(events) if e[0] == "drop"]
+    assert len(drops) == 5
+    for name, drop in zip(archived, drops, strict=True):
+        assert name in events[drop][1]
+        before = events[:drop]
+        data = directory / f"{name}.copy.gz"
+        manifest = directory / f"{name}.manifest.json"
+        synced_inodes = {ino for what, _, ino in before if what == "fsync"}
+        synced_paths = {path for what, path, _ in before if what == "fsync"}
+        assert data.stat().st_ino in synced_inodes, f"{data} not fsynced before its DROP"
+        assert manifest.stat().st_ino in synced_inodes, f"{manifest} not fsynced before DROP"
+        # The renames into place, and the new directory's entry, are durable too.
+        assert str(directory) in synced_paths, "archive directory not fsynced before DROP"
+        assert str(location) in synced_paths, "parent of the new directory not fsynced"
+        # The directory is fsynced after both renames (the last fsync of it follows
+        # the fsync of the manifest's inode).
+        last_dir = max(i for i, e in enumerate(before) if e[:2] == ("fsync", str(directory)))
+        manifest_sync = max(
+            i for i, e in enumerate(before) if e[0] == "fsync" and e[2] == manifest.stat().st_ino
+        )
+        assert last_dir > manifest_sync
+
+
 async def test_restore_refuses_a_corrupt_archive(fresh: Database, tmp_path: Path) -> None:
     manager = PartitionManager(fresh)
     await _old_months(fresh, manager, rows_per_month=2)
