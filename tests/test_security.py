@@ -131,6 +131,66 @@ async def test_analyst_sees_only_its_shop(db: Database, login_user: UserFactory)
         await conn.close()
 
 
+async def _two_shops_rows(db: Database, table: str) -> dict[uuid.UUID, set[str]]:
+    """Two rows of each of two new shops in ``table``: {shop id: the rows' keys}."""
+    now = datetime.now(UTC)
+    rows: dict[uuid.UUID, set[str]] = {}
+    for _ in range(2):
+        shop = (await ensure_shop(db, f"rls-{uuid.uuid4().hex[:8]}.myshopify.com")).shop_id
+        keys = rows.setdefault(shop, set())
+        for n in range(2):
+            if table == "behavior_events":
+                keys.add(str(await _insert_event(db.pool, shop, now)))
+            elif table == "events":
+                event_id = uuid.uuid4()
+                await db.pool.execute(
+                    "INSERT INTO events (event_id, shop_id, anon_id, session_id, event_type, ts, "
+                    "received_at) VALUES ($1, $2, 'a', 's', 'page_view', $3, $3)",
+                    event_id,
+                    shop,
+                    now,
+                )
+                keys.add(str(event_id))
+            elif table == "user_sessions":
+                await db.pool.execute(
+                    "INSERT INTO user_sessions (shop_id, session_id, landing_page, first_seen_at, "
+                    "last_seen_at) VALUES ($1, $2, 'https://x/', $3, $3)",
+                    shop,
+                    f"s{n}-{shop}",
+                    now,
+                )
+                keys.add(f"s{n}-{shop}")
+        if table == "shops":
+            keys.add(str(shop))
+    return rows
+
+
+_ANALYST_READS = {  # table -> the query of its keys an analyst runs
+    "behavior_events": "SELECT event_id::text FROM behavior_events WHERE shop_id = ANY($1)",
+    "events": "SELECT event_id::text FROM events WHERE shop_id = ANY($1)",
+    "user_sessions": "SELECT session_id FROM user_sessions WHERE shop_id = ANY($1)",
+    "shops": "SELECT id::text FROM shops WHERE id = ANY($1)",
+}
+
+
+@pytest.mark.parametrize("table", sorted(_ANALYST_READS))
+async def test_analyst_reads_only_its_shops_rows_of_every_table(
+    db: Database, login_user: UserFactory, table: str
+) -> None:
+    """Two shops' rows in each table an analyst may read; the analyst of A sees A's only."""
+    await PartitionManager(db).ensure_months("behavior_events", {month_start(datetime.now(UTC))})
+    await PartitionManager(db).ensure_months("events", {month_start(datetime.now(UTC))})
+    rows = await _two_shops_rows(db, table)
+    shop_a, shop_b = rows
+    conn = await asyncpg.connect(await login_user("eventpipe_analyst"))
+    try:
+        await conn.execute("SELECT set_config('app.current_shop', $1, false)", str(shop_a))
+        seen = {r[0] for r in await conn.fetch(_ANALYST_READS[table], [shop_a, shop_b])}
+        assert seen == rows[shop_a]
+    finally:
+        await conn.close()
+
+
 async def test_ingest_role_inserts_but_cannot_read_update_or_delete(
     db: Database, login_user: UserFactory
 ) -> None:
