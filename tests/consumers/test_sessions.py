@@ -41,12 +41,17 @@ async def test_sessions_from_behavior_events(
         # A later batch: an event earlier than all (clock skew) and the exit page.
         await produce(settings, [event(-1, "/ad"), event(5, "/thanks"), first[2]])
         await wait_for(lambda: _session(db, shop, session, pages=4))
+        # A third batch, in the middle of the session: neither end moves.
+        await produce(settings, [event(3, "/cart")])
+        await wait_for(lambda: _session(db, shop, session, pages=5))
     row = await db.pool.fetchrow(
         "SELECT * FROM user_sessions WHERE shop_id = $1 AND session_id = $2", shop.shop_id, session
     )
     assert row is not None
     assert (row["landing_page"], row["exit_page"]) == ("/ad", "/thanks")
-    assert row["page_count"] == 4  # /ad, /landing, /product, /thanks; duplicates not counted
+    assert row["page_count"] == 5  # /ad, /landing, /product, /cart, /thanks; no duplicates
+    assert row["first_seen_at"] == start - timedelta(minutes=1)
+    assert row["last_seen_at"] == start + timedelta(minutes=5)
     assert row["duration_seconds"] == 6 * 60
     assert (row["device_type"], row["country_code"]) == ("mobile", "DE")
     assert row["user_agent"] == "Mozilla/5.0 (iPhone)"
