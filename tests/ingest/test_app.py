@@ -493,3 +493,37 @@ async def test_header_facts_are_stored_as_valid_utf8(
     )
     assert row is not None
     assert tuple(row) == ("Mozilla/5.0 (iPhone) \ufffd\ufffd café", None)
+
+
+async def test_a_gzip_bomb_is_never_inflated_beyond_the_limit(settings: Settings) -> None:
+    """read_body on a 100 MB bomb: 413, and memory peaks at a few times the limit, not 100 MB."""
+    import tracemalloc
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from ingest.app import SETTINGS, Refused, read_body
+
+    bomb = gzip.compress(b"[" + b" " * 100_000_000 + b"]", compresslevel=9)
+    app = web.Application()
+    app[SETTINGS] = settings
+    request = make_mocked_request(
+        "POST",
+        "/v1/behavior",
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        app=app,
+    )
+
+    async def read() -> bytes:
+        return bomb
+
+    request.read = read  # type: ignore[method-assign]
+    tracemalloc.start()
+    try:
+        with pytest.raises(Refused) as refused:
+            await read_body(request)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 413
+    assert peak < 3 * settings.max_decompressed_bytes
