@@ -181,7 +181,9 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     rejected: list[dict[str, Any]] = []
     valid = _valid_events(stream, envelope, settings.max_event_bytes, rejected)
     received = Received.of(request, settings, envelope.sent_at, received_at)
-    messages, accepted = _records(stream, valid, shop, received, request.app[TIMES], rejected)
+    messages, accepted = _records(
+        stream, valid, shop, received, request.app[TIMES], rejected, settings.max_record_bytes
+    )
     if messages:
         try:
             await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)
@@ -191,7 +193,9 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
                 503, "event broker unavailable, retry later", {"Retry-After": "5"}
             ) from exc
         metrics.EVENTS_ACCEPTED.labels(stream).inc(accepted)
-    status = 400 if rejected and not accepted else 200
+    status = 200 if accepted or not rejected else 400
+    if not accepted and any(r["reason"].startswith(_RECORD_TOO_LARGE) for r in rejected):
+        status = 413  # nothing taken, and an event too large for Kafka among the refused
     return _json({"accepted": accepted, "rejected": rejected}, status)
 
 
@@ -218,6 +222,7 @@ def _records(
     received: Received,
     times: AssignedTimes,
     rejected: list[dict[str, Any]],
+    max_record_bytes: int,
 ) -> tuple[list[tuple[bytes, bytes]], int]:
     """(Kafka records, events accepted): the events enriched, one record per session.
 
@@ -240,37 +245,53 @@ def _records(
         sessions.setdefault(event.session_id, []).append((index, record))
     messages: list[tuple[bytes, bytes]] = []
     for session, items in sessions.items():
-        messages += _encode(f"{shop.id}:{session}".encode(), items, stream, late)
+        messages += _encode(f"{shop.id}:{session}".encode(), items, stream, late, max_record_bytes)
     if late:
         rejected += late
         rejected.sort(key=lambda r: int(r["index"]))
     return messages, len(valid) - len(late)
 
 
+_RECORD_TOO_LARGE = "event larger than max_record_bytes"
+
+
 def _encode(
-    key: bytes, items: list[tuple[int, dict[str, Any]]], stream: str, rejected: list[dict[str, Any]]
+    key: bytes,
+    items: list[tuple[int, dict[str, Any]]],
+    stream: str,
+    rejected: list[dict[str, Any]],
+    max_record_bytes: int,
 ) -> list[tuple[bytes, bytes]]:
     """The Kafka records of one session's records: usually one JSON array in one call.
 
-    An event that cannot be encoded (an integer beyond 64 bits, say) is added
-    to ``rejected`` and the others still go. A group too large for one record
-    is cut into several by ``records.pack``.
+    An event that cannot be encoded (an integer beyond 64 bits, say), or whose
+    record alone would pass ``max_record_bytes`` (the broker would refuse it
+    for good), is added to ``rejected`` and the others still go. A group too
+    large for one record is cut into several by ``records.pack``.
     """
+    limit = min(records.RECORD_BYTES, max_record_bytes - len(key))
     try:
         value = orjson.dumps([record for _, record in items])
     except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError):
         value = b""
-    if value and len(value) <= records.RECORD_BYTES:
+    if value and len(value) <= limit:
         return [(key, value)]
     encoded: list[bytes] = []
     for index, record in items:
         try:
-            encoded.append(orjson.dumps(record))
+            event = orjson.dumps(record)
         except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
             reason = f"event cannot be encoded: {exc}"
             rejected.append({"index": index, "reason": reason})
             metrics.EVENTS_REJECTED.labels(stream, "unencodable").inc()
-    return records.pack(key, encoded)
+            continue
+        if len(key) + len(event) + 2 > max_record_bytes:  # +2: the array's brackets
+            reason = f"{_RECORD_TOO_LARGE}={max_record_bytes} once enriched"
+            rejected.append({"index": index, "reason": reason})
+            metrics.EVENTS_REJECTED.labels(stream, "too_large").inc()
+            continue
+        encoded.append(event)
+    return records.pack(key, encoded, limit)
 
 
 class _EventRejected(Exception):
@@ -349,6 +370,17 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
         raise Refused(400, f"webhook cannot be stored: {_reason(exc)}") from exc
     except (orjson.JSONEncodeError, TypeError, ValueError) as exc:
         raise Refused(400, f"webhook cannot be encoded: {exc}") from exc
+    size = sum(len(key) + len(value) for key, value in messages)
+    if size > settings.max_record_bytes:
+        # Refused, not trimmed: Shopify retries a non-2xx for 48 hours, so raising
+        # the limit within that window recovers the whole order; a 2xx for a record
+        # the broker must refuse would strand it (and everything spooled behind it).
+        metrics.EVENTS_REJECTED.labels("webhook", "too_large").inc()
+        raise Refused(
+            413,
+            f"webhook larger than max_record_bytes={settings.max_record_bytes} once stored "
+            f"as one Kafka record ({size} bytes)",
+        )
     try:
         await request.app[DELIVERY].deliver("webhook", settings.topic_storefront, messages)
     except Unavailable as exc:

@@ -17,7 +17,7 @@ from rich.text import Text
 from consumers import dead_letters_cli
 from consumers.loader import run_loader_processes, run_loaders
 from consumers.rows import SPECS
-from ingest import bench_cli, keys_cli, logs, partitions_cli
+from ingest import bench_cli, keys_cli, logs, partitions_cli, spool_cli
 from ingest.collector import run_collector, run_collector_workers
 from ingest.errors import EventpipeError
 from ingest.migrate import migrate
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     partitions_cli.add_parser(sub, common)
     dead_letters_cli.add_parser(sub, common)
     keys_cli.add_parser(sub, common)
+    spool_cli.add_parser(sub, common)
     bench_cli.add_parser(sub, common)
     return parser
 

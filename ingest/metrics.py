@@ -22,6 +22,28 @@ PRODUCE_LATENCY = Histogram(
 )
 SPOOL_BYTES = Gauge("eventpipe_spool_bytes", "Bytes waiting in the collector's local spool")
 SPOOL_RECORDS = Gauge("eventpipe_spool_records", "Records waiting in the collector's local spool")
+SPOOL_DIR_BYTES = Gauge(
+    "eventpipe_spool_dir_bytes",
+    "Bytes waiting in one spool directory this process drains (its own or an adopted one)",
+    ["spool"],
+)
+SPOOL_DIR_FRAMES = Gauge(
+    "eventpipe_spool_dir_frames",
+    "Batches waiting in one spool directory this process drains",
+    ["spool"],
+)
+SPOOL_QUARANTINE_REASONS = ("too_large", "unauthorized", "unknown_topic", "corrupt")
+SPOOL_QUARANTINED = Counter(
+    "eventpipe_spool_quarantined_total",
+    "Spooled batches the broker refused for good, set aside in <state>/spool/quarantine",
+    ["reason"],
+)
+for _reason in SPOOL_QUARANTINE_REASONS:  # at 0 from the start, so rate() and alerts see them
+    SPOOL_QUARANTINED.labels(_reason)
+SPOOL_DRAIN_ERRORS = Counter(
+    "eventpipe_spool_drain_errors_total",
+    "Unexpected errors of the spool drainer (it logs each and restarts with backoff)",
+)
 BROKER_UP = Gauge(
     "eventpipe_broker_up",
     "1 while the collector's producer reaches a Kafka broker, 0 while it doesn't (batches "
@@ -47,6 +69,28 @@ CONSUMER_LAG = Gauge(
 )
 DEAD_LETTERS = Counter(
     "eventpipe_dead_letters_total", "Records set aside in dead_letters", ["table", "reason"]
+)
+PARTITIONS_UNPOSITIONED = Gauge(
+    "eventpipe_partitions_unpositioned",
+    "Kafka partitions assigned to a loader but not positioned at their stored offsets yet "
+    "(nothing of them loads until they are)",
+    ["topic"],
+)
+ASSIGNMENT_FAILURES = Counter(
+    "eventpipe_assignment_failures_total",
+    "Attempts to position assigned Kafka partitions that failed (retried with backoff)",
+    ["topic"],
+)
+LOADER_REJOINS = Counter(
+    "eventpipe_loader_rejoins_total",
+    "Times a loader left its consumer group and joined again, its partitions unpositioned "
+    "for longer than loader_assignment_timeout_s",
+    ["topic"],
+)
+BROKER_CONNECT_FAILURES = Counter(
+    "eventpipe_loader_broker_connect_failures_total",
+    "Loader attempts to reach the Kafka broker at start that failed (retried with backoff)",
+    ["topic"],
 )
 
 # Partition manager (set by `eventpipe partitions status` and by `up`'s timer)

@@ -12,7 +12,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.admin import ApiVersionRequest
 
-from ingest import metrics
+from ingest import metrics, records
 from ingest.errors import StartupError
 from ingest.service import Service
 from ingest.settings import Settings
@@ -61,6 +61,7 @@ class EventProducer(Service):
             if self.settings.kafka_compression == "none"
             else self.settings.kafka_compression,
             max_batch_size=256 * 1024,
+            max_request_size=records.max_request_size(self.settings.max_record_bytes),
             request_timeout_ms=self.settings.kafka_request_timeout_ms,
         )
 

@@ -13,15 +13,40 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 RECORD_BYTES = 256 * 1024
+# What a record costs beyond its key and value in a Kafka record batch (the
+# batch header, the record's varints, attributes and headers), generously.
+RECORD_OVERHEAD = 1024
 
 
-def pack(key: bytes, events: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
-    """``(key, value)`` records holding the JSON-encoded ``events`` in order."""
+def max_request_size(max_record_bytes: int) -> int:
+    """The producer's ``max_request_size`` for records up to ``max_record_bytes``.
+
+    aiokafka checks each record's estimated batch size against it, so every
+    record the collector let through is sendable, and no larger one is.
+    """
+    return max_record_bytes + RECORD_OVERHEAD
+
+
+def topic_max_message_bytes(max_record_bytes: int) -> int:
+    """A topic's ``max.message.bytes`` for records up to ``max_record_bytes``.
+
+    The broker checks a record batch as it arrives, compressed: a quarter more
+    than the record leaves room for a compressor's worst case on bytes that
+    don't compress (snappy's bound is n + n/6) and for the batch's overhead.
+    """
+    return max_record_bytes + max_record_bytes // 4 + RECORD_OVERHEAD
+
+
+def pack(
+    key: bytes, events: Iterable[bytes], limit: int = RECORD_BYTES
+) -> list[tuple[bytes, bytes]]:
+    """``(key, value)`` records holding the JSON-encoded ``events`` in order, each value
+    cut before it passes ``limit`` bytes (an event larger than that is a record alone)."""
     records: list[tuple[bytes, bytes]] = []
     chunk: list[bytes] = []
     size = 0
     for event in events:
-        if chunk and size + len(event) > RECORD_BYTES:
+        if chunk and size + len(event) > limit:
             records.append((key, b"[" + b",".join(chunk) + b"]"))
             chunk, size = [], 0
         chunk.append(event)

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     )
     max_events_per_batch: int = Field(default=500, ge=1)
     max_event_bytes: int = Field(default=32_768, ge=256, description="largest single event")
+    max_record_bytes: int = Field(
+        default=1_048_576,
+        ge=16 * 1024,
+        description="largest Kafka record (key and value) the collector produces; the "
+        "producer's max_request_size and the topics' max.message.bytes derive from it, and "
+        "an event or webhook over it is refused with 413",
+    )
     write_key_cache_seconds: float = Field(default=10.0, ge=0)
     rate_limit_per_s: float = Field(
         default=200.0, ge=0, description="requests per second per write key; 0: no limit"
@@ -159,6 +166,12 @@ class Settings(BaseSettings):
         default=9108, ge=0, le=65535, description="loader's /metrics port; 0: none"
     )
     consumer_group: str = "eventpipe-loader"
+    loader_assignment_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="how long a loader retries positioning partitions it was assigned (their "
+        "offsets are in PostgreSQL) before it leaves the consumer group and joins again",
+    )
     loader_role: str = Field(
         default="eventpipe_ingest",
         pattern=r"^([a-z_][a-z0-9_]{0,62})?$",

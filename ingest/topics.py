@@ -48,17 +48,28 @@ async def cluster_id(bootstrap: str) -> str:
 
 
 async def ensure_topics(
-    bootstrap: str, topics: list[str], *, partitions: int, replication: int = 1
+    bootstrap: str,
+    topics: list[str],
+    *,
+    partitions: int,
+    replication: int = 1,
+    max_message_bytes: int | None = None,
 ) -> None:
-    """Create each missing topic; existing ones are left as they are."""
+    """Create each missing topic; existing ones are left as they are.
+
+    ``max_message_bytes`` sets the topics' ``max.message.bytes`` (see
+    ``records.topic_max_message_bytes``) so the broker takes every record the
+    collector lets through; an existing topic keeps its own (deploy/README.md).
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
         await admin.start()
+        configs = {} if max_message_bytes is None else {"max.message.bytes": str(max_message_bytes)}
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
             response = await admin.create_topics(
-                [NewTopic(t, partitions, replication) for t in missing]
+                [NewTopic(t, partitions, replication, topic_configs=configs) for t in missing]
             )
             for topic, code, message in response.topic_errors:
                 if code not in (0, _TOPIC_ALREADY_EXISTS):

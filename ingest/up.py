@@ -22,6 +22,7 @@ import aiohttp
 import structlog
 from rich.console import Console
 
+from ingest import records
 from ingest.broker_process import EmbeddedBroker
 from ingest.db import Database
 from ingest.errors import MaintenanceLocked, StartupError
@@ -114,6 +115,7 @@ async def _keep_broker(broker: EmbeddedBroker, settings: Settings) -> None:
                 broker.bootstrap,
                 [settings.topic_behavior, settings.topic_storefront],
                 partitions=settings.topic_partitions,
+                max_message_bytes=records.topic_max_message_bytes(settings.max_record_bytes),
             )
         except Exception as exc:  # try again on the next tick
             log.error("broker restart failed", error=str(exc))
@@ -163,6 +165,7 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
                 [settings.topic_behavior, settings.topic_storefront],
                 partitions=settings.topic_partitions,
                 replication=settings.topic_replication,
+                max_message_bytes=records.topic_max_message_bytes(settings.max_record_bytes),
             )
             db = await stack.enter_async_context(Database(dsn, max_size=2))
             shop = await ensure_shop(db, DEMO_SHOP)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from consumers.loader import Loader
@@ -264,6 +265,67 @@ async def test_embedded_broker_restart_recovers_by_itself(
         assert await reconcile(db, before + after) == (0, 0)
 
 
+def _large_order(target_bytes: int) -> bytes:
+    """An ``orders/create`` payload of a little over ``target_bytes`` of JSON."""
+    items: list[dict[str, Any]] = []
+    size = 0
+    while size <= target_bytes:
+        item = {"id": len(items), "title": "x" * 400, "quantity": 1, "price": "1.00"}
+        items.append(item)
+        size += len(orjson.dumps(item)) + 1
+    return orjson.dumps({"id": 42, "total_price": "99.00", "currency": "EUR", "line_items": items})
+
+
+async def test_a_large_webhook_then_1000_beacons(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """A webhook too big for one Kafka record is refused (413 naming the limit), never
+    spooled; the 1,000 beacons behind it are all rows within 10 s."""
+    import gzip
+
+    from ingest.webhooks import signature
+
+    own = settings.model_copy(update={"state_dir": tmp_path, "rate_limit_per_s": 0.0})
+    body = _large_order(1_100_000)
+    assert len(body) > 1_100_000
+    compressed = gzip.compress(body)
+    assert len(compressed) < own.max_body_bytes
+    accepted: list[str] = []
+    async with (
+        serving(own, db, key_cache_s=5) as (server, delivery),
+        aiohttp.ClientSession() as http,
+        Loader(own, BEHAVIOR, db, PartitionManager(db)),
+    ):
+        async with http.post(
+            f"{server.url}/v1/webhooks/shopify",
+            data=compressed,
+            headers={
+                "Content-Type": "application/json",
+                "Content-Encoding": "gzip",
+                "X-Shopify-Hmac-Sha256": signature(shop.webhook_secret, body),
+                "X-Shopify-Shop-Domain": shop.domain,
+                "X-Shopify-Topic": "orders/create",
+                "X-Shopify-Webhook-Id": str(uuid.uuid4()),
+            },
+        ) as resp:
+            assert resp.status == 413, await resp.text()
+            assert "max_record_bytes" in (await resp.json())["error"]
+        url = f"{server.url}/v1/behavior?k={shop.write_key}"
+        queue = [batch(1) for _ in range(1000)]
+
+        async def client() -> None:
+            while queue:
+                events = queue.pop()
+                assert await post(http, url, events) == 200
+                accepted.extend(e["event_id"] for e in events)
+
+        await asyncio.gather(*(client() for _ in range(8)))
+        assert len(accepted) == 1000
+        await wait_for(lambda: _loaded(db, accepted), timeout=10)
+        assert delivery.spool is not None and delivery.spool.empty
+    assert await reconcile(db, accepted) == (0, 0)
+
+
 async def _metric(http: aiohttp.ClientSession, base: str, name: str) -> float | None:
     """The value of an unlabelled metric on ``base``'s /metrics, or None when absent."""
     async with http.get(f"{base}/metrics") as resp:
@@ -319,3 +381,57 @@ async def test_collector_started_with_the_broker_down_spools_then_delivers(
                 await wait_for(lambda: _loaded(db, accepted), timeout=60)
     assert len(accepted) == 75
     assert await reconcile(db, accepted) == (0, 0)
+
+
+async def test_an_orphan_spool_is_drained_by_worker_0(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """``--workers 4`` became ``--workers 1``: what worker 3 spooled (2xx'd) still lands."""
+    from aiokafka import AIOKafkaConsumer
+
+    from ingest.spool import Spool
+
+    # Real collector records, captured from a topic of their own, become worker 3's spool.
+    capture = settings.model_copy(
+        update={"state_dir": tmp_path / "capture", "topic_behavior": f"capture.{uuid.uuid4().hex}"}
+    )
+    await ensure_topics(capture.bootstrap, [capture.topic_behavior], partitions=1)
+    accepted: list[str] = []
+    async with (
+        serving(capture, db, key_cache_s=5, spool=False) as (server, _),
+        aiohttp.ClientSession() as http,
+    ):
+        for _ in range(10):
+            events = batch()
+            assert await post(http, f"{server.url}/v1/behavior?k={shop.write_key}", events) == 200
+            accepted += [e["event_id"] for e in events]
+    consumer = AIOKafkaConsumer(
+        capture.topic_behavior, bootstrap_servers=capture.bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    captured: list[tuple[bytes, bytes]] = []
+    try:
+        async with asyncio.timeout(30):
+            while sum(len(orjson.loads(v)) for _, v in captured) < len(accepted):
+                for recs in (await consumer.getmany(timeout_ms=500)).values():
+                    captured += [(r.key or b"", r.value or b"") for r in recs]
+    finally:
+        await consumer.stop()
+    own = settings.model_copy(update={"state_dir": tmp_path, "collector_worker_index": 0})
+    orphan = Spool(tmp_path / "spool" / "w3", own.spool_max_bytes)
+    orphan.open()
+    for record in captured:
+        orphan.append(own.topic_behavior, [record])
+    orphan.close()
+    async with (
+        serving(own, db, key_cache_s=5) as (_, delivery),
+        Loader(own, BEHAVIOR, db, PartitionManager(db)),
+    ):
+        await wait_for(lambda: _loaded(db, accepted), timeout=60)
+        await wait_for(lambda: _no_adopted(delivery), timeout=30)
+    assert not list((tmp_path / "spool").glob("**/*.seg"))
+    assert await reconcile(db, accepted) == (0, 0)
+
+
+async def _no_adopted(delivery: Delivery) -> bool:
+    return not delivery.adopted
