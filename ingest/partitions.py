@@ -512,6 +512,13 @@ class PartitionManager:
                 policy.mode,
                 policy.archive_location,
             )
+        except asyncpg.CheckViolationError as exc:
+            if exc.constraint_name == "partition_policies_retention_positive":
+                raise PartitionError(
+                    f"retention {retention!r} is not positive",
+                    hint="give an interval such as '90 days', or 'none' to keep forever",
+                ) from exc
+            raise PartitionError(f"policy refused: {exc}") from exc
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise PartitionError(f"policy refused: {exc}") from exc
         self._policies.pop(policy.table, None)

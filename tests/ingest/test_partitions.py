@@ -57,6 +57,15 @@ def test_window() -> None:
     assert policy.window(now) == (date(2026, 8, 1), date(2027, 2, 1))
 
 
+def test_the_current_month_is_never_expired() -> None:
+    """The guard alone: even a policy whose cutoff lies ahead keeps the month being written."""
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    ahead = Policy("events", "ts", 3, timedelta(days=-40), "drop", None)
+    assert ahead.cutoff(now) is not None and ahead.cutoff(now) > now  # type: ignore[operator]
+    assert not ahead.expired(date(2026, 11, 1), now)
+    assert ahead.expired(date(2026, 10, 1), now)  # an earlier month does expire
+
+
 async def _bounds(db: Database, table: str) -> dict[str, str]:
     rows = await db.pool.fetch(
         "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS b FROM pg_inherits i "
@@ -547,3 +556,13 @@ async def _cli(fresh: Database, capsys: pytest.CaptureFixture[str]) -> None:
         == 0
     )
     assert json.loads(capsys.readouterr().out)[0]["retention"] == "30 days"
+    for bad in ("0 days", "-1 month"):  # would retire the month being written: refused
+        args = ["partitions", "policy", "behavior_events", "--retention", bad]
+        assert await run([*args, *common]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert any("is not positive" in line for line in err), err
+    with pytest.raises(Exception, match="partition_policies_retention_positive"):
+        await fresh.pool.execute(
+            "UPDATE partition_policies SET retention = INTERVAL '-1 day' "
+            "WHERE table_name = 'behavior_events'"
+        )
