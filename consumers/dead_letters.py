@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import asyncpg
 
 from consumers.copy_writer import Rejected
@@ -9,13 +11,33 @@ from ingest.db import QUERIES, Database
 from ingest.producer import EventProducer
 
 
-async def record(conn: asyncpg.Connection, group: str, rejected: list[Rejected]) -> None:
-    """Insert ``rejected`` into ``dead_letters`` in the caller's transaction."""
+async def record(
+    conn: asyncpg.Connection,
+    group: str,
+    rejected: list[Rejected],
+    log_ids: Mapping[int, str],
+) -> None:
+    """Insert ``rejected`` into ``dead_letters`` in the caller's transaction.
+
+    ``log_ids`` names the broker log each Kafka partition was read from: a letter is
+    unique by its log, topic, partition, offset and place in the record, so one read
+    again from the same log is kept once, and one at an offset a new log reuses is kept.
+    """
     if rejected:
         await conn.executemany(
             QUERIES["insert_dead_letter"],
             [
-                (group, r.topic, r.partition, r.offset, r.index, r.raw, r.reason, r.error[:2000])
+                (
+                    group,
+                    log_ids.get(r.partition, ""),
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    r.index,
+                    r.raw,
+                    r.reason,
+                    r.error[:2000],
+                )
                 for r in rejected
             ],
         )

@@ -5,6 +5,12 @@ partitions are committed in one PostgreSQL transaction; a partition resumes
 from the offsets stored there. Offsets are advanced with a fence (only from
 the position this loader read at assignment), so a loader that lost a
 partition in a rebalance can never apply a batch a second time.
+
+A partition is loaded only once it is positioned at its stored offset. When
+that fails at assignment (PostgreSQL away, a broker leader change), the
+partition is paused, so nothing of it is read, and positioning is retried with
+backoff; past ``loader_assignment_timeout_s`` the loader leaves the group and
+joins again. A loader started without a reachable broker keeps trying too.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from consumers.rows import (
 from ingest import metrics
 from ingest.app import HttpServer, metrics_app
 from ingest.db import Database, inline
-from ingest.errors import OutsideRetentionWindow, StartupError
+from ingest.errors import OutsideRetentionWindow
 from ingest.partitions import PartitionManager, month_start
 from ingest.runtime import tune_gc
 from ingest.service import Service
@@ -73,6 +79,14 @@ _READ_SLICE = 500  # events (about) per getmany: aiokafka parses its records in 
 _DECODE_SLICE = 100  # events (about) decoded between two yields to the event loop
 _FETCH_BYTES = 1024 * 1024  # prefetched per Kafka partition
 _KAFKA_COMMIT_EVERY_S = 1.0  # offsets told to Kafka (for lag tools) at most this often
+_RETRY_FIRST_S = 0.2  # first pause before positioning again / reaching the broker again
+_RETRY_MAX_S = 10.0  # the backoff's cap
+_LAG_EVERY_S = 1.0  # lag of unpositioned partitions (asked of the broker) at most this often
+_WATCH_TICK_S = 0.1
+
+
+def _jitter(delay: float) -> float:
+    return delay * random.uniform(0.5, 1.5)
 
 
 @dataclass
@@ -83,14 +97,26 @@ class Batch:
     count: int = 0  # events
     size: int = 0  # bytes
     records_read: int = 0
+    # The loader's seek epoch of each partition when its records were read: records
+    # read before a seek are stale (the consumer reads them again from the seek).
+    epochs: dict[TopicPartition, int] = field(default_factory=dict)
     # The earliest and latest event times of the rows (PgTime), for the partitions' months.
     earliest: PgTime | None = None
     latest: PgTime | None = None
 
     def add(
-        self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]], spec: TableSpec
+        self,
+        tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+        spec: TableSpec,
+        epoch: int = 0,
     ) -> None:
-        """Decode ``records`` of ``tp`` into the batch."""
+        """Decode ``records`` of ``tp``, read in seek ``epoch``, into the batch."""
+        if self.epochs.setdefault(tp, epoch) != epoch:
+            # ``tp`` was positioned again since its first records here were read:
+            # those are stale, and read again from the new position.
+            self.records[tp] = []
+            self.epochs[tp] = epoch
         out = self.records[tp]
         first = len(out)
         decode, decode_copy = spec.decode, spec.decode_copy
@@ -184,8 +210,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             self.loader.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # Never raises: aiokafka would only log it, and the partitions would stay
+        # assigned, fetched and (unpositioned) never loaded. ``assigned`` pauses
+        # what it cannot position yet and the loader retries it.
         async with self.loader.lock:
-            await self.loader.position(assigned)
+            await self.loader.assigned(assigned)
 
 
 class Loader(Service):
@@ -204,6 +233,18 @@ class Loader(Service):
         self.writer = CopyWriter(spec)
         self.lock = asyncio.Lock()
         self.positions: dict[TopicPartition, int] = {}
+        # The identity of the broker log each partition was positioned in (dead letters
+        # are unique within a log: a replaced log reuses offsets).
+        self.log_ids: dict[int, str] = {}
+        # Assigned, not positioned yet (paused); retried from ``_keep_positioned``.
+        self._unpositioned: set[TopicPartition] = set()
+        self._unpositioned_since: float | None = None
+        self._retry_at = 0.0
+        self._retry_delay = _RETRY_FIRST_S
+        self._epochs: dict[TopicPartition, int] = defaultdict(int)  # seeks per partition
+        self._connect_error = ""
+        self._watch: asyncio.Task[None] | None = None
+        self._stopped = False
         self.rows_loaded = 0
         # Events per Kafka record, as last seen; it starts at a beacon's usual 20 so
         # that a first read of a backlog doesn't make a batch 20 times too big.
@@ -222,9 +263,19 @@ class Loader(Service):
         self._reader_waits: Callable[[], None] | None = None  # lets it read the next batch
 
     async def start(self) -> None:
-        """Join the consumer group and start loading in the background."""
+        """Join the consumer group and start loading in the background.
+
+        Without a reachable broker it returns all the same: the background task
+        keeps trying, with backoff, and loads once the broker answers.
+        """
         self.role = await self.db.role_for(self.settings.loader_role, copies=True)
-        self._consumer = AIOKafkaConsumer(
+        connected = await self._connect()
+        self._task = asyncio.create_task(self._main(connected), name=f"loader-{self.spec.stream}")
+        log.info("loader started", stream=self.spec.stream, topic=self.topic, group=self.group)
+
+    async def _connect(self) -> bool:
+        """One attempt at reaching the broker and joining the group; False when it failed."""
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
             group_id=self.group,
             enable_auto_commit=False,
@@ -236,20 +287,63 @@ class Loader(Service):
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(self.settings.kafka_session_timeout_ms // 6, 100),
         )
-        self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+        consumer.subscribe([self.topic], listener=_Rebalance(self))
+        # Set before it starts: the group may assign partitions (the listener uses
+        # it) before start() returns.
+        self._consumer = consumer
         try:
-            await self._consumer.start()
-        except KafkaError as exc:
-            raise StartupError(
-                f"loader cannot reach Kafka at {self.settings.bootstrap}: {exc}",
+            await consumer.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self._consumer = None
+            metrics.BROKER_CONNECT_FAILURES.labels(self.topic).inc()
+            self._connect_error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            return False
+        _fetch_drained_partitions_at_once(consumer)
+        return True
+
+    async def _main(self, connected: bool) -> None:
+        """Reach the broker (retrying with backoff), then load until stopped."""
+        delay, attempt = _RETRY_FIRST_S, 1
+        while not connected:
+            wait = _jitter(delay)
+            log.warning(
+                "loader cannot reach Kafka yet, retrying",
+                bootstrap=self.settings.bootstrap,
+                attempt=attempt,
+                error=self._connect_error,
+                retry_in=round(wait, 2),
                 hint="check EVENTPIPE_KAFKA_BOOTSTRAP",
-            ) from exc
-        _fetch_drained_partitions_at_once(self._consumer)
-        self._task = asyncio.create_task(self._run(), name=f"loader-{self.spec.stream}")
-        log.info("loader started", stream=self.spec.stream, topic=self.topic, group=self.group)
+            )
+            if await self._pause(wait):
+                return  # stopped before the broker came
+            attempt += 1
+            delay = min(delay * 2, _RETRY_MAX_S)
+            connected = await self._connect()
+            if connected:
+                log.info("loader reached Kafka", bootstrap=self.settings.bootstrap, attempt=attempt)
+        self._watch = asyncio.create_task(self._keep_positioned())
+        try:
+            await self._run()
+        finally:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds`` or until stopped; True when stopped."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         """Finish and commit the batch in flight, then leave the group."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -281,9 +375,112 @@ class Loader(Service):
         for tp in revoked:
             self.positions.pop(tp, None)
             self._uncommitted.pop(tp, None)
+            self._unpositioned.discard(tp)
+            # Its new owner reports its lag; a stale figure here would count twice.
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+        if not self._unpositioned:
+            self._unpositioned_since = None
+        metrics.PARTITIONS_UNPOSITIONED.labels(self.topic).set(len(self._unpositioned))
+
+    async def assigned(self, tps: set[TopicPartition]) -> None:
+        """Position ``tps`` (newly assigned, or to be positioned again) at their stored
+        offsets; called with ``lock`` held. Never raises: those that cannot be positioned
+        yet are paused, so nothing of them is read, and retried with backoff."""
+        if not tps:
+            return
+        for tp in tps:
+            self.positions.pop(tp, None)
+        self._unpositioned |= tps
+        held = tps & self.consumer.assignment()
+        if held:
+            self.consumer.pause(*held)
+        if self._unpositioned_since is None:
+            self._unpositioned_since = asyncio.get_running_loop().time()
+            self._retry_delay = _RETRY_FIRST_S
+        await self._try_position()
+
+    async def _try_position(self) -> None:
+        """One attempt at positioning the unpositioned partitions still assigned (lock held)."""
+        self._unpositioned &= self.consumer.assignment()  # a revoked one isn't ours to position
+        if self._unpositioned:
+            try:
+                await self.position(set(self._unpositioned))
+            except Exception as exc:  # whatever it is, the partitions must not be stranded
+                metrics.ASSIGNMENT_FAILURES.labels(self.topic).inc()
+                wait = _jitter(self._retry_delay)
+                self._retry_at = asyncio.get_running_loop().time() + wait
+                self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
+                log.warning(
+                    "cannot position assigned partitions yet; their records wait in Kafka",
+                    topic=self.topic,
+                    partitions=sorted(tp.partition for tp in self._unpositioned),
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in=round(wait, 2),
+                )
+        if not self._unpositioned:
+            self._unpositioned_since = None
+        metrics.PARTITIONS_UNPOSITIONED.labels(self.topic).set(len(self._unpositioned))
+
+    async def _keep_positioned(self) -> None:
+        """Retry positioning what could not be, report its lag, and rejoin the group when
+        it takes longer than ``loader_assignment_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        lag_at = 0.0
+        while not self._stopping.is_set():
+            if self._unpositioned and loop.time() >= self._retry_at:
+                async with self.lock:
+                    await self._try_position()
+                since = self._unpositioned_since
+                if (
+                    self._unpositioned
+                    and since is not None
+                    and loop.time() - since > self.settings.loader_assignment_timeout_s
+                ):
+                    await self._rejoin(loop.time() - since)
+            if self._unpositioned and loop.time() >= lag_at:
+                lag_at = loop.time() + _LAG_EVERY_S
+                await self._report_unpositioned_lag()
+            await self._pause(_WATCH_TICK_S)
+
+    async def _rejoin(self, waited: float) -> None:
+        """Leave the consumer group and join it again: a new assignment, positioned anew."""
+        metrics.LOADER_REJOINS.labels(self.topic).inc()
+        log.error(
+            "assigned partitions unpositioned too long: leaving the consumer group to join again",
+            topic=self.topic,
+            partitions=sorted(tp.partition for tp in self._unpositioned),
+            waited_s=round(waited, 1),
+        )
+        async with self.lock:
+            self.forget(set(self.positions) | self._unpositioned)
+            self.consumer.unsubscribe()
+            self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+
+    async def _report_unpositioned_lag(self) -> None:
+        """Lag of the unpositioned partitions: the log's end against the offset last
+        committed to Kafka (PostgreSQL, where the true one is, may be what is away)."""
+        tps = sorted(self._unpositioned & self.consumer.assignment(), key=lambda tp: tp.partition)
+        if not tps:
+            return
+        try:
+            end = await self.consumer.end_offsets(tps)
+            begin = await self.consumer.beginning_offsets(tps)
+            for tp in tps:
+                committed = await self.consumer.committed(tp)
+                start = begin[tp] if committed is None else committed
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(end[tp] - start, 0)
+                )
+        except Exception as exc:  # the broker away too: the last figures stay
+            log.debug("cannot tell the lag of unpositioned partitions", error=str(exc))
 
     async def position(self, assigned: set[TopicPartition]) -> None:
-        """Seek each newly assigned partition to the offset stored in PostgreSQL."""
+        """Seek each of ``assigned`` to the offset stored in PostgreSQL, and resume it.
+
+        Raises when PostgreSQL or the broker can't tell; those not seeked yet stay
+        unpositioned (``assigned`` is the caller that never raises).
+        """
         if not assigned:
             return
         tps = sorted(assigned, key=lambda tp: tp.partition)
@@ -317,7 +514,12 @@ class Loader(Service):
                 offset = begin[tp]
                 await self.offsets.reset(tp.partition, offset, log_id)
             self.consumer.seek(tp, offset)
+            self._epochs[tp] += 1  # records read before this seek are read again
             self.positions[tp] = offset
+            self.log_ids[tp.partition] = log_id
+            self._unpositioned.discard(tp)
+            self.consumer.resume(tp)
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(end[tp] - offset, 0))
 
     async def _run(self) -> None:
         # Two stages: while this task writes batch N, a reader task fetches and
@@ -373,10 +575,11 @@ class Loader(Service):
                     1, int(min(max_rows - batch.count, _READ_SLICE) / self._per_record)
                 ),
             )
+            epochs = dict(self._epochs)  # as they were when ``got`` was read
             step = max(1, int(_DECODE_SLICE / self._per_record))
             for tp, records in got.items():
                 for i in range(0, len(records), step):
-                    batch.add(tp, records[i : i + step], self.spec)
+                    batch.add(tp, records[i : i + step], self.spec, epochs.get(tp, 0))
                     self._free_retired(_DECODE_SLICE)
                     await asyncio.sleep(0)
             if not got:
@@ -418,8 +621,9 @@ class Loader(Service):
                 log.warning("fenced: re-reading offsets", error=str(exc))
                 async with self.lock:
                     owned = set(self.positions)
-                    self.forget(owned)
-                    await self.position(owned)
+                    for tp in owned:
+                        self._uncommitted.pop(tp, None)
+                    await self.assigned(owned)
                 return
 
     async def _apply(self, batch: Batch) -> None:
@@ -429,12 +633,16 @@ class Loader(Service):
         for tp, records in batch.records.items():
             start = self.positions.get(tp)
             if start is None:
-                continue  # revoked while we read: its new owner loads it
+                # Revoked while we read (its new owner loads it), or not positioned
+                # yet: paused, and read again from its stored offset once positioned.
+                continue
+            if batch.epochs.get(tp, 0) != self._epochs[tp]:
+                continue  # read before it was positioned again: read again from there
             highwater = self.consumer.highwater(tp)
             if highwater is not None and highwater < start:
                 # The log is shorter than what we loaded: the broker lost it
                 # (an in-memory broker restarted). Re-read where to start.
-                await self.position({tp})
+                await self.assigned({tp})
                 continue
             fresh = [r for r in records if r.offset >= start]
             if not fresh:
@@ -517,7 +725,7 @@ class Loader(Service):
         written = await self.writer.write(conn, decoded, careful=careful)
         if self.spec.keeps_sessions:
             await sessions.upsert(conn, written.rows, written.contexts)
-        await dead_letters.record(conn, self.group, rejected + written.rejected)
+        await dead_letters.record(conn, self.group, rejected + written.rejected, self.log_ids)
         return written
 
     async def _release_connection(self) -> None:

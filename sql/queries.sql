@@ -60,10 +60,11 @@ WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3;
 SELECT advance_loader_offsets($1, $2, $3::int[], $4::bigint[], $5::bigint[]);
 
 -- name: insert_dead_letter
+-- Unique within a broker log (migration 0005): a replaced log reuses offsets.
 INSERT INTO dead_letters
-  (consumer_group, topic, kafka_partition, kafka_offset, record_index, raw, reason, error)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (topic, kafka_partition, kafka_offset, record_index) DO NOTHING;
+  (consumer_group, log_id, topic, kafka_partition, kafka_offset, record_index, raw, reason, error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (log_id, topic, kafka_partition, kafka_offset, record_index) DO NOTHING;
 
 -- name: partition_lock
 SELECT pg_advisory_xact_lock(hashtext('eventpipe:partition:' || $1));
@@ -104,8 +105,8 @@ ON CONFLICT (shop_id, session_id) DO UPDATE SET
   updated_at = now();
 
 -- name: list_dead_letters
-SELECT id, consumer_group, topic, kafka_partition, kafka_offset, record_index, reason, error,
-       created_at,
+SELECT id, consumer_group, log_id, topic, kafka_partition, kafka_offset, record_index, reason,
+       error, created_at,
        replayed_at, length(raw) AS size
 FROM dead_letters
 WHERE ($1::text IS NULL OR reason = $1) AND ($2::bool OR replayed_at IS NULL)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import orjson
 import pytest
@@ -402,7 +403,9 @@ async def test_metrics_count_rows_batches_copies_lag_and_dead_letters(
         )
         is not None
     ]
-    assert lags == [0.0]  # the one partition keyed records went to, loaded to its end
+    # Every assigned partition is reported, not only the one keyed records went to
+    # (loaded to its end): a partition that loads nothing has a lag too.
+    assert lags == [0.0] * settings.topic_partitions
 
 
 async def test_a_backlog_is_loaded_in_batches_bounded_by_bytes(
@@ -442,3 +445,84 @@ async def test_a_backlog_is_loaded_in_batches_bounded_by_bytes(
     batches, small = (a - b for a, b in zip(histogram(), (batches, small), strict=True))
     assert batches >= 3  # 3 MB in batches of about 256 KB
     assert small == batches  # none over 1 000 rows (about 1 MB), though 100 000 were allowed
+
+
+async def test_a_dead_letter_at_an_offset_a_new_broker_log_reuses_is_kept(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    """The broker's log replaced (an embedded broker restarted, a topic recreated): the same
+    topic, partition and offset now hold another record; when it is bad too, it is a dead
+    letter of its own beside the old log's, not dropped as a duplicate of it."""
+    from ingest.broker_process import EmbeddedBroker
+    from ingest.topics import ensure_topics
+
+    first = b'{"bad": "under the first log'
+    await produce(settings, [first])
+    async with running_loader(settings, db):
+        await wait_for(lambda: _dead_count(db, settings, 1))
+    async with EmbeddedBroker(tmp_path / "broker-b") as replacement:
+        replaced = settings.model_copy(
+            update={"kafka_bootstrap": replacement.bootstrap, "kafka_log_id": replacement.log_id}
+        )
+        await ensure_topics(
+            replacement.bootstrap, [replaced.topic_behavior], partitions=replaced.topic_partitions
+        )
+        second = b'{"bad": "under the second log'
+        await produce(replaced, [second])  # the same key: the same partition, offset 0 again
+        async with running_loader(replaced, db):
+            await wait_for(lambda: _dead_count(db, settings, 2))
+    letters = await db.pool.fetch(
+        "SELECT log_id, kafka_partition, kafka_offset, record_index, raw FROM dead_letters "
+        "WHERE topic = $1 ORDER BY id",
+        settings.topic_behavior,
+    )
+    assert [bytes(r["raw"]) for r in letters] == [first, second]
+    assert [r["log_id"] for r in letters] == [settings.kafka_log_id, replacement.log_id]
+    assert len({(r["kafka_partition"], r["kafka_offset"], r["record_index"]) for r in letters}) == 1
+
+
+async def test_the_dead_letters_log_id_migration_keeps_existing_rows(
+    scratch_database: Callable[[], Awaitable[str]], tmp_path: Path
+) -> None:
+    """Migration 0005 on a table with rows: they stay, with the log identity unknown ('');
+    the unique key takes the log identity, so a letter of a new log at their offset is kept."""
+    import asyncpg
+
+    from ingest.db import sql_dir
+    from ingest.migrate import discover, migrate
+
+    before = [m for m in discover() if m.version < 5]
+    for m in before:
+        (tmp_path / f"{m.version:04d}_{m.name}.sql").write_text(m.sql)
+    dsn = await scratch_database()
+    await migrate(dsn, tmp_path)
+    conn = await asyncpg.connect(dsn)
+    try:
+        insert = (
+            "INSERT INTO dead_letters (consumer_group, topic, kafka_partition, kafka_offset, "
+            "record_index, raw, reason, error) VALUES ('g', 't', 0, $1, 0, $2, 'decode_error', '')"
+        )
+        await conn.execute(insert, 7, b"old")
+        await conn.execute(insert, 8, b"older")
+        applied = await migrate(dsn, sql_dir() / "migrations")
+        assert [m.version for m in applied if m.version == 5] == [5]
+        rows = await conn.fetch("SELECT log_id, kafka_offset, raw FROM dead_letters ORDER BY id")
+        assert [(r["log_id"], r["kafka_offset"], bytes(r["raw"])) for r in rows] == [
+            ("", 7, b"old"),
+            ("", 8, b"older"),
+        ]
+        from consumers import dead_letters as letters
+        from consumers.copy_writer import Rejected
+
+        # What the loader writes now: offset 7 again, under a log of its own, and a repeat.
+        again = Rejected("t", 0, 7, 0, b"new", "decode_error", "")
+        async with conn.transaction():
+            await letters.record(conn, "g", [again, again], {0: "log-b"})
+        rows = await conn.fetch("SELECT log_id, raw FROM dead_letters ORDER BY id")
+        assert [(r["log_id"], bytes(r["raw"])) for r in rows] == [
+            ("", b"old"),
+            ("", b"older"),
+            ("log-b", b"new"),
+        ]
+    finally:
+        await conn.close()

@@ -206,3 +206,103 @@ async def test_loader_processes_share_the_group(
         "SELECT count(*) FROM loader_offsets WHERE topic = $1", settings.topic_behavior
     )
     assert owners == settings.topic_partitions
+
+
+async def test_partitions_assigned_while_postgres_is_down_are_loaded_once_it_is_back(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A rebalance while PostgreSQL is down: the new assignment can't be positioned (its
+    offsets are in PostgreSQL). aiokafka only logs a failed assignment callback; the
+    partitions' records must not be dropped as if revoked, but loaded once it is back.
+    Meanwhile their lag is reported, and past ``loader_assignment_timeout_s`` the loader
+    leaves the group and joins again."""
+    from aiokafka import AIOKafkaConsumer
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"topic": own.topic_behavior, **labels}) or 0.0
+
+    async def stranded_and_reported(n: int) -> bool:
+        lag = sum(
+            sample("eventpipe_consumer_lag", partition=str(p)) for p in range(own.topic_partitions)
+        )
+        unpositioned = sample("eventpipe_partitions_unpositioned")
+        return unpositioned == own.topic_partitions and lag >= n
+
+    async def rejoined(since: float) -> bool:
+        return sample("eventpipe_loader_rejoins_total") > since
+
+    pg = EmbeddedPostgres(tmp_path / "pg", settings={"fsync": "off"})
+    await pg.start()
+    try:
+        await migrate(pg.dsn)
+        own = settings.model_copy(
+            update={"postgres_dsn": pg.dsn, "loader_assignment_timeout_s": 4.0}
+        )
+        async with Database(pg.dsn, max_size=4) as db:
+            shop = await ensure_shop(db, f"assign-{uuid.uuid4().hex[:6]}.myshopify.com")
+            first = await produce_many(own, shop, 300)
+            async with Loader(own, BEHAVIOR, db, PartitionManager(db)) as loader:
+                await wait_for(lambda: _at_least(db, first, len(first)), timeout=60)
+                await pg.stop()
+                # Another member joins and leaves: two rebalances, each assignment failing.
+                other = AIOKafkaConsumer(
+                    own.topic_behavior,
+                    bootstrap_servers=own.bootstrap,
+                    group_id=loader.group,
+                    enable_auto_commit=False,
+                    session_timeout_ms=6000,
+                    heartbeat_interval_ms=1000,
+                )
+                await other.start()
+                try:
+                    await wait_for(lambda: _has_assignment(other), timeout=60)
+                finally:
+                    await other.stop()
+                await wait_for(lambda: _owns(loader, own.topic_partitions), timeout=60)
+                rejoins = sample("eventpipe_loader_rejoins_total")
+                ids = await produce_many(own, shop, 3000)
+                # Not positioned, so nothing loads: reported as such, with the lag.
+                await wait_for(lambda: stranded_and_reported(len(ids)), timeout=30)
+                await wait_for(lambda: rejoined(rejoins), timeout=60)
+                await pg.start()  # same port: the pool reconnects
+                await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=60)
+            assert await reconcile(db, first + ids) == (0, 0)
+    finally:
+        await pg.stop()
+
+
+async def _has_assignment(consumer: object) -> bool:
+    return bool(consumer.assignment())  # type: ignore[attr-defined]
+
+
+async def _owns(loader: Loader, partitions: int) -> bool:
+    return len(loader.consumer.assignment()) == partitions
+
+
+async def test_a_loader_started_before_the_broker_waits_for_it(
+    settings: Settings, db: Database, shop: ShopCredentials, tmp_path: Path
+) -> None:
+    """Started while nothing listens at the bootstrap address, a loader keeps trying (with
+    backoff) instead of exiting, and loads once a broker comes up there."""
+    from ingest.broker_process import EmbeddedBroker
+    from ingest.processes import free_port
+    from ingest.topics import ensure_topics
+
+    port = free_port()
+    early = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{port}", "kafka_log_id": ""})
+    loader = Loader(early, BEHAVIOR, db, PartitionManager(db))
+    await loader.start()
+    try:
+        await asyncio.sleep(4)  # several attempts
+        assert not loader.task.done(), "the loader gave up without a broker"
+        async with EmbeddedBroker(tmp_path / "late-broker", port=port) as late:
+            await ensure_topics(
+                late.bootstrap, [early.topic_behavior], partitions=early.topic_partitions
+            )
+            ids = await produce_many(early, shop, 500)
+            await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=60)
+            await loader.stop()
+    finally:
+        await loader.stop()
+    assert await reconcile(db, ids) == (0, 0)
