@@ -435,3 +435,28 @@ async def test_an_orphan_spool_is_drained_by_worker_0(
 
 async def _no_adopted(delivery: Delivery) -> bool:
     return not delivery.adopted
+
+
+async def test_an_event_too_large_for_one_record_is_refused_never_spooled(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """An event whose record would pass max_record_bytes: 413 alone, its neighbours kept."""
+    own = settings.model_copy(update={"state_dir": tmp_path, "max_record_bytes": 16 * 1024})
+    big = {**batch(1)[0], "event_data": {"blob": "x" * 20_000}}
+    small = batch(1)[0]
+    async with (
+        serving(own, db, key_cache_s=5) as (server, delivery),
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{server.url}/v1/behavior?k={shop.write_key}"
+        async with http.post(url, json=[big]) as resp:
+            assert resp.status == 413
+            [rejected] = (await resp.json())["rejected"]
+            assert "max_record_bytes=16384" in rejected["reason"]
+        async with http.post(url, json=[big, small]) as resp:
+            assert resp.status == 200
+            answer = await resp.json()
+            assert answer["accepted"] == 1 and [r["index"] for r in answer["rejected"]] == [0]
+        assert delivery.spool is not None and delivery.spool.empty
+    async with Loader(own, BEHAVIOR, db, PartitionManager(db)):
+        await wait_for(lambda: _loaded(db, [small["event_id"]]), timeout=60)

@@ -196,10 +196,18 @@ async def test_spool_list_and_replay(settings: Settings) -> None:
     spool.close()
     async with EventProducer(own) as producer, Delivery(own, producer, spool):
         await wait_for(lambda: _drained(spool), timeout=30)
+    stranded = Spool(own.state_dir / "spool" / "w5", own.spool_max_bytes)  # no worker 5 runs
+    stranded.open()
+    stranded.append(topic, [(b"k", b"stranded")])
+    stranded.close()
     env = {**os.environ, **settings.to_env(), "EVENTPIPE_LOG_LEVEL": "warning"}
     listed = _cli(["spool", "list", "--json"], env)
     assert listed.returncode == 0, listed.stderr
-    [line] = [json.loads(x) for x in listed.stdout.splitlines() if '"quarantined"' in x]
+    lines = [json.loads(x) for x in listed.stdout.splitlines()]
+    assert [(x["directory"], x["frames"], x["live"]) for x in lines if x["kind"] == "spool"] == [
+        ("w5", 1, False)
+    ]
+    [line] = [x for x in lines if x["kind"] == "quarantined"]
     assert (line["topic"], line["records"], line["reason"]) == (topic, 1, "too_large")
     assert line["bytes"] > 100_000 and line["when"]
     small = {**env, "EVENTPIPE_MAX_RECORD_BYTES": str(64 * 1024)}
