@@ -112,6 +112,31 @@ def test_a_new_segment_directory_is_fsynced_before_append_returns(
     spool.close()
 
 
+def test_every_append_fsyncs_the_segment_it_wrote_before_returning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 2xx promise: each appended frame is fsynced in its segment's file before append returns,
+    and after the bytes were written (the fd fsynced holds the frame at that moment)."""
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    synced: list[tuple[int, int]] = []  # (inode, size at fsync) of the regular files fsynced
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            synced.append((st.st_ino, st.st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    for n in range(1, 4):
+        spool.append("t", [(b"k", b"v" * n)])
+        [segment] = spool.segments()
+        size = segment.stat().st_size
+        assert synced[-1] == (segment.stat().st_ino, size), f"append {n} not fsynced"
+    spool.close()
+
+
 async def _topic_values(settings: Settings, topic: str, expected: int) -> list[bytes]:
     """The values of the first ``expected`` records of ``topic`` (across partitions)."""
     consumer = AIOKafkaConsumer(
