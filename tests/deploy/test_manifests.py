@@ -639,3 +639,16 @@ def test_postgres_setting_names_exist() -> None:
     known = {line.split("\t")[0] for line in described.stdout.splitlines()}
     unknown = {name for name, _, _ in _pg_settings()} - known
     assert not unknown
+
+
+def test_topic_jobs_allow_the_largest_record_the_collector_sends() -> None:
+    """Every topic the manifests create takes a record of max_record_bytes (as `up`'s do)."""
+    from ingest.records import topic_max_message_bytes
+
+    expected = topic_max_message_bytes(Settings().max_record_bytes)
+    files = [DEPLOY / "k8s" / "kafka-topics-job.yaml", DEPLOY / "compose" / "compose.yaml"]
+    for path in files:
+        creates = [line for line in path.read_text().splitlines() if " --create " in line]
+        assert creates, path
+        for line in creates:
+            assert f"--config max.message.bytes={expected}" in line, (path, line)
