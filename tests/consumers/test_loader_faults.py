@@ -306,3 +306,58 @@ async def test_a_loader_started_before_the_broker_waits_for_it(
     finally:
         await loader.stop()
     assert await reconcile(db, ids) == (0, 0)
+
+
+async def test_a_fenced_loader_takes_the_stored_offset_and_moves_on(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """Another owner moves a partition's stored offset under a running loader.
+
+    The loader loads records 0-2; then the stored offset is moved to 4, as an
+    owner that took record 3 in a rebalance would. Records 3-5 are produced:
+    the loader's move from 3 is fenced, it re-reads the stored offset and
+    loads 4 and 5, once each, and never 3 (the other owner's). Without the
+    fence in ``advance_loader_offsets`` record 3 is loaded; without re-reading
+    after ``Fenced`` the loader stays behind and loads nothing more.
+    """
+    from tests.consumers.test_loader import produce
+
+    ids = [str(uuid.uuid4()) for _ in range(6)]
+    values = [orjson.dumps(record(shop, event_id=i, session_id="fence")) for i in ids]
+    async with Loader(settings, BEHAVIOR, db, PartitionManager(db)) as loader:
+        await produce(settings, values[:3])
+        await wait_for(lambda: _at_least(db, ids[:3], 3))
+        stored = await db.pool.fetchrow(
+            "SELECT kafka_partition, next_offset FROM loader_offsets "
+            "WHERE consumer_group = $1 AND topic = $2 AND next_offset > 0",
+            loader.group,
+            settings.topic_behavior,
+        )
+        assert stored is not None and stored["next_offset"] == 3
+        await db.pool.execute(
+            "UPDATE loader_offsets SET next_offset = 4 "
+            "WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3",
+            loader.group,
+            settings.topic_behavior,
+            stored["kafka_partition"],
+        )
+        await produce(settings, values[3:])
+        await wait_for(lambda: _at_least(db, ids[4:], 2))
+
+        async def moved_to_6() -> bool:
+            n = await db.pool.fetchval(
+                "SELECT next_offset FROM loader_offsets WHERE consumer_group = $1 "
+                "AND topic = $2 AND kafka_partition = $3",
+                loader.group,
+                settings.topic_behavior,
+                stored["kafka_partition"],
+            )
+            return bool(n == 6)
+
+        await wait_for(moved_to_6)
+    counts = await db.pool.fetch(
+        "SELECT event_id::text AS id, count(*) AS n FROM behavior_events "
+        "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
+        ids,
+    )
+    assert {r["id"]: r["n"] for r in counts} == {i: 1 for i in ids[:3] + ids[4:]}
