@@ -470,7 +470,7 @@ def _sql_fstrings(path: Path) -> list[ast.JoinedStr]:
 
 def test_only_reviewed_modules_build_sql_from_names() -> None:
     builders = set()
-    for path in sorted([*ROOT.glob("ingest/*.py"), *ROOT.glob("consumers/*.py")]):
+    for path in sorted([*ROOT.glob("ingest/**/*.py"), *ROOT.glob("consumers/**/*.py")]):
         fstrings = _sql_fstrings(path)
         if not fstrings:
             continue
