@@ -16,9 +16,9 @@ from typing import Any
 
 import psutil
 
-from ingest.broker_process import EmbeddedBroker
-from ingest.migrate import migrate
-from ingest.postgres_process import EmbeddedPostgres
+from ingest.core.migrate import migrate
+from ingest.stack.broker import EmbeddedBroker
+from ingest.stack.postgres import EmbeddedPostgres
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -36,13 +36,13 @@ from aiokafka import AIOKafkaProducer
 from benchmarks.common import CpuMeter, Stack, embedded_stack, machine, median, write_result
 from consumers.loader import Loader
 from consumers.rows import STOREFRONT, as_datetime, pg_times
-from ingest import logs, records
-from ingest.db import Database
+from ingest.core import logs, records
+from ingest.core.db import Database
+from ingest.core.runtime import tune_gc
+from ingest.core.settings import Settings
+from ingest.core.shops import ensure_shop
+from ingest.core.topics import ensure_topics
 from ingest.partitions import PartitionManager
-from ingest.runtime import tune_gc
-from ingest.settings import Settings
-from ingest.shops import ensure_shop
-from ingest.topics import ensure_topics
 
 
 def storefront_records(shop_id: str, n: int) -> list[tuple[bytes, bytes]]:

@@ -35,10 +35,10 @@ import asyncpg
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest.db import Database
-from ingest.migrate import migrate
+from ingest.core.db import Database
+from ingest.core.migrate import migrate
 from ingest.partitions import PartitionManager, shift_months
-from ingest.postgres_process import EmbeddedPostgres
+from ingest.stack.postgres import EmbeddedPostgres
 
 RESULTS = Path(__file__).resolve().parent / "results" / "partitions.json"
 

@@ -33,15 +33,15 @@ from rich.table import Table
 from benchmarks import loader_bench, partitions_bench
 from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
 from consumers.rows import STOREFRONT, pg_times
-from ingest import logs
-from ingest.db import Database
-from ingest.loadgen import LoadConfig, Mix, Result, Target, run_load
+from ingest.core import logs
+from ingest.core.db import Database
+from ingest.core.processes import free_port, spawn, stop_process
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials, ensure_shop
+from ingest.core.topics import ensure_topics
+from ingest.loadgen.traffic import LoadConfig, Mix, Result, Target, run_load
+from ingest.loadgen.verify import Verifier
 from ingest.partitions import PartitionManager
-from ingest.processes import free_port, spawn, stop_process
-from ingest.settings import Settings
-from ingest.shops import ShopCredentials, ensure_shop
-from ingest.topics import ensure_topics
-from ingest.verify import Verifier
 
 console = Console()
 BEACONS = Mix(behavior=1.0, storefront=0.0, webhook=0.0)

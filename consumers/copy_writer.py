@@ -18,8 +18,8 @@ import orjson
 
 from consumers import binary_copy
 from consumers.rows import Encoded, Row, TableSpec
-from ingest.db import QUERIES
-from ingest.partitions import ident
+from ingest.core.db import QUERIES
+from ingest.core.identifiers import ident
 
 # Errors that belong to a row, not to the database's health: class 22 (data
 # exceptions: NUL bytes, bad encoding, out-of-range numbers, invalid JSON) and

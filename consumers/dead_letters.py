@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import asyncpg
 
 from consumers.copy_writer import Rejected
-from ingest.db import QUERIES, Database
-from ingest.producer import EventProducer
+from ingest.core.db import QUERIES, Database
+from ingest.core.producer import EventProducer
 
 
 async def record(

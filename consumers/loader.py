@@ -45,16 +45,16 @@ from consumers.rows import (
     use_datetimes,
     use_pg_times,
 )
-from ingest import metrics
-from ingest.app import HttpServer, metrics_app
-from ingest.db import Database, inline
-from ingest.errors import OutsideRetentionWindow
+from ingest.core import metrics
+from ingest.core.db import Database, inline
+from ingest.core.errors import OutsideRetentionWindow
+from ingest.core.http import HttpServer, metrics_app
+from ingest.core.runtime import tune_gc
+from ingest.core.service import Service
+from ingest.core.settings import Settings
+from ingest.core.supervisor import Child, Supervisor
+from ingest.core.topics import cluster_id
 from ingest.partitions import PartitionManager, month_start
-from ingest.runtime import tune_gc
-from ingest.service import Service
-from ingest.settings import Settings
-from ingest.supervisor import Child, Supervisor
-from ingest.topics import cluster_id
 
 log = structlog.get_logger(__name__)
 
@@ -862,7 +862,9 @@ async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.
                 HttpServer(metrics_app(), settings.collector_host, settings.loader_metrics_port)
             )
         db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
-        partitions = PartitionManager(db, role=await db.role_for(settings.partition_role))
+        partitions = PartitionManager.from_settings(
+            db, settings, role=await db.role_for(settings.partition_role)
+        )
         loaders = [Loader(settings, spec, db, partitions) for spec in specs]
         # Joining a consumer group takes seconds: join all streams at once.
         await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ingest.db import Database, inline
+from ingest.core.db import Database, inline
 
 # advance_loader_offsets (migration 0004) raises this when a stored offset moved.
 FENCED_SQLSTATE = "EPF01"

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from consumers.rows import BEHAVIOR, PgTime, Row
-from ingest.db import QUERIES
+from ingest.core.db import QUERIES
 
 _AT = {name: BEHAVIOR.columns.index(name) for name in BEHAVIOR.columns}
 _DEVICES = {"mobile", "desktop", "tablet"}

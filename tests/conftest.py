@@ -15,13 +15,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest.broker_process import EmbeddedBroker
-from ingest.db import Database
-from ingest.migrate import migrate
-from ingest.postgres_process import EmbeddedPostgres
-from ingest.settings import Settings
-from ingest.shops import ShopCredentials, ensure_shop
-from ingest.topics import ensure_topics
+from ingest.core.db import Database
+from ingest.core.migrate import migrate
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials, ensure_shop
+from ingest.core.topics import ensure_topics
+from ingest.stack.broker import EmbeddedBroker
+from ingest.stack.postgres import EmbeddedPostgres
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -122,7 +122,7 @@ async def shop(db: Database) -> ShopCredentials:
 @pytest.fixture
 async def collector(settings: Settings) -> AsyncIterator[str]:
     """A collector served in-process on a free port; yields its base URL."""
-    from ingest.collector import serving
+    from ingest.collector.server import serving
 
     async with (
         Database(settings.dsn) as database,

@@ -24,21 +24,22 @@ from hypothesis import strategies as st
 
 from consumers.loader import Loader
 from consumers.rows import BEHAVIOR, SPECS, RecordRejected
-from ingest.collector import serving
-from ingest.db import Database
-from ingest.delivery import Delivery
+from ingest.collector.delivery import Delivery
+from ingest.collector.server import serving
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
 from ingest.partitions import PartitionManager
-from ingest.settings import Settings
-from ingest.shops import ShopCredentials
 from tests.conftest import wait_for
-from tests.consumers.test_loader_faults import (
-    _at_least,
+from tests.helpers import (
+    at_least,
+    batch,
     loaded,
     loader_process,
+    own_broker,
     produce_many,
     reconcile,
 )
-from tests.ingest.test_collector_faults import batch, own_broker
 
 pytestmark = pytest.mark.slow
 
@@ -145,10 +146,10 @@ async def test_two_loader_processes_one_sigkilled(
     ids = await produce_many(settings, shop, 12_000)
     first, second = loader_process(settings), loader_process(settings)
     try:
-        await wait_for(lambda: _at_least(db, ids, 1000), timeout=60, interval=0.02)
+        await wait_for(lambda: at_least(db, ids, 1000), timeout=60, interval=0.02)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=120)
+        await wait_for(lambda: at_least(db, ids, len(ids)), timeout=120)
     finally:
         first.kill()
         second.send_signal(signal.SIGTERM)

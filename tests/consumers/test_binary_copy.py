@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from consumers import binary_copy
 from consumers.rows import STOREFRONT, Encoded, pg_times
-from ingest.db import Database
-from tests.consumers.test_rows import storefront
+from ingest.core.db import Database
+from tests.helpers import storefront
 
 
 async def loaded(conn: asyncpg.Connection, encoded: Encoded, raw: bytes) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from consumers.copy_writer import CopyWriter, Decoded, NeedsCare, Written
 from consumers.rows import BEHAVIOR, pg_times
-from ingest.db import Database
+from ingest.core.db import Database
 from ingest.partitions import PartitionManager, month_start
 
 

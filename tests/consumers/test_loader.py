@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,57 +11,13 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumers.loader import Loader
-from consumers.rows import BEHAVIOR, SPECS, STOREFRONT, TableSpec
-from ingest.db import Database
-from ingest.partitions import PartitionManager, month_start, partition_name
-from ingest.settings import Settings
-from ingest.shops import ShopCredentials
+from consumers.rows import SPECS, STOREFRONT
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
+from ingest.partitions import month_start, partition_name
 from tests.conftest import wait_for
-
-
-def record(shop: ShopCredentials, **overrides: object) -> dict[str, object]:
-    now = datetime.now(UTC).isoformat()
-    data: dict[str, object] = {
-        "event_id": str(uuid.uuid4()),
-        "shop_id": str(shop.shop_id),
-        "session_id": "s",
-        "event_type": "click",
-        "page_url": "https://x/",
-        "timestamp": now,
-        "received_at": now,
-        "event_data": {},
-        "metadata": {},
-    }
-    data.update(overrides)
-    return data
-
-
-async def produce(settings: Settings, values: list[bytes], topic: str | None = None) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for value in values:
-            await producer.send_and_wait(topic or settings.topic_behavior, value, key=b"k")
-    finally:
-        await producer.stop()
-
-
-@asynccontextmanager
-async def running_loader(
-    settings: Settings, db: Database, spec: TableSpec = BEHAVIOR
-) -> AsyncIterator[Loader]:
-    async with Loader(settings, spec, db, PartitionManager(db)) as loader:
-        yield loader
-
-
-async def count_ids(db: Database, ids: list[str], table: str = "behavior_events") -> dict[str, int]:
-    rows = await db.pool.fetch(
-        f"SELECT event_id::text AS id, count(*) AS n FROM {table} "
-        "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
-        ids,
-    )
-    return {r["id"]: r["n"] for r in rows}
+from tests.helpers import count_ids, produce, record, running_loader, storefront
 
 
 async def dead_letters(
@@ -181,7 +136,6 @@ async def test_storefront_records_go_straight_to_copy_data_and_still_load_once(
     """Storefront records are encoded for COPY without rows (consumers.binary_copy); rows
     are built only where a batch needs them: a value asyncpg must encode, a batch over
     two months, a careful write (a duplicate, a refused row, a month outside the window)."""
-    from tests.consumers.test_rows import storefront
 
     topic = settings.topic_storefront
 
@@ -309,7 +263,7 @@ async def test_dead_letters_list_and_replay_after_a_fix(
     settings: Settings, db: Database, shop: ShopCredentials
 ) -> None:
     from consumers import dead_letters
-    from ingest.producer import EventProducer
+    from ingest.core.producer import EventProducer
 
     good = record(shop)
     broken = dict(good, page_url=123)  # a record the loader can't use ...
@@ -361,8 +315,6 @@ async def test_metrics_count_rows_batches_copies_lag_and_dead_letters(
 ) -> None:
     """What the loader's /metrics serves (prometheus-client's registry), on both paths."""
     from prometheus_client import REGISTRY
-
-    from tests.consumers.test_rows import storefront
 
     spec = SPECS[stream]
     table, topic = spec.table, settings.topic_for(stream)
@@ -453,8 +405,8 @@ async def test_a_dead_letter_at_an_offset_a_new_broker_log_reuses_is_kept(
     """The broker's log replaced (an embedded broker restarted, a topic recreated): the same
     topic, partition and offset now hold another record; when it is bad too, it is a dead
     letter of its own beside the old log's, not dropped as a duplicate of it."""
-    from ingest.broker_process import EmbeddedBroker
-    from ingest.topics import ensure_topics
+    from ingest.core.topics import ensure_topics
+    from ingest.stack.broker import EmbeddedBroker
 
     first = b'{"bad": "under the first log'
     await produce(settings, [first])
@@ -488,8 +440,8 @@ async def test_the_dead_letters_log_id_migration_keeps_existing_rows(
     the unique key takes the log identity, so a letter of a new log at their offset is kept."""
     import asyncpg
 
-    from ingest.db import sql_dir
-    from ingest.migrate import discover, migrate
+    from ingest.core.db import sql_dir
+    from ingest.core.migrate import discover, migrate
 
     before = [m for m in discover() if m.version < 5]
     for m in before:

@@ -3,109 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from consumers.loader import Loader
 from consumers.rows import BEHAVIOR, SPECS
-from ingest.db import Database
-from ingest.migrate import migrate
+from ingest.core.db import Database
+from ingest.core.migrate import migrate
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials, ensure_shop
 from ingest.partitions import PartitionManager
-from ingest.postgres_process import EmbeddedPostgres
-from ingest.settings import Settings
-from ingest.shops import ShopCredentials, ensure_shop
+from ingest.stack.postgres import EmbeddedPostgres
 from tests.conftest import wait_for
-from tests.consumers.test_loader import record
-from tests.consumers.test_rows import storefront
+from tests.helpers import (
+    TABLES,
+    at_least,
+    loaded,
+    loader_process,
+    produce,
+    produce_many,
+    reconcile,
+    record,
+)
 
 pytestmark = pytest.mark.slow
 
 
 # Each stream's table: storefront records take another path through the loader
 # (straight to COPY data, consumers.binary_copy), so the faults are tried on both.
-TABLES = {"behavior": "behavior_events", "storefront": "events"}
-
-
-async def produce_many(
-    settings: Settings, shop: ShopCredentials, n: int, stream: str = "behavior"
-) -> list[str]:
-    """Produce ``n`` records of ``stream`` over many sessions; returns their event ids."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    ids: list[str] = []
-    now = datetime.now(UTC).isoformat()
-    try:
-        futures = []
-        for i in range(n):
-            session = f"s{i % 97}"
-            data = (
-                record(shop, session_id=session)
-                if stream == "behavior"
-                else storefront(
-                    shop_id=str(shop.shop_id), session_id=session, ts=now, received_at=now
-                )
-            )
-            ids.append(str(data["event_id"]))
-            futures.append(
-                await producer.send(
-                    settings.topic_for(stream), orjson.dumps(data), key=session.encode()
-                )
-            )
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return ids
-
-
-async def reconcile(
-    db: Database, ids: list[str], table: str = "behavior_events"
-) -> tuple[int, int]:
-    """(missing, duplicated) among ``ids``."""
-    rows = await db.pool.fetch(
-        f"SELECT event_id::text AS id, count(*) AS n FROM {table} "
-        "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
-        ids,
-    )
-    counts = {r["id"]: r["n"] for r in rows}
-    return len(set(ids) - set(counts)), sum(1 for n in counts.values() if n > 1)
-
-
-async def loaded(db: Database, ids: list[str], table: str = "behavior_events") -> int:
-    return int(
-        await db.pool.fetchval(
-            f"SELECT count(*) FROM {table} WHERE event_id = ANY($1::uuid[])", ids
-        )
-    )
-
-
-def loader_process(
-    settings: Settings, *extra: str, stream: str = "behavior"
-) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "EVENTPIPE_POSTGRES_DSN": settings.dsn,
-        "EVENTPIPE_KAFKA_BOOTSTRAP": settings.bootstrap,
-        "EVENTPIPE_KAFKA_LOG_ID": settings.kafka_log_id,
-        "EVENTPIPE_TOPIC_BEHAVIOR": settings.topic_behavior,
-        "EVENTPIPE_TOPIC_STOREFRONT": settings.topic_storefront,
-        "EVENTPIPE_CONSUMER_GROUP": settings.consumer_group,
-        "EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "EVENTPIPE_BATCH_MAX_ROWS": "500",
-        "EVENTPIPE_LOADER_METRICS_PORT": "0",
-        "EVENTPIPE_LOG_LEVEL": "warning",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "ingest.cli", "loader", "--stream", stream, *extra], env=env
-    )
 
 
 @pytest.mark.parametrize("stream", sorted(TABLES))
@@ -116,7 +45,7 @@ async def test_loader_sigkilled_mid_batch_and_restarted(
     ids = await produce_many(settings, shop, 20_000, stream)
     proc = loader_process(settings, stream=stream)
     try:
-        await wait_for(lambda: _at_least(db, ids, 1500, table), timeout=60, interval=0.02)
+        await wait_for(lambda: at_least(db, ids, 1500, table), timeout=60, interval=0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert await loaded(db, ids, table) < len(ids), "the loader finished before it was killed"
@@ -124,16 +53,12 @@ async def test_loader_sigkilled_mid_batch_and_restarted(
         proc.kill()
     proc = loader_process(settings, stream=stream)
     try:
-        await wait_for(lambda: _at_least(db, ids, len(ids), table), timeout=90)
+        await wait_for(lambda: at_least(db, ids, len(ids), table), timeout=90)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0  # SIGTERM drains and exits 0
     finally:
         proc.kill()
     assert await reconcile(db, ids, table) == (0, 0)
-
-
-async def _at_least(db: Database, ids: list[str], n: int, table: str = "behavior_events") -> bool:
-    return await loaded(db, ids, table) >= n
 
 
 async def test_two_loaders_one_leaves_and_rejoins(
@@ -147,13 +72,13 @@ async def test_two_loaders_one_leaves_and_rejoins(
     await b.start()
     ids = await produce_many(settings, shop, 6000)
     try:
-        await wait_for(lambda: _at_least(db, ids, 1000), timeout=60, interval=0.02)
+        await wait_for(lambda: at_least(db, ids, 1000), timeout=60, interval=0.02)
         await b.stop()  # leaves the group: a takes over its partitions
         more = await produce_many(settings, shop, 3000)
         b = Loader(small, BEHAVIOR, db, manager)
         await b.start()  # rejoins: partitions move back mid-stream
         ids += more
-        await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=90)
+        await wait_for(lambda: at_least(db, ids, len(ids)), timeout=90)
     finally:
         await a.stop()
         await b.stop()
@@ -174,12 +99,12 @@ async def test_postgres_restarted_during_load(
             shop = await ensure_shop(db, f"pg-restart-{uuid.uuid4().hex[:6]}.myshopify.com")
             ids = await produce_many(own, shop, 8000, stream)
             async with Loader(own, SPECS[stream], db, PartitionManager(db)):
-                await wait_for(lambda: _at_least(db, ids, 600, table), timeout=60, interval=0.02)
+                await wait_for(lambda: at_least(db, ids, 600, table), timeout=60, interval=0.02)
                 assert await loaded(db, ids, table) < len(ids)
                 await pg.stop()
                 await asyncio.sleep(2)  # the loader sees PostgreSQL gone, pauses and retries
                 await pg.start()  # same port: the pool reconnects
-                await wait_for(lambda: _at_least(db, ids, len(ids), table), timeout=90)
+                await wait_for(lambda: at_least(db, ids, len(ids), table), timeout=90)
             assert await reconcile(db, ids, table) == (0, 0)
     finally:
         await pg.stop()
@@ -193,7 +118,7 @@ async def test_loader_processes_share_the_group(
     ids = await produce_many(settings, shop, 6000)
     proc = loader_process(settings, "--processes", "2")
     try:
-        await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=90)
+        await wait_for(lambda: at_least(db, ids, len(ids)), timeout=90)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) == 2
         proc.send_signal(signal.SIGTERM)
@@ -243,7 +168,7 @@ async def test_partitions_assigned_while_postgres_is_down_are_loaded_once_it_is_
             shop = await ensure_shop(db, f"assign-{uuid.uuid4().hex[:6]}.myshopify.com")
             first = await produce_many(own, shop, 300)
             async with Loader(own, BEHAVIOR, db, PartitionManager(db)) as loader:
-                await wait_for(lambda: _at_least(db, first, len(first)), timeout=60)
+                await wait_for(lambda: at_least(db, first, len(first)), timeout=60)
                 await pg.stop()
                 # Another member joins and leaves: two rebalances, each assignment failing.
                 other = AIOKafkaConsumer(
@@ -266,7 +191,7 @@ async def test_partitions_assigned_while_postgres_is_down_are_loaded_once_it_is_
                 await wait_for(lambda: stranded_and_reported(len(ids)), timeout=30)
                 await wait_for(lambda: rejoined(rejoins), timeout=60)
                 await pg.start()  # same port: the pool reconnects
-                await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=60)
+                await wait_for(lambda: at_least(db, ids, len(ids)), timeout=60)
             assert await reconcile(db, first + ids) == (0, 0)
     finally:
         await pg.stop()
@@ -285,9 +210,9 @@ async def test_a_loader_started_before_the_broker_waits_for_it(
 ) -> None:
     """Started while nothing listens at the bootstrap address, a loader keeps trying (with
     backoff) instead of exiting, and loads once a broker comes up there."""
-    from ingest.broker_process import EmbeddedBroker
-    from ingest.processes import free_port
-    from ingest.topics import ensure_topics
+    from ingest.core.processes import free_port
+    from ingest.core.topics import ensure_topics
+    from ingest.stack.broker import EmbeddedBroker
 
     port = free_port()
     early = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{port}", "kafka_log_id": ""})
@@ -301,7 +226,7 @@ async def test_a_loader_started_before_the_broker_waits_for_it(
                 late.bootstrap, [early.topic_behavior], partitions=early.topic_partitions
             )
             ids = await produce_many(early, shop, 500)
-            await wait_for(lambda: _at_least(db, ids, len(ids)), timeout=60)
+            await wait_for(lambda: at_least(db, ids, len(ids)), timeout=60)
             await loader.stop()
     finally:
         await loader.stop()
@@ -320,13 +245,12 @@ async def test_a_fenced_loader_takes_the_stored_offset_and_moves_on(
     fence in ``advance_loader_offsets`` record 3 is loaded; without re-reading
     after ``Fenced`` the loader stays behind and loads nothing more.
     """
-    from tests.consumers.test_loader import produce
 
     ids = [str(uuid.uuid4()) for _ in range(6)]
     values = [orjson.dumps(record(shop, event_id=i, session_id="fence")) for i in ids]
     async with Loader(settings, BEHAVIOR, db, PartitionManager(db)) as loader:
         await produce(settings, values[:3])
-        await wait_for(lambda: _at_least(db, ids[:3], 3))
+        await wait_for(lambda: at_least(db, ids[:3], 3))
         stored = await db.pool.fetchrow(
             "SELECT kafka_partition, next_offset FROM loader_offsets "
             "WHERE consumer_group = $1 AND topic = $2 AND next_offset > 0",
@@ -342,7 +266,7 @@ async def test_a_fenced_loader_takes_the_stored_offset_and_moves_on(
             stored["kafka_partition"],
         )
         await produce(settings, values[3:])
-        await wait_for(lambda: _at_least(db, ids[4:], 2))
+        await wait_for(lambda: at_least(db, ids[4:], 2))
 
         async def moved_to_6() -> bool:
             n = await db.pool.fetchval(

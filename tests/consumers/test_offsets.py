@@ -12,11 +12,11 @@ from consumers.copy_writer import Decoded
 from consumers.loader import Loader
 from consumers.offsets import Fenced, OffsetStore
 from consumers.rows import BEHAVIOR, pg_times
-from ingest.db import Database
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
 from ingest.partitions import PartitionManager, month_start
-from ingest.settings import Settings
-from ingest.shops import ShopCredentials
-from tests.consumers.test_loader import count_ids, record
+from tests.helpers import count_ids, record
 
 
 async def positions(store: OffsetStore) -> dict[int, int]:

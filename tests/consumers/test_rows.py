@@ -28,10 +28,8 @@ from consumers.rows import (
     pg_time,
     pg_times,
 )
-from ingest.db import Database
-
-SHOP = str(uuid.uuid4())
-NOW = datetime(2026, 11, 25, 12, 30, 15, 123456, tzinfo=UTC).isoformat()
+from ingest.core.db import Database
+from tests.helpers import NOW, SHOP, storefront
 
 
 def behavior(**fields: Any) -> dict[str, Any]:
@@ -52,23 +50,6 @@ def behavior(**fields: Any) -> dict[str, Any]:
         "metadata": {},
         "received_at": NOW,
         "context": {"user_agent": "Mozilla/5.0", "device_type": "mobile"},
-    }
-    return {**event, **fields}
-
-
-def storefront(**fields: Any) -> dict[str, Any]:
-    event = {
-        "event_id": str(uuid.uuid4()),
-        "shop_id": SHOP,
-        "anon_id": "anon-1",
-        "session_id": "s-1",
-        "event_type": "add_to_cart",
-        "ts": NOW,
-        "props": {"value": 12.5, "items": [1, 2]},
-        "product_id": "gid://shopify/Product/1",
-        "experiment_id": None,
-        "variant": None,
-        "received_at": NOW,
     }
     return {**event, **fields}
 

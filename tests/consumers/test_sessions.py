@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from ingest.db import Database
-from ingest.settings import Settings
-from ingest.shops import ShopCredentials
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
 from tests.conftest import wait_for
-from tests.consumers.test_loader import produce, record, running_loader
+from tests.helpers import produce, record, running_loader
 
 
 async def test_sessions_from_behavior_events(

@@ -27,10 +27,11 @@ import prometheus_client
 import pytest
 import yaml
 
-import ingest.metrics  # noqa: F401  (registers every metric)
-from ingest.app import create_app, metrics_app
+import ingest.core.metrics  # noqa: F401  (registers every metric)
 from ingest.cli import build_parser
-from ingest.settings import Settings
+from ingest.collector.app import create_app
+from ingest.core.http import metrics_app
+from ingest.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -643,7 +644,7 @@ def test_postgres_setting_names_exist() -> None:
 
 def test_topic_jobs_allow_the_largest_record_the_collector_sends() -> None:
     """Every topic the manifests create takes a record of max_record_bytes (as `up`'s do)."""
-    from ingest.records import topic_max_message_bytes
+    from ingest.core.records import topic_max_message_bytes
 
     expected = topic_max_message_bytes(Settings().max_record_bytes)
     files = [DEPLOY / "k8s" / "kafka-topics-job.yaml", DEPLOY / "compose" / "compose.yaml"]

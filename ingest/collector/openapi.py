@@ -1,0 +1,154 @@
+"""The OpenAPI 3 document of the collector, built from the pydantic models it validates with."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic import BaseModel
+
+from ingest import __version__
+from ingest.collector.models import BehaviorBatch, StorefrontBatch
+
+REF = "#/components/schemas/{model}"
+
+
+class Rejection(BaseModel):
+    """One refused event of a batch."""
+
+    index: int
+    reason: str
+
+
+class BatchResult(BaseModel):
+    """The answer to a batch: how many were accepted, and why the others weren't."""
+
+    accepted: int
+    rejected: list[Rejection]
+
+
+class Error(BaseModel):
+    """A refused request."""
+
+    error: str
+
+
+def _schemas() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for model in (BehaviorBatch, StorefrontBatch, BatchResult, Error):
+        schema = model.model_json_schema(ref_template=REF)
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    reasons = {
+        400: "not a batch / not JSON / no valid event",
+        401: "missing or unknown write key, or bad signature",
+        403: "origin not allowed for this write key",
+        413: "over a size limit (named in the error)",
+        415: "unsupported Content-Type or Content-Encoding",
+        429: "rate limit exceeded (see Retry-After)",
+        503: "broker and spool unavailable (see Retry-After)",
+    }
+    return {
+        str(c): {
+            "description": reasons[c],
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
+        for c in codes
+    }
+
+
+def _batch(summary: str, batch: str, event: str) -> dict[str, Any]:
+    body = {"oneOf": [_ref(batch), {"type": "array", "items": _ref(event)}]}
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": [
+                {
+                    "name": "k",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "write key (sendBeacon can't set headers)",
+                },
+                {
+                    "name": "X-Write-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body}, "text/plain": {"schema": body}},
+            },
+            "responses": {
+                "200": {
+                    "description": "accepted (some events may be rejected, with reasons)",
+                    "content": {"application/json": {"schema": _ref("BatchResult")}},
+                },
+                **_errors(400, 401, 403, 413, 415, 429, 503),
+            },
+        }
+    }
+
+
+def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {"200": {"description": summary, "content": {media: {"schema": {}}}}},
+        }
+    }
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    """The OpenAPI document (built once)."""
+    webhook_headers = [
+        {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+        for name in (
+            "X-Shopify-Hmac-Sha256",
+            "X-Shopify-Shop-Domain",
+            "X-Shopify-Topic",
+            "X-Shopify-Webhook-Id",
+        )
+    ]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "eventpipe collector", "version": __version__},
+        "paths": {
+            "/v1/behavior": _batch("Browser behavior events", "BehaviorBatch", "BehaviorEvent"),
+            "/v1/storefront": _batch("Storefront events", "StorefrontBatch", "StorefrontEvent"),
+            "/v1/webhooks/shopify": {
+                "post": {
+                    "summary": "A Shopify webhook (orders, checkouts, carts)",
+                    "parameters": webhook_headers,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "stored (a redelivery is stored once)",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_errors(400, 401, 413, 415, 503),
+                    },
+                }
+            },
+            "/v1/openapi.json": _get("This document"),
+            "/v1/beacon.js": _get("The browser beacon script", "application/javascript"),
+            "/healthz": _get("The process is alive"),
+            "/readyz": _get("Broker reachable and spool below its high-water mark"),
+            "/metrics": _get("Prometheus metrics", "text/plain"),
+        },
+        "components": {"schemas": _schemas()},
+    }

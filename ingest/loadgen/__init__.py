@@ -1,0 +1,1 @@
+"""The load generator: realistic traffic, its runner, verification."""

@@ -1,0 +1,140 @@
+"""``eventpipe bench --verify``: every accepted event id becomes exactly one row, and how soon.
+
+There is no "visible at" column, so the lag of an event is the wall time at
+which a poll first sees its row minus its ``received_at`` (the collector's
+receive time). Polls run every ``poll_s`` (100 ms) while the load runs and
+after it, asking only for ids not seen yet, in chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from ingest.core.db import QUERIES
+from ingest.loadgen.traffic import percentile
+
+VERIFIED_TABLES = ("behavior_events", "events")
+
+
+@dataclass
+class Reconciliation:
+    """Outcome of a verification."""
+
+    expected: int = 0
+    seen: int = 0
+    missing: int = 0
+    duplicates: int = 0
+    lags_s: list[float] = field(default_factory=list)
+    wait_s: float = 0.0
+    missing_sample: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly figures."""
+        return {
+            "expected": self.expected,
+            "seen": self.seen,
+            "missing": self.missing,
+            "duplicates": self.duplicates,
+            "lag_p50_s": round(percentile(self.lags_s, 50), 3),
+            "lag_p90_s": round(percentile(self.lags_s, 90), 3),
+            "lag_p99_s": round(percentile(self.lags_s, 99), 3),
+            "lag_max_s": round(percentile(self.lags_s, 100), 3),
+            "wait_after_load_s": round(self.wait_s, 2),
+            "missing_sample": self.missing_sample,
+        }
+
+
+class Verifier:
+    """Polls PostgreSQL for expected event ids; run ``poll`` as a task, feed ``expect``."""
+
+    def __init__(self, dsn: str, since: datetime, poll_s: float = 0.1, chunk: int = 5000) -> None:
+        self.dsn = dsn
+        # received_at is the collector's clock: allow for a little skew, not for
+        # an earlier run's rows.
+        self.since = since - timedelta(seconds=2)
+        self.poll_s = poll_s
+        self.chunk = chunk
+        self.pending: dict[str, dict[uuid.UUID, None]] = {t: {} for t in VERIFIED_TABLES}
+        self.all_ids: dict[str, list[uuid.UUID]] = {t: [] for t in VERIFIED_TABLES}
+        self.result = Reconciliation()
+        self._conn: asyncpg.Connection | None = None
+
+    def expect(self, table: str, ids: Iterable[str]) -> None:
+        """Add accepted ids that must become rows of ``table``."""
+        for text in ids:
+            value = uuid.UUID(text)
+            self.pending[table][value] = None
+            self.all_ids[table].append(value)
+            self.result.expected += 1
+
+    @property
+    def outstanding(self) -> int:
+        """Ids not seen yet."""
+        return sum(len(p) for p in self.pending.values())
+
+    async def __aenter__(self) -> Verifier:
+        self._conn = await asyncpg.connect(self.dsn)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def poll_once(self) -> int:
+        """One pass over the outstanding ids; how many were newly seen."""
+        assert self._conn is not None, "use `async with Verifier(...)`"
+        found = 0
+        for table, pending in self.pending.items():
+            ids = list(pending)
+            for i in range(0, len(ids), self.chunk):
+                rows = await self._conn.fetch(
+                    QUERIES[f"verify_seen_{table}"],
+                    self.since,
+                    ids[i : i + self.chunk],
+                )
+                now = datetime.now(UTC)
+                for row in rows:
+                    key = uuid.UUID(bytes=row["event_id"].bytes)
+                    if key in pending:
+                        del pending[key]
+                        found += 1
+                        self.result.lags_s.append((now - row["received_at"]).total_seconds())
+        self.result.seen += found
+        return found
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        """Poll every ``poll_s`` until ``stop`` is set."""
+        while not stop.is_set():
+            started = time.monotonic()
+            await self.poll_once()
+            await asyncio.sleep(max(0.0, self.poll_s - (time.monotonic() - started)))
+
+    async def finish(self, timeout_s: float) -> Reconciliation:
+        """Wait (up to ``timeout_s``) until every id is seen; then count missing and duplicates."""
+        assert self._conn is not None, "use `async with Verifier(...)`"
+        started = time.monotonic()
+        while self.outstanding and time.monotonic() - started < timeout_s:
+            await self.poll_once()
+            if self.outstanding:
+                await asyncio.sleep(self.poll_s)
+        self.result.wait_s = time.monotonic() - started
+        self.result.missing = self.outstanding
+        self.result.missing_sample = [str(i) for p in self.pending.values() for i in p][:10]
+        duplicates = 0
+        for table, ids in self.all_ids.items():
+            for i in range(0, len(ids), self.chunk):
+                duplicates += await self._conn.fetchval(
+                    QUERIES[f"verify_duplicates_{table}"],
+                    self.since,
+                    ids[i : i + self.chunk],
+                )
+        self.result.duplicates = int(duplicates)
+        return self.result

@@ -1,0 +1,183 @@
+"""Archive files of retired partitions: gzip'd COPY text plus a JSON manifest.
+
+A month's rows are written as PostgreSQL ``COPY ... (FORMAT text)`` output,
+one row per line (the text format escapes newlines inside values), so a file
+can be checked without a database: its line count is the row count and its
+sha256 is taken over the uncompressed bytes. Everything here is synchronous
+file work; the partition manager runs it in a thread.
+
+Durability: the partition is dropped once its archive is written, so the
+archive must survive a power loss that follows the DROP's commit. Every file
+is fsynced before it is renamed into place, and its directory after (a rename
+lives in the directory, not in the file), and a directory created for an
+archive is fsynced into its parent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ingest.core.errors import PartitionError
+
+FORMAT = "postgresql-copy-text+gzip"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an archive file holds: which table and range, how many rows, their checksum."""
+
+    table: str
+    partition: str
+    column: str
+    range_from: str
+    range_to: str
+    columns: list[str]
+    row_count: int
+    sha256: str
+    data_file: str
+    created_at: str
+    format: str = FORMAT
+
+    def save(self, path: Path) -> None:
+        """Write the manifest atomically and durably (fsynced, and its directory)."""
+        write_durably(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read a manifest; PartitionError when it is missing or malformed."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise PartitionError(
+                f"cannot read archive manifest {path}: {exc}",
+                hint="pass the .manifest.json written by `partitions maintain` in archive mode",
+            ) from exc
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the entries of ``directory`` (files created or renamed in it) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_directories(directory: Path) -> None:
+    """``mkdir -p`` whose new directories survive a power loss: each is fsynced into its
+    parent (and itself, once its first entry is written, by the caller)."""
+    missing: list[Path] = []
+    at = directory
+    while not at.is_dir():
+        missing.append(at)
+        if at.parent == at:
+            break
+        at = at.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):  # outermost first
+        fsync_directory(created.parent)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename the fsynced file ``tmp`` to ``path`` and fsync the directory, so that after
+    a crash ``path`` is either the old file or the whole new one, and stays there."""
+    tmp.replace(path)
+    fsync_directory(path.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: tmp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_durably(tmp, path)
+
+
+def paths(directory: Path, partition: str) -> tuple[Path, Path]:
+    """The data file and manifest of ``partition`` archived in ``directory``."""
+    return directory / f"{partition}.copy.gz", directory / f"{partition}.manifest.json"
+
+
+def manifest_path(given: Path) -> Path:
+    """The manifest of an archive named by either of its two files."""
+    if given.name.endswith(".manifest.json"):
+        return given
+    if given.name.endswith(".copy.gz"):
+        return given.with_name(given.name.removesuffix(".copy.gz") + ".manifest.json")
+    raise PartitionError(
+        f"{given} is not an archive file", hint="pass NAME.manifest.json or NAME.copy.gz"
+    )
+
+
+class ArchiveWriter:
+    """Streams COPY output into a gzip file, counting rows and hashing as it goes.
+
+    The file appears under its final name only after ``close``, so a crash
+    never leaves a truncated archive that looks complete.
+    """
+
+    def __init__(self, path: Path) -> None:
+        make_directories(path.parent)
+        self.path = path
+        self._tmp = path.with_name(path.name + ".tmp")
+        self._file = gzip.GzipFile(self._tmp, "wb", compresslevel=6)
+        self._sha = hashlib.sha256()
+        self.rows = 0
+
+    def write(self, data: bytes) -> None:
+        """Append a chunk of COPY output."""
+        self._sha.update(data)
+        self.rows += data.count(b"\n")
+        self._file.write(data)
+
+    def close(self) -> tuple[int, str]:
+        """Flush to disk and move into place, durably; returns (rows, sha256)."""
+        self._file.close()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        replace_durably(self._tmp, self.path)
+        return self.rows, self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Throw the partial file away."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def scan(path: Path) -> tuple[int, str]:
+    """Rows and sha256 of an archive data file, read back from disk."""
+    sha = hashlib.sha256()
+    rows = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            rows += chunk.count(b"\n")
+    return rows, sha.hexdigest()
+
+
+def verify(manifest: Manifest, data_path: Path) -> None:
+    """Raise PartitionError unless ``data_path`` holds exactly what ``manifest`` says."""
+    try:
+        rows, digest = scan(data_path)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise PartitionError(f"archive {data_path} is unreadable: {exc}") from exc
+    if (rows, digest) != (manifest.row_count, manifest.sha256):
+        raise PartitionError(
+            f"archive {data_path} does not match its manifest: {rows} rows sha256 {digest[:12]}, "
+            f"expected {manifest.row_count} rows sha256 {manifest.sha256[:12]}",
+            hint="the partition was kept; check the archive location's disk",
+        )
+
+
+def open_data(path: Path) -> gzip.GzipFile:
+    """The uncompressed COPY stream of an archive data file."""
+    return gzip.GzipFile(path, "rb")

@@ -1,0 +1,1 @@
+"""The embedded stack: PostgreSQL, the broker, and `eventpipe up`."""

@@ -1,0 +1,209 @@
+"""Helpers the test modules share: records, producing, loaders and reconciliation.
+
+Test modules import from here (or use fixtures of conftest.py), never from each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from consumers.loader import Loader
+from consumers.rows import (
+    BEHAVIOR,
+    TableSpec,
+)
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
+from ingest.core.topics import ensure_topics
+from ingest.partitions import PartitionManager
+from ingest.stack.broker import EmbeddedBroker
+
+
+def record(shop: ShopCredentials, **overrides: object) -> dict[str, object]:
+    now = datetime.now(UTC).isoformat()
+    data: dict[str, object] = {
+        "event_id": str(uuid.uuid4()),
+        "shop_id": str(shop.shop_id),
+        "session_id": "s",
+        "event_type": "click",
+        "page_url": "https://x/",
+        "timestamp": now,
+        "received_at": now,
+        "event_data": {},
+        "metadata": {},
+    }
+    data.update(overrides)
+    return data
+
+
+async def produce(settings: Settings, values: list[bytes], topic: str | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic or settings.topic_behavior, value, key=b"k")
+    finally:
+        await producer.stop()
+
+
+@asynccontextmanager
+async def running_loader(
+    settings: Settings, db: Database, spec: TableSpec = BEHAVIOR
+) -> AsyncIterator[Loader]:
+    async with Loader(settings, spec, db, PartitionManager(db)) as loader:
+        yield loader
+
+
+async def count_ids(db: Database, ids: list[str], table: str = "behavior_events") -> dict[str, int]:
+    rows = await db.pool.fetch(
+        f"SELECT event_id::text AS id, count(*) AS n FROM {table} "
+        "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
+        ids,
+    )
+    return {r["id"]: r["n"] for r in rows}
+
+
+SHOP = str(uuid.uuid4())  # the shop of records that need no shop row
+NOW = datetime(2026, 11, 25, 12, 30, 15, 123456, tzinfo=UTC).isoformat()
+
+
+def storefront(**fields: Any) -> dict[str, Any]:
+    """A storefront record (its fields overridden by ``fields``)."""
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "shop_id": SHOP,
+        "anon_id": "anon-1",
+        "session_id": "s-1",
+        "event_type": "add_to_cart",
+        "ts": NOW,
+        "props": {"value": 12.5, "items": [1, 2]},
+        "product_id": "gid://shopify/Product/1",
+        "experiment_id": None,
+        "variant": None,
+        "received_at": NOW,
+    }
+    return {**event, **fields}
+
+
+TABLES = {"behavior": "behavior_events", "storefront": "events"}
+
+
+async def produce_many(
+    settings: Settings, shop: ShopCredentials, n: int, stream: str = "behavior"
+) -> list[str]:
+    """Produce ``n`` records of ``stream`` over many sessions; returns their event ids."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    ids: list[str] = []
+    now = datetime.now(UTC).isoformat()
+    try:
+        futures = []
+        for i in range(n):
+            session = f"s{i % 97}"
+            data = (
+                record(shop, session_id=session)
+                if stream == "behavior"
+                else storefront(
+                    shop_id=str(shop.shop_id), session_id=session, ts=now, received_at=now
+                )
+            )
+            ids.append(str(data["event_id"]))
+            futures.append(
+                await producer.send(
+                    settings.topic_for(stream), orjson.dumps(data), key=session.encode()
+                )
+            )
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return ids
+
+
+async def reconcile(
+    db: Database, ids: list[str], table: str = "behavior_events"
+) -> tuple[int, int]:
+    """(missing, duplicated) among ``ids``."""
+    rows = await db.pool.fetch(
+        f"SELECT event_id::text AS id, count(*) AS n FROM {table} "
+        "WHERE event_id = ANY($1::uuid[]) GROUP BY 1",
+        ids,
+    )
+    counts = {r["id"]: r["n"] for r in rows}
+    return len(set(ids) - set(counts)), sum(1 for n in counts.values() if n > 1)
+
+
+async def loaded(db: Database, ids: list[str], table: str = "behavior_events") -> int:
+    return int(
+        await db.pool.fetchval(
+            f"SELECT count(*) FROM {table} WHERE event_id = ANY($1::uuid[])", ids
+        )
+    )
+
+
+def loader_process(
+    settings: Settings, *extra: str, stream: str = "behavior"
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "EVENTPIPE_POSTGRES_DSN": settings.dsn,
+        "EVENTPIPE_KAFKA_BOOTSTRAP": settings.bootstrap,
+        "EVENTPIPE_KAFKA_LOG_ID": settings.kafka_log_id,
+        "EVENTPIPE_TOPIC_BEHAVIOR": settings.topic_behavior,
+        "EVENTPIPE_TOPIC_STOREFRONT": settings.topic_storefront,
+        "EVENTPIPE_CONSUMER_GROUP": settings.consumer_group,
+        "EVENTPIPE_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "EVENTPIPE_BATCH_MAX_ROWS": "500",
+        "EVENTPIPE_LOADER_METRICS_PORT": "0",
+        "EVENTPIPE_LOG_LEVEL": "warning",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "ingest.cli", "loader", "--stream", stream, *extra], env=env
+    )
+
+
+async def at_least(db: Database, ids: list[str], n: int, table: str = "behavior_events") -> bool:
+    return await loaded(db, ids, table) >= n
+
+
+def batch(n: int = 5) -> list[dict[str, Any]]:
+    return [
+        {
+            "event_id": str(uuid.uuid4()),
+            "event_type": "click",
+            "session_id": f"s{i}",
+            "page_url": "https://x/",
+        }
+        for i in range(n)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def own_broker(
+    tmp_path: Path, settings: Settings
+) -> AsyncIterator[tuple[EmbeddedBroker, Settings]]:
+    """A broker of this test's own (it gets paused), and settings pointing at it."""
+    async with EmbeddedBroker(tmp_path / "broker") as broker:
+        own = settings.model_copy(
+            update={
+                "kafka_bootstrap": broker.bootstrap,
+                "kafka_log_id": broker.log_id,
+                "produce_timeout_s": 0.5,
+                "state_dir": tmp_path,
+            }
+        )
+        await ensure_topics(broker.bootstrap, [own.topic_behavior], partitions=own.topic_partitions)
+        yield broker, own

@@ -1,0 +1,329 @@
+"""The beacon end to end: headless Chromium -> collector -> Kafka -> loader -> PostgreSQL.
+
+Chromium is Debian's ``chromium`` package at ``/usr/bin/chromium``, driven by
+Playwright for Python (its bundled driver, no ``playwright install``: browsers
+are never downloaded). When it is missing the test installs it, as root, with
+
+    apt-get update && apt-get install -y --no-install-recommends chromium
+
+(CI runs as root, so ``make test`` does this on a fresh machine), and skips with
+the reason only when that is impossible.
+
+A test page is served from a second aiohttp server on 127.0.0.1 (another port
+than the collector: cross-origin, as on a real shop), with the README's snippet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from consumers.loader import Loader
+from consumers.rows import BEHAVIOR
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
+from ingest.partitions import PartitionManager
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1024, "height": 700}
+
+
+def _install_chromium() -> str | None:
+    """Install Debian's chromium if it is missing; the reason it can't be, or None."""
+    if CHROMIUM.exists():
+        return None
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this machine"
+    if os.geteuid() != 0:
+        return "not root, cannot apt-get install chromium"
+    for command, timeout in (
+        (["apt-get", "update", "-q"], 90),
+        (["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], 180),
+    ):
+        try:
+            subprocess.run(
+                command, env=APT_ENV, check=True, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.CalledProcessError as exc:
+            return f"{' '.join(command)} failed: {(exc.stderr or exc.stdout).strip()[-500:]}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(command)} failed: {exc}"
+    return None if CHROMIUM.exists() else f"{CHROMIUM} still missing after apt-get install"
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    """Headless Debian Chromium (installed on demand), driven by Playwright's async API."""
+    playwright_api = pytest.importorskip("playwright.async_api")
+    reason = await asyncio.to_thread(_install_chromium)
+    if reason is not None:
+        pytest.skip(f"chromium could not be installed: {reason}")
+    async with playwright_api.async_playwright() as pw:
+        # launch() gives each browser a fresh temporary user-data dir.
+        chromium = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+def _page(collector: str, write_key: str, title: str, body: str, options: str = "") -> str:
+    snippet = (
+        f'<script src="{collector}/v1/beacon.js" data-write-key="{write_key}"{options} async>'
+        "</script>"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"{snippet}</head><body>{body}</body></html>"
+    )
+
+
+PAGE_1 = """
+<div id="main">
+  <button id="buy" class="buy primary">Buy now</button>
+  <form id="checkout" action="/thanks">
+    <input id="email" name="email" type="email"> <button type="submit">Order</button>
+  </form>
+  <div style="height: 4000px">a long page</div>
+  <a id="next" href="/page2">Next page</a>
+</div>
+<script>addEventListener("scroll", () => { window.scrolled = true; }, {passive: true});</script>
+"""
+PAGE_2 = '<div id="main"><h1>Page two</h1><button id="ok">OK</button></div>'
+
+
+@dataclass
+class Site:
+    """The test shop's pages, on their own origin."""
+
+    url: str
+
+
+@pytest.fixture
+async def site(collector: str, shop: ShopCredentials) -> AsyncIterator[Site]:
+    """Page 1 (button, form, long page, link), page 2, and ``/dnt`` pages with the snippet."""
+
+    def html(title: str, body: str, options: str = "") -> web.Response:
+        return web.Response(
+            text=_page(collector, shop.write_key, title, body, options), content_type="text/html"
+        )
+
+    async def page1(request: web.Request) -> web.Response:
+        return html("Page one", PAGE_1, ' data-flush-interval="60000"')
+
+    async def page2(request: web.Request) -> web.Response:
+        return html("Page two", PAGE_2, ' data-flush-interval="60000"')
+
+    async def dnt(request: web.Request) -> web.Response:
+        respect = request.query.get("respect", "true")
+        return html("DNT", PAGE_2, f' data-respect-dnt="{respect}"')
+
+    app = web.Application()
+    app.router.add_get("/page1", page1)
+    app.router.add_get("/page2", page2)
+    app.router.add_get("/dnt", dnt)
+    app.router.add_get("/thanks", page2)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    port = runner.addresses[0][1]
+    try:
+        yield Site(f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def loader(settings: Settings, db: Database) -> AsyncIterator[Loader]:
+    """The behavior loader, in-process, on this test's topics."""
+    async with Loader(settings, BEHAVIOR, db, PartitionManager(db)) as running:
+        yield running
+
+
+JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
+
+
+async def _events(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
+    rows = await db.pool.fetch(
+        "SELECT * FROM behavior_events WHERE shop_id = $1 ORDER BY timestamp, event_type",
+        shop.shop_id,
+    )
+    out = [dict(r) for r in rows]
+    for event in out:
+        for name in JSON_COLUMNS:
+            if isinstance(event[name], str):
+                event[name] = json.loads(event[name])
+    return out
+
+
+def _of(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event_type"] == event_type]
+
+
+async def test_browser_session_lands_in_behavior_events_and_user_sessions(
+    browser: Any, site: Site, loader: Loader, db: Database, shop: ShopCredentials
+) -> None:
+    page_1, page_2 = f"{site.url}/page1", f"{site.url}/page2"
+    context = await browser.new_context(viewport=VIEWPORT)
+    page = await context.new_page()
+    ready = "window.eventpipe && window.eventpipe.version"
+    await page.goto(page_1)
+    await page.wait_for_function(ready)
+    await page.click("#buy")
+    await page.click("#buy", click_count=4)  # a rage click: 4 clicks in one burst
+    await page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+    await page.wait_for_function("window.scrolled === true")
+    await page.locator("#email").press_sequentially("ada@example.com")
+    await page.click("#next")  # navigate: page 1's pagehide flushes its batch
+    await page.wait_for_url(page_2)
+    await page.wait_for_function(ready)
+    await page.close()  # pagehide on page 2 flushes its page view
+    await context.close()
+
+    wanted = {"page_view", "click", "rage_click", "scroll_depth", "form_start", "form_abandon"}
+
+    async def landed() -> bool:
+        events = await _events(db, shop)
+        session = await db.pool.fetchrow(
+            "SELECT page_count FROM user_sessions WHERE shop_id = $1", shop.shop_id
+        )
+        return (
+            wanted <= {e["event_type"] for e in events}
+            and len(_of(events, "page_view")) >= 2
+            and session is not None
+            and session["page_count"] >= 2
+        )
+
+    await wait_for(landed)
+    events = await _events(db, shop)
+    assert len({e["session_id"] for e in events}) == 1, "one session across both pages"
+    views = _of(events, "page_view")
+    assert [v["page_url"] for v in views] == [page_1, page_2]
+    assert views[0]["metadata"]["title"] == "Page one"
+    assert views[1]["metadata"]["referrer"] == page_1
+
+    clicks = _of(events, "click")
+    buy = [c for c in clicks if c["element_path"].endswith("button#buy.buy.primary")]
+    assert len(buy) == 5, clicks
+    assert buy[0]["element_path"] == "body > div#main > button#buy.buy.primary"
+    assert buy[0]["element_type"] == "button"
+    assert buy[0]["element_text"] == "Buy now"
+    assert set(buy[0]["coordinates"]) == {"x", "y"}
+    assert buy[0]["viewport_size"] == VIEWPORT
+    assert any(c["element_path"].endswith("a#next") for c in clicks)
+
+    (rage,) = _of(events, "rage_click")
+    assert rage["element_path"] == buy[0]["element_path"]
+    assert rage["event_data"]["clicks"] >= 3
+    depths = {e["event_data"]["percentage"] for e in _of(events, "scroll_depth")}
+    assert {25, 50, 75, 100} <= depths
+    (start,) = _of(events, "form_start")
+    (abandon,) = _of(events, "form_abandon")
+    assert start["element_path"] == abandon["element_path"] == "body > div#main > form#checkout"
+    assert start["event_data"]["field"] == "email"
+    assert not _of(events, "form_submit")
+    assert {e["page_url"] for e in events if e["event_type"] != "page_view"} == {page_1}
+
+    session = await db.pool.fetchrow("SELECT * FROM user_sessions WHERE shop_id = $1", shop.shop_id)
+    assert session is not None
+    assert session["session_id"] == events[0]["session_id"]
+    assert session["landing_page"] == page_1
+    assert session["exit_page"] == page_2
+    assert session["page_count"] == 2
+    assert session["first_seen_at"] < session["last_seen_at"]
+
+
+async def test_do_not_track_sends_nothing(
+    browser: Any, site: Site, loader: Loader, db: Database, shop: ShopCredentials
+) -> None:
+    context = await browser.new_context(viewport=VIEWPORT)
+    await context.add_init_script(
+        "Object.defineProperty(Navigator.prototype, 'doNotTrack', {get: () => '1'});"
+    )
+    posted: list[str] = []
+    context.on("request", lambda r: posted.append(r.url) if "/v1/behavior" in r.url else None)
+    page = await context.new_page()
+    for respect in ("true", "false"):  # with DNT respected, then a control page ignoring it
+        await page.goto(f"{site.url}/dnt?respect={respect}")
+        await page.wait_for_function("window.eventpipe && window.eventpipe.version")
+        await page.click("#ok")
+        await page.evaluate("window.eventpipe.flush()")
+    await page.close()
+    await context.close()
+
+    async def control_landed() -> bool:
+        return any(e["page_url"].endswith("respect=false") for e in await _events(db, shop))
+
+    await wait_for(control_landed)
+    events = await _events(db, shop)
+    assert {e["page_url"] for e in events} == {f"{site.url}/dnt?respect=false"}
+    assert {e["event_type"] for e in events} == {"page_view", "click"}
+    assert len(posted) == 1, posted
+
+
+async def test_hesitation_errors_and_form_submit(
+    browser: Any, site: Site, loader: Loader, db: Database, shop: ShopCredentials
+) -> None:
+    context = await browser.new_context(viewport=VIEWPORT)
+    page = await context.new_page()
+    await page.clock.install()  # a fake clock: hesitate 2 s without waiting 2 s
+    await page.goto(f"{site.url}/page1")
+    await page.wait_for_function("window.eventpipe && window.eventpipe.version")
+    await page.hover("#buy")
+    await page.clock.fast_forward(2000)
+    await page.click("#buy")
+    await page.add_script_tag(content="throw new Error('boom');")
+    await page.add_script_tag(content="Promise.reject(new Error('nope'));")
+    await page.locator("#email").press_sequentially("ada@example.com")
+    await page.click("button[type=submit]")  # submits, navigates to /thanks
+    await page.wait_for_url(f"{site.url}/thanks?email=ada%40example.com")
+    await page.close()
+    await context.close()
+
+    wanted = {"page_view", "click", "hesitation", "error", "form_start", "form_submit"}
+
+    async def landed() -> bool:
+        events = await _events(db, shop)
+        return wanted <= {e["event_type"] for e in events} and len(_of(events, "error")) >= 2
+
+    await wait_for(landed)
+    events = await _events(db, shop)
+    (hesitation,) = _of(events, "hesitation")
+    assert hesitation["element_path"] == "body > div#main > button#buy.buy.primary"
+    assert hesitation["event_data"]["hesitation_ms"] >= 1500
+    errors = {e["event_data"]["message"]: e["event_data"] for e in _of(events, "error")}
+    assert len(errors) == 2, errors
+    (boom,) = (data for message, data in errors.items() if "boom" in message)
+    (nope,) = (data for message, data in errors.items() if "nope" in message)
+    assert boom["line"] == 1
+    assert nope["source"] == "unhandledrejection"
+    assert len(_of(events, "form_submit")) == 1
+    assert not _of(events, "form_abandon")

@@ -1,0 +1,568 @@
+"""Partition manager on real PostgreSQL: creation ahead, retention, archive, locks, status."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gzip
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from ingest.cli import main
+from ingest.core.db import Database
+from ingest.core.errors import MaintenanceLocked, OutsideRetentionWindow, PartitionError
+from ingest.core.identifiers import BadIdentifier, ident
+from ingest.core.migrate import migrate
+from ingest.partitions import (
+    PartitionManager,
+    Policy,
+    add_months,
+    bound_month,
+    month_bound,
+    month_start,
+    partition_name,
+    shift_months,
+)
+
+
+def test_month_math() -> None:
+    assert add_months(date(2026, 11, 1), 3) == date(2027, 2, 1)
+    assert add_months(date(2026, 1, 1), -1) == date(2025, 12, 1)
+    # 23:30 on Oct 31 in New York is November in UTC.
+    from zoneinfo import ZoneInfo
+
+    late = datetime(2026, 10, 31, 23, 30, tzinfo=ZoneInfo("America/New_York"))
+    assert month_start(late) == date(2026, 11, 1)
+    assert partition_name("events", date(2027, 2, 1)) == "events_p2027_02"
+    assert bound_month("FOR VALUES FROM ('2026-10-31 19:00:00-05') TO ('x')") == date(2026, 11, 1)
+
+
+def test_identifiers_are_checked() -> None:
+    assert ident("behavior_events") == '"behavior_events"'
+    for bad in ['x"; DROP TABLE shops; --', "Events", "", "a b"]:
+        with pytest.raises(BadIdentifier):
+            ident(bad)
+
+
+def test_window() -> None:
+    policy = Policy("events", "ts", 3, timedelta(days=90), "drop", None)
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    assert policy.window(now) == (date(2026, 8, 1), date(2027, 2, 1))
+
+
+def test_the_current_month_is_never_expired() -> None:
+    """The guard alone: even a policy whose cutoff lies ahead keeps the month being written."""
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    ahead = Policy("events", "ts", 3, timedelta(days=-40), "drop", None)
+    assert ahead.cutoff(now) is not None and ahead.cutoff(now) > now  # type: ignore[operator]
+    assert not ahead.expired(date(2026, 11, 1), now)
+    assert ahead.expired(date(2026, 10, 1), now)  # an earlier month does expire
+
+
+async def _bounds(db: Database, table: str) -> dict[str, str]:
+    rows = await db.pool.fetch(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS b FROM pg_inherits i "
+        "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = $1::regclass",
+        table,
+    )
+    return {r["relname"]: r["b"] for r in rows}
+
+
+async def test_ensure_months_creates_on_demand_and_refuses_outside(db: Database) -> None:
+    manager = PartitionManager(db)
+    now = datetime.now(UTC)
+    this_month = month_start(now)
+    await manager.ensure_months("behavior_events", {this_month, add_months(this_month, -1)})
+    names = await _bounds(db, "behavior_events")
+    assert partition_name("behavior_events", add_months(this_month, -1)) in names
+    with pytest.raises(OutsideRetentionWindow, match="outside the window"):
+        await manager.ensure_months("behavior_events", {add_months(this_month, 12)})
+    with pytest.raises(OutsideRetentionWindow):
+        await manager.ensure_months("behavior_events", {add_months(this_month, -12)})
+
+
+async def test_boundaries_ignore_session_time_zone(pg_dsn: str, db: Database) -> None:
+    month = add_months(month_start(datetime.now(UTC)), 4)
+    async with Database(pg_dsn, server_settings={"timezone": "Asia/Kolkata"}) as kolkata:
+        manager = PartitionManager(kolkata)
+        assert await manager.create(await manager.policy("events"), month)
+    bound = (await _bounds(db, "events"))[partition_name("events", month)]
+    assert f"FROM ('{month.isoformat()} 00:00:00+00')" in bound
+
+
+async def test_racing_creators_make_one_partition(pg_dsn: str) -> None:
+    month = add_months(month_start(datetime.now(UTC)), 5)
+    async with Database(pg_dsn, max_size=4) as a, Database(pg_dsn, max_size=4) as b:
+        managers = [PartitionManager(d) for d in (a, b, a, b)]
+        policy = await managers[0].policy("events")
+        results = await asyncio.gather(*(m.create(policy, month) for m in managers))
+    assert sorted(results) == [False, False, False, True]
+
+
+async def test_maintain_is_idempotent(db: Database) -> None:
+    manager = PartitionManager(db)
+    await manager.maintain()
+    assert (await manager.maintain()).actions == []
+    months = await manager.existing_months("behavior_events")
+    this_month = month_start(datetime.now(UTC))
+    assert {add_months(this_month, n) for n in range(4)} <= months
+
+
+# -- isolated catalogs: each test below works in a fresh, migrated database -------------------
+
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+BEHAVIOR_MONTHS = {add_months(date(2026, 8, 1), n) for n in range(7)}  # 2026-08 .. 2027-02
+
+
+@pytest.fixture
+async def fresh(scratch_database: Any) -> AsyncIterator[Database]:
+    """A migrated database of this test's own, with only the behavior_events policy."""
+    dsn = await scratch_database()
+    await migrate(dsn)
+    async with Database(dsn, max_size=4) as database:
+        await database.pool.execute("DELETE FROM partition_policies WHERE table_name = 'events'")
+        yield database
+
+
+async def _insert(
+    db: Database, when: datetime, shop: uuid.UUID | None = None, **extra: Any
+) -> None:
+    await db.pool.execute(
+        "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, page_url, "
+        '"timestamp", received_at, element_text, coordinates) '
+        "VALUES ($1, $2, 's1', 'click', 'https://x/', $3, $3, $4, $5)",
+        uuid.uuid4(),
+        shop or uuid.uuid4(),
+        when,
+        extra.get("text"),
+        extra.get("coordinates"),
+    )
+
+
+async def _catalog(db: Database) -> list[tuple[Any, ...]]:
+    rows = await db.pool.fetch(
+        "SELECT c.relname, c.relkind, c.relispartition, pg_get_expr(c.relpartbound, c.oid), "
+        "c.relacl::text, c.relowner, "
+        "(SELECT count(*) FROM pg_constraint k WHERE k.conrelid = c.oid) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' ORDER BY 1"
+    )
+    return [tuple(r) for r in rows]
+
+
+async def _set_mode(db: Database, mode: str, location: Path | None = None) -> None:
+    await db.pool.execute(
+        "UPDATE partition_policies SET retention_mode = $1, archive_location = $2 "
+        "WHERE table_name = 'behavior_events'",
+        mode,
+        str(location) if location else None,
+    )
+
+
+async def _old_months(db: Database, manager: PartitionManager, rows_per_month: int = 3) -> None:
+    """Partitions 2026-03 .. 2026-07 (past 90-day retention at NOW), each with rows."""
+    policy = await manager.policy("behavior_events")
+    for n in range(5):
+        month = add_months(date(2026, 3, 1), n)
+        await manager.create(policy, month)
+        for i in range(rows_per_month):
+            await _insert(db, month_bound(month) + timedelta(days=i, hours=3))
+
+
+async def test_creates_ahead_and_fills_gaps(fresh: Database) -> None:
+    manager = PartitionManager(fresh)
+    report = await manager.maintain(NOW)
+    assert {m for _, m in report.created} == BEHAVIOR_MONTHS
+    assert await manager.existing_months("behavior_events") == BEHAVIOR_MONTHS
+    await fresh.pool.execute("DROP TABLE behavior_events_p2026_10")  # a gap
+    assert (await manager.maintain(NOW)).created == [("behavior_events", date(2026, 10, 1))]
+    assert (await manager.maintain(NOW)).actions == []
+    assert (await manager.status(NOW)).healthy
+
+
+async def test_dry_run_changes_nothing(fresh: Database) -> None:
+    manager = PartitionManager(fresh)
+    await _old_months(fresh, manager)
+    shop = await fresh.pool.fetchval(
+        "INSERT INTO shops (domain, webhook_secret, settings) "
+        "VALUES ('d.myshopify.com', 's', '{\"data_retention_days\": 1}') RETURNING id"
+    )
+    await manager.create(await manager.policy("behavior_events"), date(2026, 11, 1))
+    await _insert(fresh, NOW - timedelta(days=3), shop)
+    before = await _catalog(fresh)
+    report = await manager.maintain(NOW, dry_run=True)
+    assert await _catalog(fresh) == before
+    assert await fresh.pool.fetchval("SELECT count(*) FROM behavior_events") == 16
+    kinds = {a.kind for a in report.actions}
+    assert kinds == {"create", "drop", "purge_shop"}
+    statements = "\n".join(s for a in report.actions for s in a.statements)
+    assert "ATTACH PARTITION" in statements
+    assert 'DETACH PARTITION "behavior_events_p2026_03" CONCURRENTLY' in statements
+    assert "DELETE FROM" in statements and "LIMIT 5000" in statements
+
+
+async def test_retention_drop_keeps_partly_retained_month(fresh: Database) -> None:
+    manager = PartitionManager(fresh)
+    await _old_months(fresh, manager)
+    report = await manager.maintain(NOW)
+    dropped = {a.month for a in report.actions if a.kind == "drop"}
+    assert dropped == {add_months(date(2026, 3, 1), n) for n in range(5)}
+    assert await manager.existing_months("behavior_events") == BEHAVIOR_MONTHS
+    assert await manager.detached("behavior_events") == []
+    assert (await manager.maintain(NOW)).actions == []
+    # The month holding now is never past retention, even with a zero retention.
+    policy = Policy("behavior_events", "timestamp", 3, timedelta(0), "drop", None)
+    assert not policy.expired(month_start(NOW), NOW)
+
+
+async def test_retention_detach_keeps_tables(fresh: Database) -> None:
+    manager = PartitionManager(fresh)
+    await _old_months(fresh, manager)
+    await _set_mode(fresh, "detach")
+    report = await manager.maintain(NOW)
+    assert {a.kind for a in report.actions} == {"create", "detach"}
+    assert len(await manager.detached("behavior_events")) == 5
+    assert await fresh.pool.fetchval("SELECT count(*) FROM behavior_events_p2026_03") == 3
+    assert await fresh.pool.fetchval("SELECT count(*) FROM behavior_events") == 0
+    assert (await manager.maintain(NOW)).actions == []
+    assert (await manager.status(NOW)).healthy
+
+
+async def test_archive_verify_drop_and_restore(fresh: Database, tmp_path: Path) -> None:
+    manager = PartitionManager(fresh)
+    policy = await manager.policy("behavior_events")
+    await manager.create(policy, date(2026, 4, 1))
+    odd = ["tab\there", "new\nline", "back\\slash", "ünïcødé ✓", None, "", "\\N"]
+    for i, text in enumerate(odd):
+        await _insert(
+            fresh, datetime(2026, 4, 2 + i, tzinfo=UTC), text=text, coordinates='{"x": 1}'
+        )
+    select = "SELECT * FROM behavior_events_p2026_04 ORDER BY event_id"
+    original = [tuple(r) for r in await fresh.pool.fetch(select)]
+    # An archive location that cannot be written: nothing may be dropped.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    await _set_mode(fresh, "archive", blocker)
+    with pytest.raises((OSError, PartitionError)):
+        await manager.maintain(NOW)
+    assert await fresh.pool.fetchval("SELECT count(*) FROM behavior_events_p2026_04") == 7
+    assert not (await manager.status(NOW)).healthy  # retention overdue
+    await _set_mode(fresh, "archive", tmp_path / "archive")
+    report = await manager.maintain(NOW)
+    archived = [a for a in report.actions if a.kind == "archive"]
+    assert [(a.partition, a.rows) for a in archived] == [("behavior_events_p2026_04", 7)]
+    assert await fresh.pool.fetchval("SELECT to_regclass('behavior_events_p2026_04')") is None
+    manifest_file = tmp_path / "archive/behavior_events/behavior_events_p2026_04.manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["row_count"] == 7 and manifest["range_from"].startswith("2026-04-01T00:00")
+    restored = await manager.restore(manifest_file)
+    assert restored.rows == 7
+    assert [tuple(r) for r in await fresh.pool.fetch(select)] == original
+    with pytest.raises(PartitionError, match="holds rows"):
+        await manager.restore(manifest_file)
+
+
+async def test_archive_is_fsynced_before_the_drop(
+    fresh: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power loss after DROP TABLE commits must not lose the month: the archive file, its
+    manifest, their directory (and the new directory's own entry) are on disk first."""
+    import os
+
+    import asyncpg
+
+    events: list[tuple[str, str, int]] = []  # (what, path or statement, inode)
+    real_fsync = os.fsync
+    real_execute = asyncpg.Connection.execute
+
+    def fsync(fd: int) -> None:
+        # The path the fd has at fsync time (a temporary name, for a file renamed later)
+        # and its inode, which the final file keeps.
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    async def execute(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> str:
+        if query.startswith("DROP TABLE"):
+            events.append(("drop", query, 0))
+        return await real_execute(self, query, *args, **kw)
+
+    manager = PartitionManager(fresh)
+    await _old_months(fresh, manager, rows_per_month=2)
+    location = tmp_path / "archive"  # does not exist yet: created by the archive
+    await _set_mode(fresh, "archive", location)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+    report = await manager.maintain(NOW)
+    monkeypatch.undo()
+    archived = [a.partition for a in report.actions if a.kind == "archive"]
+    assert len(archived) == 5
+    directory = location / "behavior_events"
+    drops = [i for i, e in enumerate(events) if e[0] == "drop"]
+    assert len(drops) == 5
+    for name, drop in zip(archived, drops, strict=True):
+        assert name in events[drop][1]
+        before = events[:drop]
+        data = directory / f"{name}.copy.gz"
+        manifest = directory / f"{name}.manifest.json"
+        synced_inodes = {ino for what, _, ino in before if what == "fsync"}
+        synced_paths = {path for what, path, _ in before if what == "fsync"}
+        assert data.stat().st_ino in synced_inodes, f"{data} not fsynced before its DROP"
+        assert manifest.stat().st_ino in synced_inodes, f"{manifest} not fsynced before DROP"
+        # The renames into place, and the new directory's entry, are durable too.
+        assert str(directory) in synced_paths, "archive directory not fsynced before DROP"
+        assert str(location) in synced_paths, "parent of the new directory not fsynced"
+        # The directory is fsynced after both renames (the last fsync of it follows
+        # the fsync of the manifest's inode).
+        last_dir = max(i for i, e in enumerate(before) if e[:2] == ("fsync", str(directory)))
+        manifest_sync = max(
+            i for i, e in enumerate(before) if e[0] == "fsync" and e[2] == manifest.stat().st_ino
+        )
+        assert last_dir > manifest_sync
+
+
+async def test_restore_refuses_a_corrupt_archive(fresh: Database, tmp_path: Path) -> None:
+    manager = PartitionManager(fresh)
+    await _old_months(fresh, manager, rows_per_month=2)
+    await _set_mode(fresh, "archive", tmp_path)
+    await manager.maintain(NOW)
+    data = tmp_path / "behavior_events/behavior_events_p2026_05.copy.gz"
+    with gzip.open(data, "rb") as f:
+        rows = f.read()
+    with gzip.open(data, "wb") as f:
+        f.write(rows.replace(b"click", b"hover", 1))
+    with pytest.raises(PartitionError, match="does not match its manifest"):
+        await manager.restore(data)
+    assert await fresh.pool.fetchval("SELECT to_regclass('behavior_events_p2026_05')") is None
+
+
+async def test_concurrent_maintain_runs_take_turns(fresh: Database) -> None:
+    async with Database(fresh.dsn, max_size=3) as a, Database(fresh.dsn, max_size=3) as b:
+        holder = await a.pool.acquire()
+        assert await holder.fetchval(a.q["pm_maintenance_try_lock"])
+        with pytest.raises(MaintenanceLocked) as caught:
+            await PartitionManager(b, lock_wait_s=0.3).maintain(NOW)
+        assert caught.value.exit_code == 6
+        await holder.fetchval(a.q["pm_maintenance_unlock"])
+        await a.pool.release(holder)
+        reports = await asyncio.gather(
+            PartitionManager(a).maintain(NOW), PartitionManager(b).maintain(NOW)
+        )
+    created = [set(r.created) for r in reports]
+    assert not created[0] & created[1]
+    assert {m for _, m in created[0] | created[1]} == BEHAVIOR_MONTHS
+
+
+async def test_session_time_zone_gives_same_boundaries(scratch_database: Any) -> None:
+    edge = datetime(2026, 11, 30, 23, 30, tzinfo=UTC)  # already December east of UTC
+    bounds = []
+    for zone in ("UTC", "Pacific/Kiritimati", "America/Los_Angeles"):
+        dsn = await scratch_database()
+        await migrate(dsn)
+        async with Database(dsn, server_settings={"timezone": zone}) as db:
+            await PartitionManager(db).maintain(edge, table="behavior_events")
+        async with Database(dsn) as utc:
+            bounds.append(await _bounds(utc, "behavior_events"))
+    assert bounds[0] == bounds[1] == bounds[2]
+    assert "behavior_events_p2027_02" in bounds[0] and "behavior_events_p2027_03" not in bounds[0]
+    assert bounds[0]["behavior_events_p2026_11"] == (
+        "FOR VALUES FROM ('2026-11-01 00:00:00+00') TO ('2026-12-01 00:00:00+00')"
+    )
+
+
+async def test_stray_future_row_creates_nothing_beyond_policy(fresh: Database) -> None:
+    manager = PartitionManager(fresh)
+    with pytest.raises(OutsideRetentionWindow) as caught:
+        await manager.ensure_months("behavior_events", {date(2031, 5, 1)}, now=NOW)
+    assert caught.value.reason == "too_new"
+    # An operator made a partition years ahead and a row landed in it.
+    await manager.create(await manager.policy("behavior_events"), date(2030, 1, 1))
+    await _insert(fresh, datetime(2030, 1, 5, tzinfo=UTC))
+    await manager.maintain(NOW)
+    assert await manager.existing_months("behavior_events") == BEHAVIOR_MONTHS | {date(2030, 1, 1)}
+
+
+async def test_inserts_continue_while_maintenance_runs(fresh: Database) -> None:
+    now = datetime.now(UTC)
+    this_month = month_start(now)
+    manager = PartitionManager(fresh)
+    await manager.maintain(now)
+    policy = await manager.policy("behavior_events")
+    for n in (-9, -8, -7):
+        await manager.create(policy, add_months(this_month, n))
+        await _insert(fresh, month_bound(add_months(this_month, n)) + timedelta(days=1))
+    await fresh.pool.execute(
+        f"DROP TABLE {partition_name('behavior_events', add_months(this_month, 3))}"
+    )
+    stop = asyncio.Event()
+    gaps: list[float] = []
+    errors: list[BaseException] = []
+
+    async def writer(db: Database) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while not stop.is_set():
+            try:
+                await _insert(db, now)
+            except Exception as exc:
+                errors.append(exc)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+            await asyncio.sleep(0.005)
+
+    async with Database(fresh.dsn, max_size=2) as wdb:
+        task = asyncio.create_task(writer(wdb))
+        await asyncio.sleep(0.2)
+        first = await manager.maintain(now)
+        second = await manager.maintain(shift_months(now, 1))
+        await asyncio.sleep(0.2)
+        stop.set()
+        await task
+    kinds = [a.kind for a in first.actions + second.actions]
+    assert kinds.count("create") == 2 and kinds.count("drop") >= 3
+    assert errors == []
+    assert len(gaps) > 20 and max(gaps) < 1.5
+
+
+async def test_new_partitions_carry_owner_grants_rls_indexes(fresh: Database) -> None:
+    tag = uuid.uuid4().hex[:8]
+    owner, reader = f"ep_owner_{tag}", f"ep_reader_{tag}"
+    pool = fresh.pool
+    await pool.execute(f"CREATE ROLE {owner}; CREATE ROLE {reader}")
+    try:
+        await pool.execute(
+            f"ALTER TABLE behavior_events OWNER TO {owner}; "
+            f"GRANT SELECT, INSERT ON behavior_events TO {reader}; "
+            "ALTER TABLE behavior_events ENABLE ROW LEVEL SECURITY"
+        )
+        await PartitionManager(fresh).maintain(NOW)
+        child = "behavior_events_p2026_12"
+        row = await pool.fetchrow(
+            "SELECT pg_get_userbyid(relowner) AS owner, relrowsecurity FROM pg_class "
+            "WHERE relname = $1",
+            child,
+        )
+        assert row["owner"] == owner and row["relrowsecurity"]
+        assert await pool.fetchval("SELECT has_table_privilege($1, $2, 'INSERT')", reader, child)
+        indexes = "SELECT count(*) FROM pg_index WHERE indrelid = $1::regclass"
+        assert await pool.fetchval(indexes, child) == await pool.fetchval(
+            indexes, "behavior_events"
+        )
+    finally:
+        who = await pool.fetchval("SELECT current_user")
+        await pool.execute(
+            f"REASSIGN OWNED BY {owner} TO {who}; DROP OWNED BY {owner}, {reader}; "
+            f"DROP ROLE {owner}; DROP ROLE {reader}"
+        )
+
+
+async def test_shop_retention_deletes_in_batches(fresh: Database) -> None:
+    shops = await fresh.pool.fetch(
+        "INSERT INTO shops (domain, webhook_secret, settings) VALUES "
+        "('short.myshopify.com', 's', '{\"data_retention_days\": 30}'), "
+        "('long.myshopify.com', 's', '{\"data_retention_days\": 400}'), "
+        "('plain.myshopify.com', 's', '{}') RETURNING id, domain"
+    )
+    ids = {r["domain"].split(".")[0]: r["id"] for r in shops}
+    manager = PartitionManager(fresh, batch_rows=2)
+    await manager.maintain(NOW)
+    for name, shop in ids.items():
+        for days in (60, 50, 45, 40, 35, 10, 1):
+            await _insert(fresh, NOW - timedelta(days=days), shop)
+        assert name
+    report = await manager.maintain(NOW)
+    purges = [a for a in report.actions if a.kind == "purge_shop"]
+    assert sum(a.rows for a in purges) == 5
+    assert {a.note.split(":")[0] for a in purges} == {f"shop {ids['short']}"}
+    count = "SELECT count(*) FROM behavior_events WHERE shop_id = $1"
+    assert [await fresh.pool.fetchval(count, ids[n]) for n in ("short", "long", "plain")] == [
+        2,
+        7,
+        7,
+    ]
+    assert (await manager.maintain(NOW)).actions == []
+
+
+async def test_status_warnings_and_default_partition_rows(fresh: Database) -> None:
+    manager = PartitionManager(fresh)
+    report = await manager.status(NOW)
+    assert not report.healthy and report.tables[0].missing_ahead == 4
+    await fresh.pool.execute(
+        "INSERT INTO partition_policies (table_name, partition_column) VALUES ('ghost', 'ts')"
+    )
+    await manager.maintain(NOW)
+    warnings = (await manager.status(NOW)).warnings
+    assert warnings == ["ghost: policy names a table that is missing or not partitioned"]
+    await fresh.pool.execute("DELETE FROM partition_policies WHERE table_name = 'ghost'")
+    # Someone added a default partition and a row for a month not made yet landed there.
+    await fresh.pool.execute(
+        "CREATE TABLE behavior_events_default PARTITION OF behavior_events DEFAULT"
+    )
+    await _insert(fresh, datetime(2027, 3, 10, tzinfo=UTC))
+    status = await manager.status(NOW)
+    assert status.tables[0].default_rows == 1 and not status.healthy
+    later = shift_months(NOW, 1)
+    report = await manager.maintain(later)
+    assert ("behavior_events", date(2027, 3, 1)) in report.created
+    detach = [s for a in report.actions for s in a.statements if "DETACH" in s]
+    assert detach and not any("CONCURRENTLY" in s for s in detach)  # refused with a default
+    assert await fresh.pool.fetchval("SELECT count(*) FROM behavior_events_p2027_03") == 1
+    assert (await manager.status(later)).healthy
+
+
+async def test_cli_status_maintain_policy(
+    fresh: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI end to end; main() reconfigures structlog, so the config is restored after."""
+    saved = structlog.get_config()
+    try:
+        await _cli(fresh, capsys)
+    finally:
+        structlog.configure(**saved)
+
+
+async def _cli(fresh: Database, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--postgres-dsn", fresh.dsn]
+    run = functools.partial(asyncio.to_thread, main)
+    assert await run(["partitions", "status", "--json", *common]) == 1
+    assert json.loads(capsys.readouterr().out)["healthy"] is False
+    assert await run(["partitions", "maintain", "--dry-run", "--json", *common]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["dry_run"] and len(planned["actions"]) == 7
+    assert await run(["partitions", "maintain", *common]) == 0
+    assert await run(["partitions", "status", *common]) == 0
+    out = capsys.readouterr().out
+    assert "healthy" in out and "behavior_events_p" in out
+    assert (
+        await run(
+            [
+                "partitions",
+                "policy",
+                "behavior_events",
+                "--retention",
+                "30 days",
+                "--mode",
+                "detach",
+                "--json",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)[0]["retention"] == "30 days"
+    for bad in ("0 days", "-1 month"):  # would retire the month being written: refused
+        args = ["partitions", "policy", "behavior_events", "--retention", bad]
+        assert await run([*args, *common]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert any("is not positive" in line for line in err), err
+    with pytest.raises(Exception, match="partition_policies_retention_positive"):
+        await fresh.pool.execute(
+            "UPDATE partition_policies SET retention = INTERVAL '-1 day' "
+            "WHERE table_name = 'behavior_events'"
+        )
