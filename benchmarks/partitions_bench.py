@@ -35,7 +35,7 @@ import asyncpg
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest.core.db import Database
+from ingest.core.db import Database, queries
 from ingest.core.migrate import migrate
 from ingest.partitions import PartitionManager, shift_months
 from ingest.stack.postgres import EmbeddedPostgres
@@ -90,7 +90,7 @@ async def bench(dsn: str, rounds: int) -> dict[str, Any]:
         noop = await _median(lambda: manager.maintain(now), rounds)
         select1 = await _median(lambda: db.pool.fetchval("SELECT 1"), rounds)
         listing = await _median(
-            lambda: db.pool.fetch(db.q["pm_children"], "behavior_events"), rounds
+            lambda: queries.fetch(db.pool, "pm_children", "behavior_events"), rounds
         )
         stop = asyncio.Event()
         writer = asyncio.create_task(_writer_gaps(dsn, now, stop))

@@ -18,7 +18,7 @@ import orjson
 
 from consumers import binary_copy
 from consumers.rows import Encoded, Row, TableSpec
-from ingest.core.db import QUERIES
+from ingest.core.db import queries
 from ingest.core.identifiers import ident
 
 # Errors that belong to a row, not to the database's health: class 22 (data
@@ -244,8 +244,8 @@ class CopyWriter:
             )
             return items
         if not self._create_stage:
-            columns = await conn.fetchval(
-                QUERIES["stage_columns"], self.spec.table, self.spec.columns
+            columns = await queries.fetchval(
+                conn, "stage_columns", self.spec.table, self.spec.columns
             )
             self._create_stage = (
                 f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} ({columns}) ON COMMIT DELETE ROWS"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import asyncpg
 
 from consumers.copy_writer import Rejected
-from ingest.core.db import QUERIES, Database
+from ingest.core.db import Database, queries
 from ingest.core.producer import EventProducer
 
 
@@ -24,8 +24,9 @@ async def record(
     again from the same log is kept once, and one at an offset a new log reuses is kept.
     """
     if rejected:
-        await conn.executemany(
-            QUERIES["insert_dead_letter"],
+        await queries.executemany(
+            conn,
+            "insert_dead_letter",
             [
                 (
                     group,
@@ -47,7 +48,7 @@ async def listing(
     db: Database, *, reason: str | None = None, include_replayed: bool = False, limit: int = 100
 ) -> list[asyncpg.Record]:
     """Dead letters, oldest first."""
-    return await db.fetch("list_dead_letters", reason, include_replayed, limit)
+    return await queries.fetch(db.pool, "list_dead_letters", reason, include_replayed, limit)
 
 
 async def replay(
@@ -63,11 +64,11 @@ async def replay(
     A replayed record is loaded like any other: if it is still bad it comes back
     as a new dead letter; if it was loaded before, deduplication keeps one row.
     """
-    rows = await db.fetch("dead_letters_to_replay", ids or [], reason, everything)
+    rows = await queries.fetch(db.pool, "dead_letters_to_replay", ids or [], reason, everything)
     by_topic: dict[str, list[tuple[bytes, bytes]]] = {}
     for row in rows:
         by_topic.setdefault(row["topic"], []).append((b"replay", bytes(row["raw"])))
     for topic, messages in by_topic.items():
         await producer.send_batch(topic, messages)
-    await db.execute("mark_replayed", [row["id"] for row in rows])
+    await queries.execute(db.pool, "mark_replayed", [row["id"] for row in rows])
     return len(rows)

@@ -46,7 +46,7 @@ from consumers.rows import (
     use_pg_times,
 )
 from ingest.core import metrics
-from ingest.core.db import Database, inline
+from ingest.core.db import Database, inline, queries
 from ingest.core.errors import OutsideRetentionWindow
 from ingest.core.http import HttpServer, metrics_app
 from ingest.core.runtime import tune_gc
@@ -692,7 +692,7 @@ class Loader(Service):
         if careful:
             async with conn.transaction():
                 if self.role:
-                    await conn.execute(self.db.q["set_local_role"], self.role)
+                    await queries.execute(conn, "set_local_role", self.role)
                 written = await self._write(conn, decoded, rejected, careful=True)
                 await self.offsets.advance(conn, moves)
             return written

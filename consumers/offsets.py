@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ingest.core.db import Database, inline
+from ingest.core.db import Database, inline, queries
 
 # advance_loader_offsets (migration 0004) raises this when a stored offset moved.
 FENCED_SQLSTATE = "EPF01"
@@ -34,16 +34,22 @@ class OffsetStore:
 
     async def load(self, partitions: list[int]) -> dict[int, StoredOffset]:
         """The stored offsets of ``partitions`` (missing ones are absent)."""
-        rows = await self.db.fetch("loader_offsets", self.group, self.topic, partitions)
+        rows = await queries.fetch(
+            self.db.pool, "loader_offsets", self.group, self.topic, partitions
+        )
         return {r["kafka_partition"]: StoredOffset(r["next_offset"], r["log_id"]) for r in rows}
 
     async def claim(self, partition: int, offset: int, log_id: str) -> None:
         """Record a first position for ``partition`` unless one exists."""
-        await self.db.execute("claim_offset", self.group, self.topic, partition, offset, log_id)
+        await queries.execute(
+            self.db.pool, "claim_offset", self.group, self.topic, partition, offset, log_id
+        )
 
     async def reset(self, partition: int, offset: int, log_id: str) -> None:
         """Overwrite the position of ``partition`` (after a broker log reset)."""
-        await self.db.execute("reset_offset", self.group, self.topic, partition, offset, log_id)
+        await queries.execute(
+            self.db.pool, "reset_offset", self.group, self.topic, partition, offset, log_id
+        )
 
     async def advance(self, conn: asyncpg.Connection, moves: list[tuple[int, int, int]]) -> None:
         """Move each ``(partition, expected, new)`` in the caller's transaction, in one statement.
@@ -51,7 +57,7 @@ class OffsetStore:
         Raises Fenced when a stored offset is not its ``expected``.
         """
         try:
-            await conn.execute(self.db.q["advance_offsets"], *self._arguments(moves))
+            await queries.execute(conn, "advance_offsets", *self._arguments(moves))
         except asyncpg.PostgresError as exc:
             if is_fenced(exc):
                 raise Fenced(str(exc)) from exc

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from consumers.rows import BEHAVIOR, PgTime, Row
-from ingest.core.db import QUERIES
+from ingest.core.db import queries
 
 _AT = {name: BEHAVIOR.columns.index(name) for name in BEHAVIOR.columns}
 _DEVICES = {"mobile", "desktop", "tablet"}
@@ -87,5 +87,5 @@ async def upsert(conn: asyncpg.Connection, rows: list[Row], contexts: list[objec
     touched = aggregate(rows, contexts)
     if touched:
         columns = list(zip(*touched, strict=True))
-        await conn.execute(QUERIES["upsert_sessions"], *columns)
+        await queries.execute(conn, "upsert_sessions", *columns)
     return len(touched)

@@ -28,8 +28,8 @@ from consumers.rows import BEHAVIOR
 from ingest.collector.server import serving
 from ingest.core import logs
 from ingest.core.db import Database
-from ingest.core.errors import PartitionError, StartupError
-from ingest.core.identifiers import ident
+from ingest.core.errors import StartupError
+from ingest.core.identifiers import BadIdentifier, ident
 from ingest.core.migrate import migrate
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials, ShopDirectory, ensure_shop
@@ -417,7 +417,7 @@ def test_redact_covers_url_and_key_value_dsns() -> None:
     ],
 )
 def test_ident_refuses_hostile_names(name: str) -> None:
-    with pytest.raises(PartitionError):
+    with pytest.raises(BadIdentifier):
         ident(name)
 
 

@@ -15,7 +15,7 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from ingest.core.db import Database
+from ingest.core.db import Database, queries
 from ingest.core.errors import ConfigError
 from ingest.core.settings import Settings
 
@@ -44,7 +44,7 @@ def add_parser(
 
 
 async def _shop(db: Database, domain: str) -> Any:
-    row = await db.fetchrow("shop_id_by_domain", domain)
+    row = await queries.fetchrow(db.pool, "shop_id_by_domain", domain)
     if row is None:
         raise ConfigError(f"no shop {domain}", hint="check the domain (shops.domain)")
     return row["id"]
@@ -53,7 +53,7 @@ async def _shop(db: Database, domain: str) -> Any:
 async def list_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
     """Print the shop's keys."""
     async with Database(settings.resolve_stack().dsn, max_size=1) as db:
-        rows = await db.fetch("list_write_keys", await _shop(db, args.shop))
+        rows = await queries.fetch(db.pool, "list_write_keys", await _shop(db, args.shop))
     table = Table("write key", "created", "revoked")
     for r in rows:
         table.add_row(r["write_key"], f"{r['created_at']:%Y-%m-%d %H:%M}", _when(r))
@@ -65,7 +65,7 @@ async def rotate_command(settings: Settings, args: argparse.Namespace, console: 
     """Add a new live key and print it."""
     key = new_write_key()
     async with Database(settings.resolve_stack().dsn, max_size=1) as db:
-        await db.execute("add_write_key", key, await _shop(db, args.shop))
+        await queries.execute(db.pool, "add_write_key", key, await _shop(db, args.shop))
     console.print(key, highlight=False)
     return 0
 
@@ -76,8 +76,8 @@ async def revoke_command(settings: Settings, args: argparse.Namespace, console: 
         shop_id = await _shop(db, args.shop)
         keep = None
         if args.key is None:
-            keep = await db.pool.fetchval(db.q["live_write_key"], shop_id)
-        revoked = await db.fetch("revoke_write_keys", shop_id, args.key, keep)
+            keep = await queries.fetchval(db.pool, "live_write_key", shop_id)
+        revoked = await queries.fetch(db.pool, "revoke_write_keys", shop_id, args.key, keep)
     for r in revoked:
         console.print(f"revoked {r['write_key']}", highlight=False)
     if not revoked:

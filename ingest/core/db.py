@@ -1,11 +1,12 @@
-"""PostgreSQL access: the connection pool and the named queries of ``sql/queries.sql``."""
+"""PostgreSQL access: the connection pool, and the named queries of ``sql/queries.sql``."""
 
 from __future__ import annotations
 
 import importlib.resources
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import structlog
@@ -34,7 +35,45 @@ def load_queries(path: Path) -> dict[str, str]:
     return queries
 
 
-QUERIES = load_queries(sql_dir() / "queries.sql")
+Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection  # where a query runs
+
+
+class Queries:
+    """The named queries of ``sql/queries.sql``, and the one way to run one: on a pool
+    or a connection (``queries.fetch(conn, "name", *args)``), or as text (``sql``)."""
+
+    def __init__(self, path: Path) -> None:
+        self._sql = load_queries(path)
+
+    def sql(self, name: str) -> str:
+        """The text of named query ``name``."""
+        return self._sql[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sql
+
+    async def fetch(self, on: Executor, name: str, *args: Any) -> list[asyncpg.Record]:
+        """Its rows."""
+        return list(await on.fetch(self._sql[name], *args))
+
+    async def fetchrow(self, on: Executor, name: str, *args: Any) -> asyncpg.Record | None:
+        """Its first row."""
+        return await on.fetchrow(self._sql[name], *args)
+
+    async def fetchval(self, on: Executor, name: str, *args: Any) -> Any:
+        """The first value of its first row."""
+        return await on.fetchval(self._sql[name], *args)
+
+    async def execute(self, on: Executor, name: str, *args: Any) -> str:
+        """Run it; its status."""
+        return str(await on.execute(self._sql[name], *args))
+
+    async def executemany(self, on: Executor, name: str, args: Iterable[Sequence[Any]]) -> None:
+        """Run it once per argument tuple."""
+        await on.executemany(self._sql[name], args)
+
+
+queries = Queries(sql_dir() / "queries.sql")
 
 _PARAMETER = re.compile(r"\$(\d+)")
 
@@ -66,13 +105,7 @@ def inline(name: str, *args: str | int | list[int]) -> str:
     several statements (the extended protocol, which takes parameters, runs
     one statement per round trip).
     """
-    return _PARAMETER.sub(lambda m: literal(args[int(m.group(1)) - 1]), QUERIES[name])
-
-
-# The group roles of sql/migrations/0002_roles.sql.
-INGEST_ROLE = "eventpipe_ingest"
-PARTITION_ADMIN_ROLE = "eventpipe_partition_admin"
-ANALYST_ROLE = "eventpipe_analyst"
+    return _PARAMETER.sub(lambda m: literal(args[int(m.group(1)) - 1]), queries.sql(name))
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
@@ -87,9 +120,8 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
 
 
 class Database(Service):
-    """An asyncpg pool as an async context manager; ``q`` holds the named queries."""
-
-    q = QUERIES
+    """An asyncpg pool as an async context manager (run named queries on ``pool``
+    with ``queries``)."""
 
     def __init__(
         self,
@@ -132,18 +164,6 @@ class Database(Service):
         assert self._pool is not None, "Database not started"
         return self._pool
 
-    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        """Run named query ``name`` and return its rows."""
-        return list(await self.pool.fetch(self.q[name], *args))
-
-    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
-        """Run named query ``name`` and return its first row."""
-        return await self.pool.fetchrow(self.q[name], *args)
-
-    async def execute(self, name: str, *args: Any) -> str:
-        """Run named query ``name`` and return its status."""
-        return str(await self.pool.execute(self.q[name], *args))
-
     async def role_for(self, role: str, *, copies: bool = False) -> str | None:
         """``role`` if this pool's user should ``SET ROLE`` to it, else None.
 
@@ -154,7 +174,7 @@ class Database(Service):
         """
         if not role:
             return None
-        row = await self.fetchrow("switchable_role", role)
+        row = await queries.fetchrow(self.pool, "switchable_role", role)
         if row is None:
             return None
         if copies and not row["bypass_rls"]:

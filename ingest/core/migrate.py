@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-from ingest.core.db import QUERIES, connect, sql_dir
+from ingest.core.db import connect, queries, sql_dir
 from ingest.core.errors import MigrationError
 
 log = structlog.get_logger(__name__)
@@ -60,11 +60,11 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[Migration]:
     conn = await connect(dsn)
     applied_now: list[Migration] = []
     try:
-        await conn.execute(QUERIES["create_migrations_table"])
+        await queries.execute(conn, "create_migrations_table")
         for migration in migrations:
             async with conn.transaction():
-                await conn.execute(QUERIES["migrations_lock"])
-                done = {r["version"]: r for r in await conn.fetch(QUERIES["applied_migrations"])}
+                await queries.execute(conn, "migrations_lock")
+                done = {r["version"]: r for r in await queries.fetch(conn, "applied_migrations")}
                 if migration.version in done:
                     if done[migration.version]["checksum"] != migration.checksum:
                         raise MigrationError(
@@ -80,8 +80,9 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[Migration]:
                         f"migration {migration.version:04d}_{migration.name} failed: {exc}",
                         hint="nothing of it was applied; fix the file and run migrate again",
                     ) from exc
-                await conn.execute(
-                    QUERIES["record_migration"],
+                await queries.execute(
+                    conn,
+                    "record_migration",
                     migration.version,
                     migration.name,
                     migration.checksum,

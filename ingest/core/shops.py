@@ -10,7 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
-from ingest.core.db import Database
+from ingest.core.db import Database, queries
 from ingest.core.headers import is_printable_ascii
 
 
@@ -44,7 +44,7 @@ class ShopDirectory:
         hit = self._cache.get((query, key))
         if hit is not None and hit[0] > now:
             return cast("asyncpg.Record | None", hit[1])
-        row = await self.db.fetchrow(query, key)
+        row = await queries.fetchrow(self.db.pool, query, key)
         if len(self._cache) > 10_000:  # bound memory against key-guessing clients
             self._cache.clear()
         self._cache[(query, key)] = (now + self.ttl, row)
@@ -80,10 +80,10 @@ class ShopCredentials:
 async def ensure_shop(db: Database, domain: str) -> ShopCredentials:
     """Create ``domain`` (with a write key and webhook secret) unless it exists; return it."""
     async with db.pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(db.q["upsert_shop"], domain, secrets.token_hex(32))
+        row = await queries.fetchrow(conn, "upsert_shop", domain, secrets.token_hex(32))
         assert row is not None
-        key = await conn.fetchval(db.q["live_write_key"], row["id"])
+        key = await queries.fetchval(conn, "live_write_key", row["id"])
         if key is None:
             key = "wk_" + secrets.token_urlsafe(18)
-            await conn.execute(db.q["add_write_key"], key, row["id"])
+            await queries.execute(conn, "add_write_key", key, row["id"])
     return ShopCredentials(UUID(bytes=row["id"].bytes), domain, key, row["webhook_secret"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from ingest.core.db import QUERIES
+from ingest.core.db import queries
 from ingest.loadgen.traffic import percentile
 
 VERIFIED_TABLES = ("behavior_events", "events")
@@ -95,8 +95,9 @@ class Verifier:
         for table, pending in self.pending.items():
             ids = list(pending)
             for i in range(0, len(ids), self.chunk):
-                rows = await self._conn.fetch(
-                    QUERIES[f"verify_seen_{table}"],
+                rows = await queries.fetch(
+                    self._conn,
+                    f"verify_seen_{table}",
                     self.since,
                     ids[i : i + self.chunk],
                 )
@@ -131,8 +132,9 @@ class Verifier:
         duplicates = 0
         for table, ids in self.all_ids.items():
             for i in range(0, len(ids), self.chunk):
-                duplicates += await self._conn.fetchval(
-                    QUERIES[f"verify_duplicates_{table}"],
+                duplicates += await queries.fetchval(
+                    self._conn,
+                    f"verify_duplicates_{table}",
                     self.since,
                     ids[i : i + self.chunk],
                 )

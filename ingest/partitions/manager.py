@@ -36,7 +36,7 @@ import asyncpg
 import structlog
 
 from ingest.core import metrics
-from ingest.core.db import Database
+from ingest.core.db import Database, queries
 from ingest.core.errors import MaintenanceLocked, OutsideRetentionWindow, PartitionError
 from ingest.core.identifiers import ident, quote
 from ingest.core.settings import Settings
@@ -477,7 +477,7 @@ class PartitionManager:
 
     async def policies(self, table: str | None = None) -> list[Policy]:
         """Every policy, or ``table``'s only."""
-        return [Policy.from_row(r) for r in await self.db.fetch("pm_policies", table)]
+        return [Policy.from_row(r) for r in await queries.fetch(self.db.pool, "pm_policies", table)]
 
     async def policy(self, table: str) -> Policy:
         """The policy of ``table`` (cached for a minute)."""
@@ -501,13 +501,14 @@ class PartitionManager:
             raise PartitionError(
                 f"unknown retention mode {policy.mode!r}", hint="drop|detach|archive"
             )
-        if not await self.db.pool.fetchval(self.db.q["pm_has_column"], policy.table, policy.column):
+        if not await queries.fetchval(self.db.pool, "pm_has_column", policy.table, policy.column):
             raise PartitionError(
                 f"table {policy.table} has no column {policy.column}",
                 hint="name an existing partitioned table and its partition column",
             )
         try:
-            await self.db.execute(
+            await queries.execute(
+                self.db.pool,
                 "pm_upsert_policy",
                 policy.table,
                 policy.column,
@@ -532,22 +533,22 @@ class PartitionManager:
 
     async def parent(self, table: str) -> Parent | None:
         """The partitioned table ``table`` (None when missing or not partitioned)."""
-        row = await self.db.fetchrow("pm_parent", table)
+        row = await queries.fetchrow(self.db.pool, "pm_parent", table)
         if row is None or row["relkind"] != "p":
             return None
         grants = [
             (g["grantee"], g["privilege_type"], g["is_grantable"])
-            for g in await self.db.fetch("pm_parent_grants", table)
+            for g in await queries.fetch(self.db.pool, "pm_parent_grants", table)
         ]
         column_grants = [
             (g["grantee"], g["privilege_type"], g["column_name"], g["is_grantable"])
-            for g in await self.db.fetch("pm_parent_column_grants", table)
+            for g in await queries.fetch(self.db.pool, "pm_parent_column_grants", table)
         ]
         policies = [
             RowPolicy(
                 p["name"], p["permissive"], p["cmd"], list(p["roles"]), p["qual"], p["with_check"]
             )
-            for p in await self.db.fetch("pm_parent_policies", table)
+            for p in await queries.fetch(self.db.pool, "pm_parent_policies", table)
         ]
         children = await self.children(table)
         default = next((c.name for c in children if c.state == "default"), None)
@@ -567,7 +568,7 @@ class PartitionManager:
         self, table: str, conn: asyncpg.Connection | None = None
     ) -> list[PartitionInfo]:
         """Attached partitions of ``table``, the default one included."""
-        rows = await (conn or self.db.pool).fetch(self.db.q["pm_children"], table)
+        rows = await queries.fetch(conn or self.db.pool, "pm_children", table)
         out = []
         for r in rows:
             state = (
@@ -590,7 +591,7 @@ class PartitionManager:
             PartitionInfo(
                 r["name"], name_month(r["name"]), "detached", r["est_rows"], r["size_bytes"]
             )
-            for r in await self.db.fetch("pm_detached", table)
+            for r in await queries.fetch(self.db.pool, "pm_detached", table)
         ]
 
     async def existing_months(self, table: str) -> set[date]:
@@ -640,7 +641,7 @@ class PartitionManager:
             async with self.db.pool.acquire() as conn, conn.transaction():
                 if self.role:
                     # The partition (and anything half-made) belongs to this role.
-                    await conn.execute(self.db.q["set_local_role"], self.role)
+                    await queries.execute(conn, "set_local_role", self.role)
                 await self._lock_table(conn, policy.table)
                 if month in {c.month for c in await self.children(policy.table, conn)}:
                     return False
@@ -765,11 +766,11 @@ class PartitionManager:
     async def _purge_actions(
         self, policy: Policy, now: datetime, kept: list[PartitionInfo]
     ) -> list[Action]:
-        if not await self.db.pool.fetchval(self.db.q["pm_has_column"], policy.table, "shop_id"):
+        if not await queries.fetchval(self.db.pool, "pm_has_column", policy.table, "shop_id"):
             return []
         table_cutoff = policy.cutoff(now)
         actions = []
-        for shop in await self.db.fetch("pm_shop_retention"):
+        for shop in await queries.fetch(self.db.pool, "pm_shop_retention"):
             cutoff = now - timedelta(days=shop["days"])
             if table_cutoff is not None and cutoff <= table_cutoff:
                 continue  # the table's own retention removes these rows first
@@ -1026,7 +1027,7 @@ class PartitionManager:
 
     async def _lock_table(self, conn: asyncpg.Connection, table: str) -> None:
         await conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
-        await conn.execute(self.db.q["partition_lock"], table)
+        await queries.execute(conn, "partition_lock", table)
 
     async def _execute(self, sql: str) -> None:
         async with self.db.pool.acquire() as conn, conn.transaction():
@@ -1052,7 +1053,7 @@ class PartitionManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lock_wait_s
         async with self.db.pool.acquire() as conn:
-            while not await conn.fetchval(self.db.q["pm_maintenance_try_lock"]):
+            while not await queries.fetchval(conn, "pm_maintenance_try_lock"):
                 if loop.time() >= deadline:
                     raise MaintenanceLocked(
                         f"another `partitions maintain` is running (waited {self.lock_wait_s:g} s)",
@@ -1062,4 +1063,4 @@ class PartitionManager:
             try:
                 yield
             finally:
-                await conn.fetchval(self.db.q["pm_maintenance_unlock"])
+                await queries.fetchval(conn, "pm_maintenance_unlock")

@@ -23,7 +23,7 @@ import structlog
 from rich.console import Console
 
 from ingest.core import records
-from ingest.core.db import Database
+from ingest.core.db import Database, queries
 from ingest.core.errors import MaintenanceLocked, StartupError
 from ingest.core.logs import redact
 from ingest.core.migrate import migrate
@@ -88,7 +88,7 @@ async def _wait_loaders(
     """Wait until the loaders own every Kafka partition (they record it in PostgreSQL)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
-    while await db.pool.fetchval(db.q["claimed_partitions"], log_id, topics) < partitions * len(
+    while await queries.fetchval(db.pool, "claimed_partitions", log_id, topics) < partitions * len(
         topics
     ):
         supervisor.check_running()

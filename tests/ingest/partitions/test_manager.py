@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from ingest.cli import main
-from ingest.core.db import Database
+from ingest.core.db import Database, queries
 from ingest.core.errors import MaintenanceLocked, OutsideRetentionWindow, PartitionError
 from ingest.core.identifiers import BadIdentifier, ident
 from ingest.core.migrate import migrate
@@ -345,11 +345,11 @@ async def test_restore_refuses_a_corrupt_archive(fresh: Database, tmp_path: Path
 async def test_concurrent_maintain_runs_take_turns(fresh: Database) -> None:
     async with Database(fresh.dsn, max_size=3) as a, Database(fresh.dsn, max_size=3) as b:
         holder = await a.pool.acquire()
-        assert await holder.fetchval(a.q["pm_maintenance_try_lock"])
+        assert await queries.fetchval(holder, "pm_maintenance_try_lock")
         with pytest.raises(MaintenanceLocked) as caught:
             await PartitionManager(b, lock_wait_s=0.3).maintain(NOW)
         assert caught.value.exit_code == 6
-        await holder.fetchval(a.q["pm_maintenance_unlock"])
+        await queries.fetchval(holder, "pm_maintenance_unlock")
         await a.pool.release(holder)
         reports = await asyncio.gather(
             PartitionManager(a).maintain(NOW), PartitionManager(b).maintain(NOW)
