@@ -38,6 +38,7 @@ from typing import IO
 
 import structlog
 
+from ingest.core.durable import fsync_directory
 from ingest.core.errors import StartupError
 
 log = structlog.get_logger(__name__)
@@ -165,15 +166,6 @@ def scan_segment(path: Path) -> list[Entry]:
 def read_segment(path: Path) -> list[Frame]:
     """The whole, decodable frames of a segment; a torn or corrupt tail is left out (and logged)."""
     return [e.frame for e in scan_segment(path) if e.frame is not None]
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the directory's entries (a file created, renamed or unlinked) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -306,14 +298,14 @@ class Spool:
                 adopted_root.mkdir(exist_ok=True)
                 target = adopted_root / f"{candidate.name}-{time.time_ns()}"
                 os.rename(candidate, target)
-                fsync_dir(self.root)
+                fsync_directory(self.root)
                 inner = target / ADOPTED_DIR
                 if inner.is_dir():
                     for nested in sorted(inner.iterdir()):
                         os.rename(nested, adopted_root / nested.name)
                         found.append(Spool(adopted_root / nested.name, 0, origin=nested.name))
                     inner.rmdir()
-                fsync_dir(adopted_root)
+                fsync_directory(adopted_root)
             found.insert(0, Spool(target, 0, origin=candidate.name))
             log.warning("adopted the spool of a worker that no longer runs", spool=candidate.name)
         return found
@@ -332,7 +324,7 @@ class Spool:
         for leftover in self.directory.iterdir():  # the lock file, empty segments
             leftover.unlink()
         self.directory.rmdir()
-        fsync_dir(self.directory.parent)
+        fsync_directory(self.directory.parent)
 
     def close(self) -> None:
         """Close files and release the lock (the data stays on disk)."""
@@ -381,7 +373,7 @@ class Spool:
         self._current = open(path, "ab")  # noqa: SIM115
         # The frame's fsync makes its bytes durable, not the file's name: without
         # this, a power loss can leave a 2xx'd batch in a file no directory lists.
-        fsync_dir(self.directory)
+        fsync_directory(self.directory)
 
     def seal(self) -> None:
         """Close the segment being written, so every segment on disk is complete."""
@@ -393,7 +385,7 @@ class Spool:
         """Delete a segment whose frames were all delivered."""
         size = path.stat().st_size
         path.unlink()
-        fsync_dir(self.directory)  # a delivered segment must not come back after a crash
+        fsync_directory(self.directory)  # a delivered segment must not come back after a crash
         self.bytes -= size
         self.frames -= frames
         if not self.segments():  # torn frames may have been counted; start clean
@@ -451,7 +443,7 @@ class Quarantine:
         )
         self._write(self.directory / f"{entry_id}.json", json.dumps(asdict(entry)).encode())
         self._write(self.directory / f"{entry_id}.frame", raw)
-        fsync_dir(self.directory)
+        fsync_directory(self.directory)
         return entry
 
     @staticmethod
@@ -487,7 +479,7 @@ class Quarantine:
         """Delete an entry (after it was replayed)."""
         Path(entry.file).unlink(missing_ok=True)
         Path(entry.file).with_suffix(".json").unlink(missing_ok=True)
-        fsync_dir(self.directory)
+        fsync_directory(self.directory)
 
 
 @dataclass(frozen=True)
