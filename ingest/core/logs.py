@@ -8,9 +8,15 @@ import sys
 
 import structlog
 
-_DSN_PASSWORD = re.compile(r"(//[^:/@\s]+:)([^@\s]+)(@)")
-# key=value DSNs (libpq) and query strings: password=..., sslpassword=...
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('[^']*'|[^\s&'\"]+)", re.IGNORECASE)
+# URL DSNs: ``scheme://[user]:password@host``. The user may be empty (``//:pw@h``), and a
+# password as typed may hold an unencoded ``@`` or a space: it runs to the *last* ``@``
+# before the path's ``/`` (or the end of the line). That can hide a little more than the
+# password when a URL without a path is followed by an ``@`` on the same line; hiding
+# too much is the safe side of this trade.
+_DSN_PASSWORD = re.compile(r"(//[^:/@\s]*:)([^/\n]*)(@)")
+# key=value DSNs (libpq) and query strings: password=..., sslpassword=...; a quoted libpq
+# value may hold \' and \\ escapes.
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
