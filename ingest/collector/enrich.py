@@ -47,7 +47,9 @@ def client_ip(request: web.Request, settings: Settings) -> str | None:
     """
     trusted = _networks(tuple(settings.trusted_proxies))
     address = _parse(request.remote)
-    forwarded = request.headers.get("X-Forwarded-For", "")
+    # Every line, in order: a proxy may append its own line instead of extending the
+    # client's, and reading the first line only would believe what the client wrote.
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
     if address is not None and forwarded and any(address in n for n in trusted):
         # Walk right to left past our own proxies; the first other hop is the client.
         for hop in reversed([h.strip() for h in forwarded.split(",")]):

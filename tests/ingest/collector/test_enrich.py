@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp.test_utils import make_mocked_request
 
-from ingest.collector.enrich import Received
+from ingest.collector.enrich import Received, client_ip
 from ingest.core.settings import Settings
 
 SETTINGS = Settings(skew_min_s=300, max_future_skew_s=300)
@@ -38,3 +38,33 @@ def test_the_same_body_arriving_seconds_apart_gets_the_same_time() -> None:
     first = _stored(sent_at, sent_at + timedelta(hours=2, seconds=1.2))
     second = _stored(sent_at, sent_at + timedelta(hours=2, seconds=7.9))
     assert first == second == CLIENT_TIME + timedelta(hours=2)
+
+
+async def test_x_forwarded_for_counts_every_header_line() -> None:
+    """A proxy that appends a second X-Forwarded-For line (instead of extending the first)
+    must not let the client's own first line pick the address: the lines are one list,
+    in order, and the walk from the right stops at the first untrusted hop."""
+    from aiohttp import web
+
+    from ingest.core.http import HttpServer
+    from tests.conftest import raw_request
+
+    proxied = Settings(trusted_proxies=["127.0.0.1/32", "10.0.0.0/8"], keep_full_ip=True)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=str(client_ip(request, proxied)))
+
+    app = web.Application()
+    app.router.add_get("/ip", handler)
+    async with HttpServer(app, "127.0.0.1", 0) as server:
+        cases = [
+            # the client forged "6.6.6.6"; the proxy 10.0.0.5 saw 203.0.113.7 and added a line
+            ([b"6.6.6.6", b"203.0.113.7, 10.0.0.5"], "203.0.113.7"),
+            ([b"6.6.6.6", b"203.0.113.7"], "203.0.113.7"),
+            ([b"203.0.113.7"], "203.0.113.7"),
+            ([b"10.0.0.9", b"10.0.0.5"], "10.0.0.9"),  # only proxies: the leftmost
+        ]
+        for lines, expected in cases:
+            headers = [("X-Forwarded-For", line) for line in lines]
+            status, body = await raw_request(server.url, "GET", "/ip", headers)
+            assert (status, body.decode()) == (200, expected), lines
