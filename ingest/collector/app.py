@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +17,13 @@ from aiohttp import web
 
 from ingest.collector import beacon, openapi, webhooks
 from ingest.collector.delivery import Delivery, Unavailable
-from ingest.collector.enrich import AssignedTimes, Received, behavior_record, storefront_record
+from ingest.collector.enrich import (
+    AssignedTimes,
+    Received,
+    behavior_record,
+    client_ip,
+    storefront_record,
+)
 from ingest.collector.models import (
     BATCH_MODELS,
     STREAM_MODELS,
@@ -26,7 +35,7 @@ from ingest.collector.models import (
     has_nul,
 )
 from ingest.collector.ratelimit import RateLimiter
-from ingest.core import metrics, records
+from ingest.core import metrics, records, streams
 from ingest.core.headers import is_printable_ascii, printable_ascii, valid_text
 from ingest.core.http import healthz, metrics_endpoint
 from ingest.core.settings import Settings
@@ -39,6 +48,8 @@ DELIVERY = web.AppKey("delivery", Delivery)
 SHOPS = web.AppKey("shops", ShopDirectory)
 LIMITER = web.AppKey("limiter", RateLimiter)
 TIMES = web.AppKey("times", AssignedTimes)
+DECODE_SLOTS = web.AppKey("decode_slots", asyncio.Semaphore)
+FULL_IP_SETTINGS = web.AppKey("full_ip_settings", Settings)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTED_TYPES = {"", "application/json", "text/plain", "application/octet-stream"}
@@ -71,6 +82,11 @@ def _reason(exc: pydantic.ValidationError) -> str:
 
 async def read_body(request: web.Request) -> bytes:
     """The request body, gunzipped if need be, within the configured limits."""
+    return inflate(request, await read_raw(request))
+
+
+async def read_raw(request: web.Request) -> bytes:
+    """The body as sent (at most ``max_body_bytes``), its Content-Type checked."""
     settings = request.app[SETTINGS]
     media = request.content_type.lower() if request.headers.get("Content-Type") else ""
     if media not in ACCEPTED_TYPES:
@@ -78,9 +94,14 @@ async def read_body(request: web.Request) -> bytes:
             415, f"Content-Type {media} not accepted: send application/json or text/plain"
         )
     try:
-        raw = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise Refused(413, f"body larger than max_body_bytes={settings.max_body_bytes}") from exc
+
+
+def inflate(request: web.Request, raw: bytes) -> bytes:
+    """``raw`` gunzipped when its Content-Encoding says so, at most ``max_decompressed_bytes``."""
+    settings = request.app[SETTINGS]
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return raw
@@ -98,6 +119,24 @@ async def read_body(request: web.Request) -> bytes:
     if not inflater.eof:
         raise Refused(400, "gzip body is truncated")
     return body
+
+
+def _check_values(body: bytes, limit: int) -> None:
+    """413 when the JSON may hold more than ``limit`` values, before any is built.
+
+    Every value but the first of a container follows a comma, every key a colon's
+    partner, and each container opens with a bracket: their sum bounds the Python
+    objects orjson would make (in C, a few ms for 4 MiB). ``[{},{},...]`` is 2 bytes
+    an object on the wire but ~70 as Python objects, so the decoded size alone does
+    not bound memory. Separators inside strings only over-count.
+    """
+    if len(body) <= limit:
+        return  # fewer bytes than the limit: fewer values too
+    count = body.count(b",") + body.count(b":") + body.count(b"{") + body.count(b"[")
+    if count > limit:
+        raise Refused(
+            413, f"body holds more than max_json_values={limit} JSON values (about {count})"
+        )
 
 
 def _envelope(body: bytes) -> BatchEnvelope:
@@ -134,8 +173,13 @@ def _whole_batch(stream: str, body: bytes, settings: Settings) -> BatchEnvelope 
         return None
 
 
-async def _authenticate(request: web.Request, write_key: str | None) -> Shop:
-    key = request.query.get("k") or request.headers.get("X-Write-Key") or write_key
+def _given_key(request: web.Request) -> str | None:
+    """The key of the query (``k``) or the ``X-Write-Key`` header; None when neither has one."""
+    return request.query.get("k") or request.headers.get("X-Write-Key") or None
+
+
+async def _authenticate(request: web.Request, key: str | None) -> Shop:
+    """The shop of ``key`` (401 otherwise), its Origin checked (403)."""
     # A key that is not printable ASCII (an undecodable header byte arrives as a lone
     # surrogate) cannot be a write key: a 401 without a database lookup.
     key = printable_ascii(key)
@@ -150,12 +194,46 @@ async def _authenticate(request: web.Request, write_key: str | None) -> Shop:
         raise Refused(400, "Origin header is not an origin (printable ASCII)")
     if origin and shop.allowed_origins is not None and origin not in shop.allowed_origins:
         raise Refused(403, f"origin {origin} is not allowed for this write key")
-    wait = request.app[LIMITER].take(key or "")
-    if wait > 0:
-        raise Refused(
-            429, "rate limit of this write key exceeded", {"Retry-After": str(int(wait) + 1)}
-        )
     return shop
+
+
+def client_identity(request: web.Request) -> str:
+    """Whom the per-client rate limit counts: the client's whole IPv4 address or IPv6
+    /64 (what one subscriber gets), the forwarded one behind ``trusted_proxies``."""
+    address = client_ip(request, request.app[FULL_IP_SETTINGS])
+    if address is None:
+        return "unknown"
+    parsed = ipaddress.ip_address(address)
+    if parsed.version == 6:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False).network_address)
+    return address
+
+
+def _limited(wait: float) -> Refused:
+    return Refused(
+        429,
+        "rate limit exceeded for this write key and client address",
+        {"Retry-After": str(int(wait) + 1)},
+    )
+
+
+@contextlib.asynccontextmanager
+async def _decode_slot(request: web.Request) -> AsyncIterator[None]:
+    """One of ``decode_concurrency`` slots, held while a batch's decoded form is alive
+    (parse, validation, enrichment and delivery); 503 after ``decode_wait_s`` without one."""
+    slots = request.app[DECODE_SLOTS]
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].decode_wait_s):
+            await slots.acquire()
+    except TimeoutError:
+        metrics.EVENTS_REJECTED.labels("batch", "busy").inc()
+        raise Refused(
+            503, "collector busy decoding other batches, retry later", {"Retry-After": "1"}
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 Valid = BehaviorEvent | StorefrontEvent
@@ -168,15 +246,44 @@ _EVENT_LISTS: dict[str, pydantic.TypeAdapter[Any]] = {  # what a bare array body
 async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     received_at = datetime.now(UTC)
     settings = request.app[SETTINGS]
-    body = await read_body(request)
-    envelope = _whole_batch(stream, body, settings) or _envelope(body)
-    shop = await _authenticate(request, envelope.write_key)
-    if len(envelope.events) > settings.max_events_per_batch:
-        raise Refused(
-            413,
-            f"batch has {len(envelope.events)} events, max_events_per_batch="
-            f"{settings.max_events_per_batch}",
-        )
+    limiter = request.app[LIMITER]
+    client = client_identity(request)
+    given = _given_key(request)
+    # A key in the query or a header is checked before the body is even read: an
+    # unknown key costs a cached lookup, never a decode.
+    shop = await _authenticate(request, given) if given is not None else None
+    if given is not None and (wait := limiter.wait(given, client)) > 0:
+        raise _limited(wait)  # refused before any decoding; nothing spent
+    raw = await read_raw(request)
+    async with _decode_slot(request):
+        body = inflate(request, raw)
+        _check_values(body, settings.max_json_values)
+        envelope = _whole_batch(stream, body, settings) or _envelope(body)
+        del body
+        if shop is None:  # the key is in the body: known only now, the body bounded above
+            shop = await _authenticate(request, envelope.write_key)
+        key = printable_ascii(given or envelope.write_key) or ""
+        if not envelope.events:
+            return _json({"accepted": 0, "rejected": []})  # no event: no token spent
+        if len(envelope.events) > settings.max_events_per_batch:
+            raise Refused(
+                413,
+                f"batch has {len(envelope.events)} events, max_events_per_batch="
+                f"{settings.max_events_per_batch}",
+            )
+        if (wait := limiter.take(key, client)) > 0:
+            raise _limited(wait)
+        return await _deliver_batch(request, stream, shop, envelope, received_at)
+
+
+async def _deliver_batch(
+    request: web.Request,
+    stream: str,
+    shop: Shop,
+    envelope: BatchEnvelope,
+    received_at: datetime,
+) -> web.Response:
+    settings = request.app[SETTINGS]
     rejected: list[dict[str, Any]] = []
     valid = _valid_events(stream, envelope, settings.max_event_bytes, rejected)
     received = Received.of(request, settings, envelope.sent_at, received_at)
@@ -317,12 +424,12 @@ def _validated(stream: str, raw: Any, max_bytes: int) -> Valid:
 
 async def post_behavior(request: web.Request) -> web.Response:
     """``POST /v1/behavior``: a batch of behavior events, accepted one by one."""
-    return await _accept_batch(request, "behavior")
+    return await _accept_batch(request, streams.BEHAVIOR.name)
 
 
 async def post_storefront(request: web.Request) -> web.Response:
     """``POST /v1/storefront``: a batch of storefront events, accepted one by one."""
-    return await _accept_batch(request, "storefront")
+    return await _accept_batch(request, streams.STOREFRONT.name)
 
 
 async def post_shopify_webhook(request: web.Request) -> web.Response:
@@ -381,7 +488,9 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
             f"as one Kafka record ({size} bytes)",
         )
     try:
-        await request.app[DELIVERY].deliver("webhook", settings.topic_storefront, messages)
+        await request.app[DELIVERY].deliver(
+            "webhook", settings.topic_for(streams.STOREFRONT.name), messages
+        )
     except Unavailable as exc:
         raise Refused(503, "event broker unavailable, retry later", {"Retry-After": "5"}) from exc
     metrics.EVENTS_ACCEPTED.labels("webhook").inc()
@@ -449,6 +558,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             printable_ascii(request.headers.get("Origin")) or "*"
         )
         response.headers["Vary"] = "Origin"
+        # The beacon reads Retry-After of a 429 or 503 to time its retry.
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
     return response
 
 
@@ -462,7 +573,16 @@ def create_app(settings: Settings, delivery: Delivery, shops: ShopDirectory) -> 
     app[SETTINGS] = settings
     app[DELIVERY] = delivery
     app[SHOPS] = shops
-    app[LIMITER] = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    app[LIMITER] = RateLimiter(
+        settings.rate_limit_per_s,
+        settings.rate_limit_burst,
+        # rate_limit_per_s 0 turns rate limiting off altogether (benchmarks, one test shop).
+        settings.rate_limit_client_per_s if settings.rate_limit_per_s > 0 else 0.0,
+        settings.rate_limit_client_burst,
+    )
+    app[DECODE_SLOTS] = asyncio.Semaphore(settings.decode_concurrency)
+    # The rate limit counts whole client addresses, whatever is stored of them.
+    app[FULL_IP_SETTINGS] = settings.model_copy(update={"keep_full_ip": True})
     app[TIMES] = AssignedTimes()
     app.router.add_post("/v1/behavior", post_behavior)
     app.router.add_post("/v1/storefront", post_storefront)

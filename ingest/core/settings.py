@@ -122,9 +122,31 @@ class Settings(BaseSettings):
     )
     write_key_cache_seconds: float = Field(default=10.0, ge=0)
     rate_limit_per_s: float = Field(
-        default=200.0, ge=0, description="requests per second per write key; 0: no limit"
+        default=2000.0,
+        ge=0,
+        description="requests per second per write key, all clients together (the shop's "
+        "ceiling); 0: no limit at either level",
     )
-    rate_limit_burst: int = Field(default=400, ge=1)
+    rate_limit_burst: int = Field(default=4000, ge=1)
+    rate_limit_client_per_s: float = Field(
+        default=50.0,
+        ge=0,
+        description="requests per second per write key and client address; 0: no limit",
+    )
+    rate_limit_client_burst: int = Field(default=200, ge=1)
+    decode_concurrency: int = Field(
+        default=32,
+        ge=1,
+        description="batches decoded and awaiting the broker or spool at once, per process",
+    )
+    decode_wait_s: float = Field(
+        default=1.0, ge=0, description="how long a batch waits for a decode slot before a 503"
+    )
+    max_json_values: int = Field(
+        default=100_000,
+        ge=1000,
+        description="most JSON values (counted by separators, before parsing) in one body",
+    )
     skew_min_s: float = Field(
         default=300.0,
         ge=0,

@@ -527,3 +527,140 @@ async def test_a_gzip_bomb_is_never_inflated_beyond_the_limit(settings: Settings
         tracemalloc.stop()
     assert refused.value.status == 413
     assert peak < 3 * settings.max_decompressed_bytes
+
+
+def _empty_objects_bomb(settings: Settings) -> bytes:
+    """A ~4.5 KB gzip body of ``[{},{},...]`` that inflates to just under the limit."""
+    count = (settings.max_decompressed_bytes - 2) // 3
+    body = b"[" + b"{}," * (count - 1) + b"{}]"
+    return gzip.compress(body, compresslevel=9)
+
+
+async def test_a_bomb_of_empty_objects_is_refused_before_any_python_object_is_built(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """[{},{},...] (~1.4 million objects): with a bad key in the query, a 401 before the
+    body is even read; in the body, or with a good key, a 4xx before orjson or pydantic
+    builds anything. Traced memory stays a small multiple of the limit (the server and
+    the client share this process, so everything either allocates is counted)."""
+    import tracemalloc
+
+    bomb = _empty_objects_bomb(settings)
+    assert len(bomb) < 6_000
+    gz = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+    body_key = gzip.compress(
+        b'{"write_key": "wk_nope", "events": ['
+        + b"{}," * (settings.max_decompressed_bytes // 3 - 20)
+        + b"{}]}",
+        compresslevel=9,
+    )
+    async with serving(settings, db, key_cache_s=10) as (server, _):
+        async with aiohttp.ClientSession() as http:
+            peaks: list[tuple[str, int, int]] = []
+            for label, url, data in [
+                ("bad key in query", f"{server.url}/v1/behavior?k=wk_nope", bomb),
+                ("bad key in body", f"{server.url}/v1/behavior", body_key),
+                ("good key", f"{server.url}/v1/behavior?k={shop.write_key}", bomb),
+            ]:
+                tracemalloc.start()
+                try:
+                    async with http.post(url, data=data, headers=gz) as resp:
+                        status = resp.status
+                        await resp.read()
+                    _, peak = tracemalloc.get_traced_memory()
+                finally:
+                    tracemalloc.stop()
+                peaks.append((label, status, peak))
+    assert [status for _, status, _ in peaks] == [401, 413, 413], peaks
+    assert peaks[0][2] < 1_000_000, peaks  # nothing inflated
+    for _, _, peak in peaks[1:]:
+        assert peak < 3 * settings.max_decompressed_bytes, peaks
+
+
+class _CountingPool:
+    """The real pool, with the shop lookups it runs counted (a spy, not a mock)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.fetchrows = 0
+
+    async def fetchrow(self, *args: Any) -> Any:
+        self.fetchrows += 1
+        return await self.pool.fetchrow(*args)
+
+
+async def test_random_keys_never_evict_a_good_key(db: Database, shop: ShopCredentials) -> None:
+    """12,000 unknown keys (more than the cache ever held): each costs one lookup, once (a negative cache of its own), and
+    the good key stays cached throughout: zero lookups for it after the flood."""
+    counting = _CountingPool(db.pool)
+    view = Database(db.dsn)
+    view._pool = counting  # type: ignore[assignment]  # the real pool, counted
+    shops = ShopDirectory(view, ttl=300)
+    assert await shops.by_write_key(shop.write_key) is not None
+    assert counting.fetchrows == 1
+    keys = [f"wk_{uuid.uuid4().hex}" for _ in range(12_000)]
+    for key in keys:
+        assert await shops.by_write_key(key) is None
+    assert counting.fetchrows == 12_001
+    before = counting.fetchrows
+    assert await shops.by_write_key(shop.write_key) is not None
+    assert counting.fetchrows == before, "the good key was evicted by unknown ones"
+    for key in keys[-100:]:
+        assert await shops.by_write_key(key) is None
+    assert counting.fetchrows == before, "recent unknown keys are cached as misses"
+
+
+async def test_collector_rss_under_a_burst_of_bomb_requests(
+    tmp_path: Any, settings: Settings, shop: ShopCredentials
+) -> None:
+    """200 concurrent ~4.5 KB gzip bodies of [{},{},...] with a valid key against a
+    collector process: every one refused with 413, and the process's RSS (psutil, sampled
+    every 5 ms) stays under the README's bound."""
+    import threading
+
+    import psutil
+
+    from ingest.core.processes import free_port
+    from tests.ingest.collector.test_collector_faults import collector_process, wait_ready
+
+    own = settings.model_copy(update={"state_dir": tmp_path, "rate_limit_per_s": 0.0})
+    port = free_port()
+    proc = collector_process(own, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(base)
+        process = psutil.Process(proc.pid)
+        idle = process.memory_info().rss
+        peak = idle
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, process.memory_info().rss)
+                done.wait(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        bomb = _empty_objects_bomb(own)
+        gz = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+        url = f"{base}/v1/behavior?k={shop.write_key}"
+        connector = aiohttp.TCPConnector(limit=200)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def one() -> int:
+                async with http.post(url, data=bomb, headers=gz) as resp:
+                    await resp.read()
+                    return resp.status
+
+            statuses = await asyncio.gather(*(one() for _ in range(200)))
+        done.set()
+        sampler.join()
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 15)
+    mib = 1 << 20
+    print(f"collector RSS idle {idle / mib:.0f} MiB, peak {peak / mib:.0f} MiB")
+    assert set(statuses) == {413}, sorted(set(statuses))
+    assert peak - idle < 64 * mib, (idle / mib, peak / mib)
+    assert peak < 256 * mib, (idle / mib, peak / mib)

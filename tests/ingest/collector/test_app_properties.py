@@ -205,3 +205,47 @@ async def test_a_slow_client_does_not_hold_up_others(collector: str, shop: ShopC
     writer.close()
     assert status_line.startswith(b"HTTP/1.1 200")
     assert fast and set(fast) == {200}
+
+
+async def test_a_flood_of_unauthenticated_requests_gets_no_5xx(
+    collector: str, shop: ShopCredentials
+) -> None:
+    """Many concurrent requests with random keys (query, header or body) and arbitrary
+    bodies, gzip bombs of empty objects among them: every answer a 4xx (or a 2xx for
+    an empty batch of a good key), never a 5xx, and a good client is served meanwhile."""
+    bomb = gzip.compress(b"[" + b"{}," * 1_300_000 + b"{}]", compresslevel=9)
+    requests: list[tuple[str, bytes, dict[str, str | bytes]]] = []
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        path=st.sampled_from(["/v1/behavior", "/v1/storefront"]),
+        where=st.sampled_from(["query", "header", "body", "none"]),
+        key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=40),
+        body=BODIES,
+        gzipped=st.sampled_from(["no", "yes", "bomb"]),
+    )
+    def collect(path: str, where: str, key: str, body: bytes, gzipped: str) -> None:
+        headers: dict[str, str | bytes] = {"Content-Type": "text/plain"}
+        target = path + (f"?k=wk_{key}" if where == "query" else "")
+        if where == "header":
+            headers["X-Write-Key"] = f"wk_{key}"
+        if where == "body":
+            body = json.dumps({"write_key": f"wk_{key}", "events": [{}]}).encode()
+        if gzipped != "no":
+            headers["Content-Encoding"] = "gzip"
+            body = bomb if gzipped == "bomb" else gzip.compress(body)
+        requests.append((target, body, headers))
+
+    collect()
+    semaphore = asyncio.Semaphore(32)
+
+    async def send(target: str, body: bytes, headers: dict[str, str | bytes]) -> int:
+        async with semaphore:
+            return await asyncio.to_thread(_exchange, collector, "POST", target, body, headers)
+
+    good = json.dumps([{"event_type": "click", "session_id": "g", "page_url": "https://x/"}])
+    flood = asyncio.gather(*(send(*r) for r in requests))
+    served = await send(f"/v1/behavior?k={shop.write_key}", good.encode(), {})
+    statuses = await flood
+    assert all(status < 500 for status in statuses), sorted(set(statuses))
+    assert served == 200
