@@ -298,3 +298,71 @@ SELECT coalesce(sum(n - 1), 0) FROM (
   WHERE received_at >= $1 AND event_id = ANY($2::uuid[])
   GROUP BY event_id HAVING count(*) > 1
 ) d;
+
+-- analysts (`eventpipe analysts`, issue 18.1): which shops a role may read.
+
+-- name: analyst_role
+SELECT oid, rolname::text AS name, rolsuper, rolbypassrls, rolcanlogin
+FROM pg_roles WHERE rolname = $1;
+
+-- name: analyst_create_role_ddl
+-- The statement text, quoted by the server (%I, %L); $2 a SCRAM verifier, never a
+-- plain password, or NULL for a role that can't log in.
+SELECT format('CREATE ROLE %I %s', $1::text,
+              CASE WHEN $2::text IS NULL THEN 'NOLOGIN'
+                   ELSE format('LOGIN PASSWORD %L', $2::text) END);
+
+-- name: analyst_grant_group_ddl
+SELECT format('GRANT eventpipe_analyst TO %I', $1::text);
+
+-- name: analyst_grant_shop
+INSERT INTO analyst_shops (role_id, shop_id) VALUES ($1, $2)
+ON CONFLICT (role_id, shop_id) DO NOTHING;
+
+-- name: analyst_revoke_shop
+DELETE FROM analyst_shops WHERE role_id = $1 AND shop_id = $2 RETURNING shop_id;
+
+-- name: analyst_memberships
+-- A dropped role's rows are shown (role NULL) but grant nothing: the policies join pg_roles.
+SELECT r.rolname::text AS role, m.role_id::bigint AS role_id, s.domain, s.id AS shop_id,
+       m.granted_at, coalesce(r.rolcanlogin, false) AS can_login
+FROM analyst_shops m
+JOIN shops s ON s.id = m.shop_id
+LEFT JOIN pg_roles r ON r.oid = m.role_id
+WHERE ($1::text IS NULL OR r.rolname = $1) AND ($2::text IS NULL OR s.domain = $2)
+ORDER BY r.rolname NULLS LAST, s.domain;
+
+-- name: shop_create
+-- `eventpipe shops add`: NULL when the domain exists.
+INSERT INTO shops (domain, webhook_secret, allowed_origins, settings)
+VALUES ($1, $2, $3::text[], $4::jsonb)
+ON CONFLICT (domain) DO NOTHING
+RETURNING id;
+
+-- name: shop_list
+-- `eventpipe shops list|show`: a shop's facts, never its webhook secret (see shop_secret).
+SELECT s.id, s.domain, s.allowed_origins,
+       CASE WHEN jsonb_typeof(s.settings->'data_retention_days') = 'number'
+            THEN floor((s.settings->>'data_retention_days')::numeric)::int END AS retention_days,
+       s.installed_at, s.uninstalled_at,
+       (SELECT count(*) FROM shop_write_keys k
+        WHERE k.shop_id = s.id AND k.revoked_at IS NULL) AS live_keys
+FROM shops s
+WHERE $1::text IS NULL OR s.domain = $1
+ORDER BY s.domain;
+
+-- name: shop_secret
+SELECT webhook_secret FROM shops WHERE domain = $1;
+
+-- name: shop_set
+-- `eventpipe shops set`: $2 true: any origin (NULL); else $3 (when not NULL) replaces the
+-- origins; $4 (when not NULL) becomes settings.data_retention_days. NULL: no such shop.
+UPDATE shops SET
+  allowed_origins = CASE WHEN $2::bool THEN NULL
+                         WHEN $3::text[] IS NOT NULL THEN $3::text[]
+                         ELSE allowed_origins END,
+  settings = CASE WHEN $4::int IS NULL THEN settings
+                  ELSE settings || jsonb_build_object('data_retention_days', $4::int) END,
+  updated_at = now()
+WHERE domain = $1
+RETURNING id;

@@ -1,0 +1,211 @@
+"""``eventpipe shops add|list|show|set``: onboard a shop and change what it may do.
+
+``add`` prints the shop's first write key (public: it goes in the storefront's
+pages) and its webhook secret (private: it goes in the Shopify app's settings).
+``show`` never prints the secret unless asked with ``--show-secret``. Keys are
+rotated and revoked with ``eventpipe keys``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Column, Table
+
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import (
+    ShopInfo,
+    create_shop,
+    list_shops,
+    shop_secret,
+    show_shop,
+    update_shop,
+)
+
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """Register ``shops`` and its subcommands (each takes the ``common`` flags)."""
+    parser = sub.add_parser("shops", help="add shops, list them, show and change one")
+    ssub = parser.add_subparsers(dest="shops_command", required=True)
+
+    add = ssub.add_parser(
+        "add", parents=[common], help="create a shop; prints its write key and webhook secret"
+    )
+    add.add_argument("domain", help="the shop's domain, e.g. example.myshopify.com")
+    add.add_argument("--webhook-secret", help="the Shopify app's secret (default: generated)")
+    _origins(add)
+    _retention(add)
+    add.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    add.set_defaults(func=add_command)
+
+    lst = ssub.add_parser("list", parents=[common], help="every shop, by domain")
+    lst.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    lst.set_defaults(func=list_command)
+
+    show = ssub.add_parser("show", parents=[common], help="one shop (not its secret)")
+    show.add_argument("domain")
+    show.add_argument("--show-secret", action="store_true", help="also print the webhook secret")
+    show.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    show.set_defaults(func=show_command)
+
+    change = ssub.add_parser(
+        "set", parents=[common], help="replace a shop's allowed origins, set its retention"
+    )
+    change.add_argument("domain")
+    _origins(change, "replaces the list")
+    change.add_argument(
+        "--clear-origins", action="store_true", help="allow beacons from any origin"
+    )
+    _retention(change)
+    change.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    change.set_defaults(func=set_command)
+
+
+def _origins(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument(
+        "--allowed-origin",
+        action="append",
+        dest="allowed_origins",
+        metavar="URL",
+        help="an origin (scheme://host[:port]) that may post beacons; repeat for more"
+        + (f"; {extra}" if extra else "")
+        + " (none: any origin)",
+    )
+
+
+def _retention(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retention-days",
+        type=int,
+        metavar="N",
+        help="keep this shop's events N days (shorter than the partition policy's)",
+    )
+
+
+async def add_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    """Create the shop; print its write key and webhook secret."""
+    async with Database(_dsn(settings), max_size=1) as db:
+        created = await create_shop(
+            db,
+            args.domain,
+            webhook_secret=args.webhook_secret,
+            allowed_origins=args.allowed_origins,
+            retention_days=args.retention_days,
+        )
+    if args.json:
+        _print_json(
+            console,
+            {
+                "shop_id": str(created.shop_id),
+                "domain": created.domain,
+                "write_key": created.write_key,
+                "webhook_secret": created.webhook_secret,
+            },
+        )
+    else:
+        console.print(
+            f"created {created.domain} ({created.shop_id})\n"
+            f"  write key       {created.write_key}\n"
+            f"  webhook secret  {created.webhook_secret}",
+            highlight=False,
+        )
+    return 0
+
+
+async def list_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    """Print every shop."""
+    async with Database(_dsn(settings), max_size=1) as db:
+        shops = await list_shops(db)
+    if args.json:
+        _print_json(console, [_plain(s) for s in shops])
+        return 0
+    # Domains and ids are what an operator copies: never wrapped, the other columns give way.
+    table = Table(
+        Column("domain", no_wrap=True),
+        Column("shop id", no_wrap=True),
+        "origins",
+        "retention",
+        "live keys",
+        "installed",
+    )
+    for s in shops:
+        table.add_row(
+            s.domain + (" (uninstalled)" if s.uninstalled_at else ""),
+            str(s.id),
+            _origins_text(s),
+            f"{s.retention_days} days" if s.retention_days is not None else "policy",
+            str(s.live_keys),
+            s.installed_at[:16].replace("T", " "),
+        )
+    console.print(table)
+    return 0
+
+
+async def show_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    """Print one shop; its webhook secret only with ``--show-secret``."""
+    async with Database(_dsn(settings), max_size=1) as db:
+        shop = await show_shop(db, args.domain)
+        secret = await shop_secret(db, args.domain) if args.show_secret else None
+    _print_shop(console, shop, args.json, secret)
+    return 0
+
+
+async def set_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    """Change the shop; print it as it is now."""
+    async with Database(_dsn(settings), max_size=1) as db:
+        shop = await update_shop(
+            db,
+            args.domain,
+            allowed_origins=args.allowed_origins,
+            clear_origins=args.clear_origins,
+            retention_days=args.retention_days,
+        )
+    _print_shop(console, shop, args.json, None)
+    return 0
+
+
+def _dsn(settings: Settings) -> str:
+    # A DSN is all these commands need: no broker, so no stack to resolve when one is given.
+    return settings.postgres_dsn or settings.resolve_stack().dsn
+
+
+def _plain(shop: ShopInfo) -> dict[str, Any]:
+    return {**asdict(shop), "id": str(shop.id)}
+
+
+def _print_json(console: Console, value: object) -> None:
+    # Plain print, as ``partitions --json`` does: no wrapping or markup for a script to undo.
+    print(json.dumps(value, indent=2))
+
+
+def _origins_text(shop: ShopInfo) -> str:
+    return "any" if shop.allowed_origins is None else " ".join(shop.allowed_origins) or "none"
+
+
+def _print_shop(console: Console, shop: ShopInfo, as_json: bool, secret: str | None) -> None:
+    if as_json:
+        plain = _plain(shop)
+        if secret is not None:
+            plain["webhook_secret"] = secret
+        _print_json(console, plain)
+        return
+    lines = [
+        f"{shop.domain} ({shop.id})",
+        f"  allowed origins  {_origins_text(shop)}",
+        "  retention        "
+        + (f"{shop.retention_days} days" if shop.retention_days is not None else "the policy's"),
+        f"  live write keys  {shop.live_keys}  (eventpipe keys list --shop {shop.domain})",
+        f"  installed        {shop.installed_at}",
+    ]
+    if shop.uninstalled_at:
+        lines.append(f"  uninstalled      {shop.uninstalled_at}")
+    if secret is not None:
+        lines.append(f"  webhook secret   {secret}")
+    console.print("\n".join(lines), highlight=False)

@@ -1,0 +1,178 @@
+"""``eventpipe shops``: onboard a shop, list, show and change it, against the session's
+PostgreSQL; bad input is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import structlog
+
+from ingest.cli.main import main
+from ingest.collector.server import serving
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopDirectory
+
+
+@pytest.fixture
+async def cli(db: Database) -> AsyncIterator[object]:
+    """main() in a thread with the session DSN; main() reconfigures structlog: restored."""
+    saved = structlog.get_config()
+
+    async def run(*argv: str) -> int:
+        return await asyncio.to_thread(functools.partial(main, [*argv, "--postgres-dsn", db.dsn]))
+
+    yield run
+    structlog.configure(**saved)
+
+
+def _domain() -> str:
+    return f"onboard-{uuid.uuid4().hex[:8]}.myshopify.com"
+
+
+async def test_add_prints_a_working_write_key_and_the_secret(
+    cli: object, db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = cli  # type: ignore[assignment]
+    domain = _domain()
+    assert (
+        await run(  # type: ignore[operator]
+            "shops",
+            "add",
+            domain,
+            "--webhook-secret",
+            "s3cret-value",
+            "--allowed-origin",
+            "https://Shop.Example/",
+            "--allowed-origin",
+            "http://localhost:3000",
+            "--retention-days",
+            "30",
+            "--json",
+        )
+        == 0
+    )
+    created = json.loads(capsys.readouterr().out)
+    assert created["domain"] == domain and created["webhook_secret"] == "s3cret-value"
+    assert created["write_key"].startswith("wk_")
+    directory = ShopDirectory(db, ttl=0)
+    shop = await directory.by_write_key(created["write_key"])
+    assert shop is not None and str(shop.id) == created["shop_id"]
+    assert shop.allowed_origins == ("https://shop.example", "http://localhost:3000")
+    assert await directory.by_domain(domain) == (shop, "s3cret-value")
+
+    assert await run("shops", "show", domain, "--json") == 0  # type: ignore[operator]
+    out = capsys.readouterr().out
+    assert "s3cret-value" not in out
+    shown = json.loads(out)
+    assert shown["retention_days"] == 30 and shown["live_keys"] == 1
+    assert await run("shops", "show", domain) == 0  # type: ignore[operator]
+    assert "s3cret-value" not in capsys.readouterr().out
+    assert await run("shops", "show", domain, "--show-secret") == 0  # type: ignore[operator]
+    assert "s3cret-value" in capsys.readouterr().out
+
+    assert await run("shops", "list", "--json") == 0  # type: ignore[operator]
+    out = capsys.readouterr().out
+    assert "s3cret-value" not in out
+    assert domain in [s["domain"] for s in json.loads(out)]
+    assert await run("shops", "list") == 0  # type: ignore[operator]
+    assert domain in capsys.readouterr().out
+
+    # the retention the CLI set is the one partition maintenance enforces
+    days = await db.pool.fetchval(
+        "SELECT days FROM (SELECT id, floor((settings->>'data_retention_days')::numeric)::int "
+        "AS days FROM shops) s WHERE id = $1",
+        shop.id,
+    )
+    assert days == 30
+
+
+async def test_set_replaces_and_clears_origins_and_sets_retention(
+    cli: object, db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = cli  # type: ignore[assignment]
+    domain = _domain()
+    assert await run("shops", "add", domain) == 0  # type: ignore[operator]
+    out = capsys.readouterr().out
+    assert "write key" in out and "webhook secret" in out
+    assert (
+        await run("shops", "set", domain, "--allowed-origin", "https://a.example:8443", "--json")  # type: ignore[operator]
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["allowed_origins"] == ["https://a.example:8443"]
+    assert await run("shops", "set", domain, "--retention-days", "7", "--json") == 0  # type: ignore[operator]
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["retention_days"] == 7
+    assert shown["allowed_origins"] == ["https://a.example:8443"]  # untouched
+    assert await run("shops", "set", domain, "--clear-origins", "--json") == 0  # type: ignore[operator]
+    assert json.loads(capsys.readouterr().out)["allowed_origins"] is None
+
+
+async def test_an_origin_set_by_the_cli_is_the_one_the_collector_accepts(
+    cli: object, settings: Settings, db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The normalised origin matches the browser's Origin header; another origin is refused."""
+    import aiohttp
+
+    run = cli  # type: ignore[assignment]
+    domain = _domain()
+    assert (
+        await run("shops", "add", domain, "--allowed-origin", "HTTPS://Shop.Example/", "--json")  # type: ignore[operator]
+        == 0
+    )
+    key = json.loads(capsys.readouterr().out)["write_key"]
+    body = b'[{"event_type":"page_view","session_id":"s-cli","page_url":"https://shop.example/"}]'
+    async with serving(settings, db, key_cache_s=0) as (server, _), aiohttp.ClientSession() as http:
+        for origin, expected in (("https://shop.example", 200), ("https://evil.example", 403)):
+            async with http.post(
+                f"{server.url}/v1/behavior?k={key}",
+                data=body,
+                headers={"Origin": origin, "Content-Type": "text/plain"},
+            ) as resp:
+                assert resp.status == expected, (origin, await resp.text())
+
+
+BAD = [
+    (["shops", "add", "EXISTING"], "exists"),
+    (["shops", "add", "not a domain"], "not a shop domain"),
+    (["shops", "add", "NEW", "--allowed-origin", "https://shop.example/path"], "not an origin"),
+    (["shops", "add", "NEW", "--allowed-origin", "ftp://shop.example"], "not an origin"),
+    (["shops", "add", "NEW", "--allowed-origin", "shop.example"], "not an origin"),
+    (["shops", "add", "NEW", "--allowed-origin", "https://u:p@shop.example"], "not an origin"),
+    (["shops", "add", "NEW", "--allowed-origin", "https://shop.example:99999"], "not an origin"),
+    (["shops", "add", "NEW", "--allowed-origin", "https://shop.example?x=1"], "not an origin"),
+    (["shops", "add", "NEW", "--retention-days", "0"], "at least 1"),
+    (["shops", "add", "NEW", "--webhook-secret", ""], "webhook-secret"),
+    (["shops", "show", "NEW"], "no shop"),
+    (["shops", "set", "NEW", "--retention-days", "5"], "no shop"),
+    (["shops", "set", "EXISTING", "--retention-days", "-3"], "at least 1"),
+    (["shops", "set", "EXISTING", "--allowed-origin", "https://x/y"], "not an origin"),
+    (["shops", "set", "EXISTING"], "nothing to change"),
+    (
+        ["shops", "set", "EXISTING", "--clear-origins", "--allowed-origin", "https://a.example"],
+        "contradict",
+    ),
+]
+
+
+async def test_bad_input_is_one_clear_line_and_a_nonzero_exit(
+    cli: object, db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = cli  # type: ignore[assignment]
+    existing = _domain()
+    assert await run("shops", "add", existing) == 0  # type: ignore[operator]
+    capsys.readouterr()
+    for argv, needle in BAD:
+        fresh = _domain()
+        args = [existing if a == "EXISTING" else fresh if a == "NEW" else a for a in argv]
+        code = await run(*args)  # type: ignore[operator]
+        err = capsys.readouterr().err
+        assert code != 0, args
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (args, err)
+        assert await db.pool.fetchval("SELECT count(*) FROM shops WHERE domain = $1", fresh) == 0
