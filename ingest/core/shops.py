@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
 
 from ingest.core.db import Database, queries
+from ingest.core.errors import ConfigError
 from ingest.core.headers import is_printable_ascii
 
 
@@ -138,3 +143,189 @@ async def ensure_shop(db: Database, domain: str) -> ShopCredentials:
             key = "wk_" + secrets.token_urlsafe(18)
             await queries.execute(conn, "add_write_key", key, row["id"])
     return ShopCredentials(UUID(bytes=row["id"].bytes), domain, key, row["webhook_secret"])
+
+
+# --- onboarding: ``eventpipe shops add|list|show|set`` -------------------------------
+
+# A host name as Shopify (and DNS) spell it: dot-separated labels of letters, digits and
+# inner hyphens; compared lower-cased, the way X-Shopify-Shop-Domain sends it.
+_DOMAIN = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+\Z"
+)
+
+
+def valid_domain(domain: str) -> str:
+    """``domain`` lower-cased, or ConfigError when it is no host name."""
+    normal = domain.strip().lower()
+    if not _DOMAIN.match(normal):
+        raise ConfigError(
+            f"not a shop domain: {domain!r}", hint="a host name such as example.myshopify.com"
+        )
+    return normal
+
+
+def valid_origin(origin: str) -> str:
+    """``origin`` as a browser sends it in ``Origin`` (``scheme://host[:port]``, lower-case
+    scheme and host), or ConfigError. The collector compares the header with these strings
+    exactly, so anything with a path, query, credentials or another scheme would never
+    match and is refused here instead."""
+    hint = "an origin is scheme://host[:port] with http or https, e.g. https://shop.example"
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"not an origin: {origin!r}", hint=hint) from None
+    if (
+        parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or "#" in origin
+        or "?" in origin
+        or not is_printable_ascii(origin)
+        or " " in origin
+    ):
+        raise ConfigError(f"not an origin: {origin!r}", hint=hint)
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None else "")
+
+
+def valid_retention_days(days: int) -> int:
+    """``days`` when it is at least 1, else ConfigError."""
+    if days < 1:
+        raise ConfigError(
+            f"--retention-days must be at least 1, not {days}",
+            hint="leave it out to keep the partition policy's retention",
+        )
+    return days
+
+
+@dataclass(frozen=True)
+class ShopInfo:
+    """What ``shops list|show`` prints about a shop (never its secret)."""
+
+    id: UUID
+    domain: str
+    allowed_origins: list[str] | None
+    retention_days: int | None
+    live_keys: int
+    installed_at: str
+    uninstalled_at: str | None
+
+
+async def create_shop(
+    db: Database,
+    domain: str,
+    *,
+    webhook_secret: str | None = None,
+    allowed_origins: Sequence[str] | None = None,
+    retention_days: int | None = None,
+) -> ShopCredentials:
+    """Create a new shop with a write key; ConfigError when the domain exists or an input
+    is malformed. ``allowed_origins`` None: any origin may post beacons."""
+    domain = valid_domain(domain)
+    origins = [valid_origin(o) for o in allowed_origins] if allowed_origins else None
+    settings: dict[str, Any] = {}
+    if retention_days is not None:
+        settings["data_retention_days"] = valid_retention_days(retention_days)
+    if webhook_secret is not None and (
+        not webhook_secret
+        or not is_printable_ascii(webhook_secret)
+        or webhook_secret.strip() != webhook_secret
+    ):
+        raise ConfigError(
+            "--webhook-secret must be printable ASCII without surrounding spaces",
+            hint="leave it out to have one generated",
+        )
+    secret = webhook_secret or secrets.token_hex(32)
+    key = "wk_" + secrets.token_urlsafe(18)
+    async with db.pool.acquire() as conn, conn.transaction():
+        shop_id = await queries.fetchval(
+            conn, "shop_create", domain, secret, origins, json.dumps(settings)
+        )
+        if shop_id is None:
+            raise ConfigError(
+                f"shop {domain} exists",
+                hint="see it with `eventpipe shops show`, change it with `eventpipe shops set`",
+            )
+        await queries.execute(conn, "add_write_key", key, shop_id)
+    return ShopCredentials(UUID(bytes=shop_id.bytes), domain, key, secret)
+
+
+async def list_shops(db: Database, domain: str | None = None) -> list[ShopInfo]:
+    """Every shop (or the one of ``domain``), by domain."""
+    rows = await queries.fetch(db.pool, "shop_list", domain)
+    return [_info(r) for r in rows]
+
+
+async def show_shop(db: Database, domain: str) -> ShopInfo:
+    """The shop of ``domain``; ConfigError when there is none."""
+    found = await list_shops(db, valid_domain(domain))
+    if not found:
+        raise _no_such_shop(domain)
+    return found[0]
+
+
+async def shop_secret(db: Database, domain: str) -> str:
+    """The webhook secret of ``domain``; ConfigError when there is no such shop."""
+    secret = await queries.fetchval(db.pool, "shop_secret", valid_domain(domain))
+    if secret is None:
+        raise _no_such_shop(domain)
+    return cast("str", secret)
+
+
+async def update_shop(
+    db: Database,
+    domain: str,
+    *,
+    allowed_origins: Sequence[str] | None = None,
+    clear_origins: bool = False,
+    retention_days: int | None = None,
+) -> ShopInfo:
+    """Replace the allowed origins (or allow any, ``clear_origins``) and/or set the
+    retention; the shop as it is now. ConfigError on bad input or an unknown shop."""
+    if clear_origins and allowed_origins:
+        raise ConfigError(
+            "--clear-origins and --allowed-origin contradict each other",
+            hint="give one of them",
+        )
+    origins = [valid_origin(o) for o in allowed_origins] if allowed_origins else None
+    if retention_days is not None:
+        valid_retention_days(retention_days)
+    if origins is None and not clear_origins and retention_days is None:
+        raise ConfigError(
+            "nothing to change", hint="give --allowed-origin, --clear-origins or --retention-days"
+        )
+    domain = valid_domain(domain)
+    changed = await queries.fetchval(
+        db.pool, "shop_set", domain, clear_origins, origins, retention_days
+    )
+    if changed is None:
+        raise _no_such_shop(domain)
+    return await show_shop(db, domain)
+
+
+def _no_such_shop(domain: str) -> ConfigError:
+    return ConfigError(f"no shop {domain}", hint="see the shops with `eventpipe shops list`")
+
+
+def _info(row: asyncpg.Record) -> ShopInfo:
+    days = row["retention_days"]
+    return ShopInfo(
+        id=UUID(bytes=row["id"].bytes),
+        domain=row["domain"],
+        allowed_origins=list(row["allowed_origins"])
+        if row["allowed_origins"] is not None
+        else None,
+        retention_days=days,
+        live_keys=row["live_keys"],
+        installed_at=row["installed_at"].isoformat(timespec="seconds"),
+        uninstalled_at=(
+            row["uninstalled_at"].isoformat(timespec="seconds") if row["uninstalled_at"] else None
+        ),
+    )
