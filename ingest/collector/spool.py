@@ -168,6 +168,11 @@ def read_segment(path: Path) -> list[Frame]:
     return [e.frame for e in scan_segment(path) if e.frame is not None]
 
 
+def _open_private(path: Path) -> IO[bytes]:
+    """``open(path, "ab")``, but a new file is 0600: spooled batches hold personal data."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
 @contextlib.contextmanager
 def _try_lock(directory: Path) -> Iterator[IO[bytes] | None]:
     """The directory's lock file, locked (non-blocking), or None when someone holds it.
@@ -177,7 +182,7 @@ def _try_lock(directory: Path) -> Iterator[IO[bytes] | None]:
     between our open and our flock.
     """
     try:
-        lock = open(directory / ".lock", "ab")  # noqa: SIM115
+        lock = _open_private(directory / ".lock")
     except OSError:
         yield None
         return
@@ -258,8 +263,8 @@ class Spool:
         deadline = time.monotonic() + self._lock_wait_s
         while True:
             try:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                lock = open(self.directory / ".lock", "ab")  # noqa: SIM115
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                lock = _open_private(self.directory / ".lock")
             except OSError as exc:
                 raise StartupError(f"cannot open the spool {self.directory}: {exc}") from exc
             try:
@@ -295,7 +300,7 @@ class Spool:
             with _try_lock(candidate) as held:
                 if held is None or not _holds_data(candidate):
                     continue
-                adopted_root.mkdir(exist_ok=True)
+                adopted_root.mkdir(mode=0o700, exist_ok=True)
                 target = adopted_root / f"{candidate.name}-{time.time_ns()}"
                 os.rename(candidate, target)
                 fsync_directory(self.root)
@@ -370,7 +375,7 @@ class Spool:
             self._current.close()
         path = self.directory / f"{self._current_seq:012d}.seg"
         self._current_seq += 1
-        self._current = open(path, "ab")  # noqa: SIM115
+        self._current = _open_private(path)
         # The frame's fsync makes its bytes durable, not the file's name: without
         # this, a power loss can leave a 2xx'd batch in a file no directory lists.
         fsync_directory(self.directory)
@@ -423,7 +428,7 @@ class Quarantine:
 
     def add(self, raw: bytes, *, reason: str, error: str, source: str) -> Quarantined:
         """Keep ``raw`` (a whole frame) durably; the entry."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         now = datetime.now(UTC)
         entry_id = f"{now:%Y%m%dT%H%M%S}-{source}-{uuid.uuid4().hex[:8]}"
         try:
@@ -449,7 +454,7 @@ class Quarantine:
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

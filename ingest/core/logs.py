@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 
 import structlog
 
@@ -17,6 +19,19 @@ _DSN_PASSWORD = re.compile(r"(//[^:/@\s]*:)([^/\n]*)(@)")
 # key=value DSNs (libpq) and query strings: password=..., sslpassword=...; a quoted libpq
 # value may hold \' and \\ escapes.
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.IGNORECASE)
+
+
+def private_log_file(path: Path) -> Path:
+    """Make ``path`` a log file only its owner may read (0600): created so when missing,
+    tightened when an earlier version left it 0644. Logs hold client addresses, DSNs and
+    payload excerpts; whoever then opens it for appending keeps the mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return path
 
 
 def redact(text: str) -> str:

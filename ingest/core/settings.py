@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +27,7 @@ class StackInfo(BaseModel):
     webhook_secret: str
     shop_id: str
     shop_domain: str
+    postgres_embedded: bool = False
 
     @classmethod
     def load(cls, state_dir: Path) -> StackInfo | None:
@@ -40,13 +44,47 @@ class StackInfo(BaseModel):
             ) from exc
 
     def save(self, state_dir: Path) -> Path:
-        """Write the stack file atomically (readers never see half a file)."""
+        """Write the stack file atomically (readers never see half a file), 0600 from its
+        creation: it holds the database password, the write key and the webhook secret, so
+        it is never, even for a moment, a file others may open."""
         path = state_dir / STACK_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.model_dump_json(indent=2) + "\n")
-        tmp.chmod(0o600)  # holds the write key and webhook secret
-        tmp.replace(path)
+        tmp = path.with_name(f".{STACK_FILE}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)  # left by a crash: O_EXCL must create a new file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write((self.model_dump_json(indent=2) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
+
+    @property
+    def embedded_postgres_password(self) -> str | None:
+        """The password of the embedded server's DSN (None: an external DSN, or a stack
+        file from before passwords)."""
+        if not self.postgres_embedded:
+            return None
+        return urlsplit(self.postgres_dsn).password or None
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) as a directory only its owner may enter (0700).
+
+    An existing directory of ours loses its group and other bits; one that is shared
+    (sticky, like /tmp) or someone else's is left as it is.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX and st.st_mode & 0o077:
+            path.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+    except OSError:
+        pass  # the caller's writability check names the problem
+    return path
 
 
 class Settings(BaseSettings):

@@ -28,7 +28,7 @@ from ingest.core.errors import MaintenanceLocked, StartupError
 from ingest.core.logs import redact
 from ingest.core.migrate import migrate
 from ingest.core.processes import ensure_port_free, ensure_writable_dir, free_port
-from ingest.core.settings import Settings, StackInfo
+from ingest.core.settings import Settings, StackInfo, private_dir
 from ingest.core.shops import ensure_shop
 from ingest.core.supervisor import Child, Supervisor
 from ingest.core.topics import cluster_id, ensure_topics
@@ -44,7 +44,8 @@ DEMO_SHOP = "demo.myshopify.com"
 @contextlib.contextmanager
 def state_lock(state_dir: Path) -> Iterator[None]:
     """Hold ``<state-dir>/up.lock``: one ``up`` per state directory."""
-    with open(state_dir / "up.lock", "w") as handle:
+    fd = os.open(state_dir / "up.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    with open(fd, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -134,8 +135,21 @@ async def _maintenance(manager: PartitionManager, interval: float) -> None:
 
 
 async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> int:
-    """Run the stack until ``stop`` is set; returns the exit code."""
-    state = ensure_writable_dir(settings.state_dir, "state directory")
+    """Run the stack until ``stop`` is set; returns the exit code.
+
+    Everything ``up`` and its children (PostgreSQL, the broker, collector, loader)
+    create is private to the user: the umask is 077 while it runs, on top of the
+    explicit 0600/0700 modes of stack.json, logs, spool and archives.
+    """
+    umask = os.umask(0o077)
+    try:
+        return await _run_up(settings, stop, console)
+    finally:
+        os.umask(umask)
+
+
+async def _run_up(settings: Settings, stop: asyncio.Event, console: Console) -> int:
+    state = ensure_writable_dir(private_dir(settings.state_dir), "state directory")
     with state_lock(state):
         ensure_port_free(
             settings.collector_host,
@@ -147,7 +161,12 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
             if settings.postgres_dsn:
                 dsn = settings.postgres_dsn
             else:
-                pg = EmbeddedPostgres(state, port=settings.postgres_port)
+                previous = StackInfo.load(state)
+                pg = EmbeddedPostgres(
+                    state,
+                    port=settings.postgres_port,
+                    password=previous.embedded_postgres_password if previous else None,
+                )
                 await stack.enter_async_context(pg)
                 dsn = pg.dsn
             if settings.kafka_bootstrap:
@@ -178,6 +197,7 @@ async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> i
                 webhook_secret=shop.webhook_secret,
                 shop_id=str(shop.shop_id),
                 shop_domain=shop.domain,
+                postgres_embedded=not settings.postgres_dsn,
             )
             stack_file = info.save(state)
             env = {

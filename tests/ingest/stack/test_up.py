@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -19,6 +21,7 @@ import pytest
 
 from ingest.core.processes import free_port
 from ingest.core.supervisor import Child, Supervisor
+from ingest.stack.postgres import EmbeddedPostgres
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -86,6 +89,8 @@ async def test_up_beacon_row_stop_and_up_again(tmp_path: Path) -> None:
     proc = start_up(state, port)
     curl = wait_banner(proc)
     info = json.loads((state / "stack.json").read_text())
+    first_dsn = info["postgres_dsn"]
+    assert_private(state)
     assert set(info) >= {
         "collector_url",
         "postgres_dsn",
@@ -124,6 +129,75 @@ async def test_up_beacon_row_stop_and_up_again(tmp_path: Path) -> None:
         await conn.close()
     code, _, alive = stop(proc)
     assert code == 0 and alive == []
+    assert_private(state)
+    # the same password on the second run (the port is a new free one)
+    assert urlsplit(info["postgres_dsn"]).password == urlsplit(first_dsn).password
+
+
+def assert_private(state: Path) -> None:
+    """Nobody but the owner reads anything ``up`` left in the state directory: the
+    directory is 0700 (0710 with the server user's group when run as root, so the
+    server can reach its data), every file in it 0600 or tighter."""
+    mode = stat.S_IMODE(state.stat().st_mode)
+    assert mode == (0o710 if os.geteuid() == 0 else 0o700), oct(mode)
+    loose = {
+        str(p.relative_to(state)): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in state.rglob("*")
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o077
+    }
+    assert loose == {}
+    for name in ("stack.json", "postgres.log", "broker.log"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+
+
+async def test_embedded_postgres_needs_its_password(tmp_path: Path) -> None:
+    """Any local user could connect to the port as the superuser (``--auth=trust``): now
+    no password, or a wrong one, is refused, and the DSN's works."""
+    state = tmp_path / "pg"
+    async with EmbeddedPostgres(state, settings={"fsync": "off"}) as pg:
+        base = f"postgresql://postgres@{pg.host}:{pg.port}/postgres"
+        with pytest.raises(
+            (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
+        ):
+            await asyncpg.connect(base)
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(base, password="guess")
+        conn = await asyncpg.connect(pg.dsn)
+        await conn.close()
+        assert stat.S_IMODE(state.stat().st_mode) & 0o007 == 0
+        assert stat.S_IMODE(pg.log_path.stat().st_mode) == 0o600
+        assert "trust" not in pg.hba_path.read_text().replace("# ", "")
+
+
+TRUST_HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+
+
+async def test_a_trust_cluster_from_before_gets_a_password_and_keeps_its_data(
+    tmp_path: Path,
+) -> None:
+    """A data directory made by an earlier version (trust, stack.json without a password)
+    starts with a new password, set before the server listens; its rows are still there.
+    A restart with the known password keeps it."""
+    state = tmp_path / "pg"
+    async with EmbeddedPostgres(state, settings={"fsync": "off"}) as pg:
+        conn = await asyncpg.connect(pg.dsn)
+        await conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+        await conn.close()
+    pg.hba_path.write_text(TRUST_HBA)  # what initdb --auth=trust wrote
+    async with EmbeddedPostgres(state, settings={"fsync": "off"}) as upgraded:
+        with pytest.raises(
+            (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
+        ):
+            await asyncpg.connect(f"postgresql://postgres@{upgraded.host}:{upgraded.port}/postgres")
+        conn = await asyncpg.connect(upgraded.dsn)
+        assert await conn.fetchval("SELECT answer FROM kept") == 42
+        await conn.close()
+        password = upgraded.password
+    assert password != pg.password
+    async with EmbeddedPostgres(state, settings={"fsync": "off"}, password=password) as again:
+        conn = await asyncpg.connect(again.dsn)
+        assert await conn.fetchval("SELECT answer FROM kept") == 42
+        await conn.close()
 
 
 def run_up_expecting_failure(state: Path, port: int, **env: str) -> tuple[int, str]:
@@ -213,3 +287,24 @@ async def test_supervisor_resets_the_delay_of_a_child_that_stayed_up() -> None:
     async with supervisor:
         await wait_for(lambda: _restarted(child, 3), timeout=30)
     assert list(child.delays)[:3] == [0.05, 0.05, 0.05]
+
+
+def test_spool_and_quarantine_files_are_private_outside_up_too(tmp_path: Path) -> None:
+    """A collector run on its own (no ``up``, the umask of its shell) still writes its
+    spooled batches, lock and quarantine 0600 in 0700 directories: they hold personal data."""
+    from ingest.collector.spool import Quarantine, Spool
+
+    umask = os.umask(0o022)  # the usual one
+    try:
+        spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+        spool.open()
+        spool.append("t", [(b"k", b"a visitor's event")])
+        spool.close()
+        Quarantine(tmp_path / "spool").add(b"raw", reason="r", error="e", source="s")
+    finally:
+        os.umask(umask)
+    made = [p for p in (tmp_path / "spool").rglob("*")]
+    assert any(p.suffix == ".seg" for p in made) and any(p.suffix == ".frame" for p in made)
+    for p in made:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
