@@ -16,54 +16,18 @@ import pytest
 import structlog
 
 from ingest.cli import main
-from ingest.core.db import Database, queries
+from ingest.core.db import Database, load_queries, queries, sql_dir
 from ingest.core.errors import MaintenanceLocked, OutsideRetentionWindow, PartitionError
-from ingest.core.identifiers import BadIdentifier, ident
 from ingest.core.migrate import migrate
 from ingest.partitions import (
     PartitionManager,
     Policy,
     add_months,
-    bound_month,
     month_bound,
     month_start,
     partition_name,
     shift_months,
 )
-
-
-def test_month_math() -> None:
-    assert add_months(date(2026, 11, 1), 3) == date(2027, 2, 1)
-    assert add_months(date(2026, 1, 1), -1) == date(2025, 12, 1)
-    # 23:30 on Oct 31 in New York is November in UTC.
-    from zoneinfo import ZoneInfo
-
-    late = datetime(2026, 10, 31, 23, 30, tzinfo=ZoneInfo("America/New_York"))
-    assert month_start(late) == date(2026, 11, 1)
-    assert partition_name("events", date(2027, 2, 1)) == "events_p2027_02"
-    assert bound_month("FOR VALUES FROM ('2026-10-31 19:00:00-05') TO ('x')") == date(2026, 11, 1)
-
-
-def test_identifiers_are_checked() -> None:
-    assert ident("behavior_events") == '"behavior_events"'
-    for bad in ['x"; DROP TABLE shops; --', "Events", "", "a b"]:
-        with pytest.raises(BadIdentifier):
-            ident(bad)
-
-
-def test_window() -> None:
-    policy = Policy("events", "ts", 3, timedelta(days=90), "drop", None)
-    now = datetime(2026, 11, 25, tzinfo=UTC)
-    assert policy.window(now) == (date(2026, 8, 1), date(2027, 2, 1))
-
-
-def test_the_current_month_is_never_expired() -> None:
-    """The guard alone: even a policy whose cutoff lies ahead keeps the month being written."""
-    now = datetime(2026, 11, 25, tzinfo=UTC)
-    ahead = Policy("events", "ts", 3, timedelta(days=-40), "drop", None)
-    assert ahead.cutoff(now) is not None and ahead.cutoff(now) > now  # type: ignore[operator]
-    assert not ahead.expired(date(2026, 11, 1), now)
-    assert ahead.expired(date(2026, 10, 1), now)  # an earlier month does expire
 
 
 async def _bounds(db: Database, table: str) -> dict[str, str]:
@@ -566,3 +530,69 @@ async def _cli(fresh: Database, capsys: pytest.CaptureFixture[str]) -> None:
             "UPDATE partition_policies SET retention = INTERVAL '-1 day' "
             "WHERE table_name = 'behavior_events'"
         )
+
+
+# -- the dry run prints what the run executes ---------------------------------------------------
+
+
+def _named_queries() -> set[str]:
+    """The text of every named query (catalog reads, advisory locks, SET LOCAL ROLE)."""
+    return set(load_queries(sql_dir() / "queries.sql").values())
+
+
+_TX = {"BEGIN;", "COMMIT;", "ROLLBACK;"}
+
+
+@pytest.mark.parametrize("mode", ["drop", "detach", "archive"])
+async def test_dry_run_reports_exactly_the_statements_the_run_executes(
+    fresh: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Every statement sent to the server, recorded at asyncpg's Connection, is compared.
+
+    Left out of the comparison: named queries of sql/queries.sql, statements with
+    bind parameters (both runs read the catalog to plan, and the run re-checks under
+    its locks), and what asyncpg writes itself (BEGIN/COMMIT/ROLLBACK of
+    ``conn.transaction()``, the reset a pool sends on release). Normalised:
+    consecutive repeats of a purge batch (how many batches a purge takes depends on
+    the rows; the plan shows the batch once), and trailing blanks (asyncpg ends
+    ``COPY (...) TO STDOUT`` with a space when given no option).
+    """
+    import asyncpg
+
+    manager = PartitionManager(fresh, batch_rows=2)
+    await _old_months(fresh, manager)
+    shop = await fresh.pool.fetchval(
+        "INSERT INTO shops (domain, webhook_secret, settings) "
+        "VALUES ('d.myshopify.com', 's', '{\"data_retention_days\": 1}') RETURNING id"
+    )
+    await manager.create(await manager.policy("behavior_events"), date(2026, 11, 1))
+    for hours in (30, 40, 50, 60, 70):
+        await _insert(fresh, NOW - timedelta(hours=hours), shop)
+    await _set_mode(fresh, mode, tmp_path / "archive")
+    named = _named_queries()
+    sent: list[str] = []
+
+    def recording(name: str) -> Any:
+        real = getattr(asyncpg.Connection, name)
+
+        async def method(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> Any:
+            # Not the manager's text: asyncpg's transaction control and a pool's reset.
+            own = query in named or query in _TX or query == self.get_reset_query()
+            if not own and not (args if name != "_copy_out" else ()):
+                sent.append(query.strip())
+            return await real(self, query, *args, **kw)
+
+        return method
+
+    for name in ("execute", "fetch", "fetchval", "fetchrow", "_copy_out"):
+        monkeypatch.setattr(asyncpg.Connection, name, recording(name))
+    planned = await manager.maintain(NOW, dry_run=True)
+    assert sent == []  # the dry run only reads
+    report = await manager.maintain(NOW)
+    monkeypatch.undo()
+    executed = [s for i, s in enumerate(sent) if not (s.startswith("DELETE") and s == sent[i - 1])]
+    kinds = {a.kind for a in planned.actions}
+    assert kinds == {"create", mode, "purge_shop"}
+    assert len(executed) < len(sent)  # purge batches did repeat, and were collapsed
+    assert [s for a in planned.actions for s in a.statements] == executed
+    assert [a.statements for a in report.actions] == [a.statements for a in planned.actions]
