@@ -7,7 +7,7 @@ import asyncio
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import structlog
@@ -18,16 +18,18 @@ from ingest.core.db import Database
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopDirectory
 
+Run = Callable[..., Awaitable[int]]
+
 
 @pytest.fixture
-async def cli(db: Database) -> AsyncIterator[object]:
+async def run(db: Database) -> AsyncIterator[Run]:
     """main() in a thread with the session DSN; main() reconfigures structlog: restored."""
     saved = structlog.get_config()
 
-    async def run(*argv: str) -> int:
+    async def cli(*argv: str) -> int:
         return await asyncio.to_thread(functools.partial(main, [*argv, "--postgres-dsn", db.dsn]))
 
-    yield run
+    yield cli
     structlog.configure(**saved)
 
 
@@ -36,12 +38,11 @@ def _domain() -> str:
 
 
 async def test_add_prints_a_working_write_key_and_the_secret(
-    cli: object, db: Database, capsys: pytest.CaptureFixture[str]
+    run: Run, db: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = cli  # type: ignore[assignment]
     domain = _domain()
     assert (
-        await run(  # type: ignore[operator]
+        await run(
             "shops",
             "add",
             domain,
@@ -66,21 +67,21 @@ async def test_add_prints_a_working_write_key_and_the_secret(
     assert shop.allowed_origins == ("https://shop.example", "http://localhost:3000")
     assert await directory.by_domain(domain) == (shop, "s3cret-value")
 
-    assert await run("shops", "show", domain, "--json") == 0  # type: ignore[operator]
+    assert await run("shops", "show", domain, "--json") == 0
     out = capsys.readouterr().out
     assert "s3cret-value" not in out
     shown = json.loads(out)
     assert shown["retention_days"] == 30 and shown["live_keys"] == 1
-    assert await run("shops", "show", domain) == 0  # type: ignore[operator]
+    assert await run("shops", "show", domain) == 0
     assert "s3cret-value" not in capsys.readouterr().out
-    assert await run("shops", "show", domain, "--show-secret") == 0  # type: ignore[operator]
+    assert await run("shops", "show", domain, "--show-secret") == 0
     assert "s3cret-value" in capsys.readouterr().out
 
-    assert await run("shops", "list", "--json") == 0  # type: ignore[operator]
+    assert await run("shops", "list", "--json") == 0
     out = capsys.readouterr().out
     assert "s3cret-value" not in out
     assert domain in [s["domain"] for s in json.loads(out)]
-    assert await run("shops", "list") == 0  # type: ignore[operator]
+    assert await run("shops", "list") == 0
     assert domain in capsys.readouterr().out
 
     # the retention the CLI set is the one partition maintenance enforces
@@ -93,36 +94,34 @@ async def test_add_prints_a_working_write_key_and_the_secret(
 
 
 async def test_set_replaces_and_clears_origins_and_sets_retention(
-    cli: object, db: Database, capsys: pytest.CaptureFixture[str]
+    run: Run, db: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = cli  # type: ignore[assignment]
     domain = _domain()
-    assert await run("shops", "add", domain) == 0  # type: ignore[operator]
+    assert await run("shops", "add", domain) == 0
     out = capsys.readouterr().out
     assert "write key" in out and "webhook secret" in out
     assert (
-        await run("shops", "set", domain, "--allowed-origin", "https://a.example:8443", "--json")  # type: ignore[operator]
+        await run("shops", "set", domain, "--allowed-origin", "https://a.example:8443", "--json")
         == 0
     )
     assert json.loads(capsys.readouterr().out)["allowed_origins"] == ["https://a.example:8443"]
-    assert await run("shops", "set", domain, "--retention-days", "7", "--json") == 0  # type: ignore[operator]
+    assert await run("shops", "set", domain, "--retention-days", "7", "--json") == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["retention_days"] == 7
     assert shown["allowed_origins"] == ["https://a.example:8443"]  # untouched
-    assert await run("shops", "set", domain, "--clear-origins", "--json") == 0  # type: ignore[operator]
+    assert await run("shops", "set", domain, "--clear-origins", "--json") == 0
     assert json.loads(capsys.readouterr().out)["allowed_origins"] is None
 
 
 async def test_an_origin_set_by_the_cli_is_the_one_the_collector_accepts(
-    cli: object, settings: Settings, db: Database, capsys: pytest.CaptureFixture[str]
+    run: Run, settings: Settings, db: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The normalised origin matches the browser's Origin header; another origin is refused."""
     import aiohttp
 
-    run = cli  # type: ignore[assignment]
     domain = _domain()
     assert (
-        await run("shops", "add", domain, "--allowed-origin", "HTTPS://Shop.Example/", "--json")  # type: ignore[operator]
+        await run("shops", "add", domain, "--allowed-origin", "HTTPS://Shop.Example/", "--json")
         == 0
     )
     key = json.loads(capsys.readouterr().out)["write_key"]
@@ -161,16 +160,15 @@ BAD = [
 
 
 async def test_bad_input_is_one_clear_line_and_a_nonzero_exit(
-    cli: object, db: Database, capsys: pytest.CaptureFixture[str]
+    run: Run, db: Database, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = cli  # type: ignore[assignment]
     existing = _domain()
-    assert await run("shops", "add", existing) == 0  # type: ignore[operator]
+    assert await run("shops", "add", existing) == 0
     capsys.readouterr()
     for argv, needle in BAD:
         fresh = _domain()
         args = [existing if a == "EXISTING" else fresh if a == "NEW" else a for a in argv]
-        code = await run(*args)  # type: ignore[operator]
+        code = await run(*args)
         err = capsys.readouterr().err
         assert code != 0, args
         lines = [line for line in err.splitlines() if line.strip()]
