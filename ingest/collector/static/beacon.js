@@ -81,18 +81,63 @@
     queue.push(json); bytes += size + 1;
     if (!timer) timer = setTimeout(flush, interval);
   }
+  // Outbox: events not yet confirmed by a 2xx, in localStorage (same event ids, so a
+  // resend is stored once) up to MAX_EVENTS / MAX_BYTES, oldest dropped first; a reload
+  // or the next page of the site sends what is left. Retries on 429, 503 and network
+  // failures back off exponentially (1 s doubling to 60 s), never sooner than Retry-After.
+  var BOX = "eventpipe.outbox", mem = [], sending = false, retry = 0, backoff = 0;
+  function load() {
+    try { var v = JSON.parse(localStorage.getItem(BOX) || "[]"); return v.length >= 0 ? v : []; }
+    catch (x) { return mem; }
+  }
+  function save(box) {
+    var size = 0, i = box.length;
+    while (i > 0 && box.length - i < MAX_EVENTS && size + box[i - 1].length < MAX_BYTES) size += box[--i].length + 1;
+    box = box.slice(i); mem = box;
+    try { if (box.length) localStorage.setItem(BOX, JSON.stringify(box)); else localStorage.removeItem(BOX); }
+    catch (x) { /* memory only */ }
+    return box;
+  }
+  function body(box) {
+    return '{"events":[' + box.join(",") + '],"sent_at":"' + new Date().toISOString() + '"}';
+  }
   function flush() {
     clearTimeout(timer); timer = 0;
-    if (!queue.length) return;
-    var body = '{"events":[' + queue.join(",") + '],"sent_at":"' + new Date().toISOString() + '"}';
-    queue = []; bytes = 0;
-    try {
-      if (n.sendBeacon && n.sendBeacon(url, new Blob([body], { type: "text/plain" }))) return;
-    } catch (x) { /* fall back to fetch */ }
-    try {
-      fetch(url, { method: "POST", body: body, keepalive: true, mode: "no-cors",
-        credentials: "omit", headers: { "Content-Type": "text/plain" } }).catch(noop);
-    } catch (x) { /* nothing more to try */ }
+    if (queue.length) { save(load().concat(queue)); queue = []; bytes = 0; }
+    send();
+  }
+  function done(sent) {
+    var gone = {};
+    sent.forEach(function (e) { gone[e] = 1; });
+    save(load().filter(function (e) { return !gone[e]; }));
+  }
+  function again(wait) {
+    backoff = Math.min(60000, backoff ? backoff * 2 : 1000);
+    clearTimeout(retry);
+    retry = setTimeout(guard(function () { retry = 0; send(); }), Math.max(backoff, wait || 0));
+  }
+  function send() {
+    var box = load();
+    if (!box.length || sending || retry) return;
+    if (!w.fetch) { if (n.sendBeacon) n.sendBeacon(url, new Blob([body(box)], { type: "text/plain" })); return; }
+    sending = true;
+    fetch(url, { method: "POST", body: body(box), keepalive: true, credentials: "omit",
+      headers: { "Content-Type": "text/plain" } }).then(function (r) {
+      sending = false;
+      if (r.status === 429 || r.status >= 500) return again(1000 * (+r.headers.get("Retry-After") || 0));
+      backoff = 0; done(box); // 2xx, or a 4xx that no retry can cure
+      if (load().length) send();
+    }, function () { sending = false; again(0); });
+  }
+  // Leaving: sendBeacon can only say "queued", so the outbox is kept; if it arrived,
+  // the next page's resend is deduplicated by event id.
+  function leaveFlush() {
+    if (queue.length) { save(load().concat(queue)); queue = []; bytes = 0; }
+    var box = load();
+    if (!box.length) return;
+    try { if (n.sendBeacon && n.sendBeacon(url, new Blob([body(box)], { type: "text/plain" }))) return; }
+    catch (x) { /* fall back to fetch */ }
+    sending = false; send();
   }
 
   // Rage clicks (>= 3 on one element within 600 ms) and hesitation (> 1.5 s hover).
@@ -190,7 +235,8 @@
       sentPct = maxPct;
       track("scroll_depth", { event_data: { percentage: maxPct, final: true } });
     }
-    flush();
+    clearTimeout(timer); timer = 0;
+    leaveFlush();
   }
   w.addEventListener("pagehide", guard(function () { leave(true); }));
   d.addEventListener("visibilitychange", guard(function () {
@@ -214,4 +260,5 @@
   api.flush = guard(flush);
   api.sessionId = function () { try { return sid(); } catch (x) { return null; } };
   guard(pageView)();
+  guard(send)(); // what an earlier page (or a failed attempt) left in the outbox
 })();

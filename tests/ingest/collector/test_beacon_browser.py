@@ -327,3 +327,118 @@ async def test_hesitation_errors_and_form_submit(
     assert nope["source"] == "unhandledrejection"
     assert len(_of(events, "form_submit")) == 1
     assert not _of(events, "form_abandon")
+
+
+@dataclass
+class Gate:
+    """A proxy in front of the collector that answers 503 while ``failing``; it records
+    the event ids of every batch it is sent."""
+
+    url: str
+    failing: bool
+    posts: list[tuple[int, list[str]]]
+
+
+@pytest.fixture
+async def gate(collector: str) -> AsyncIterator[Gate]:
+    import aiohttp
+
+    state = Gate("", True, [])
+    http = aiohttp.ClientSession()
+
+    async def behavior(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            ids = [e.get("event_id") for e in json.loads(body)["events"]]
+        except (ValueError, KeyError, TypeError):
+            ids = []
+        cors = {
+            "Access-Control-Allow-Origin": request.headers.get("Origin", "*"),
+            "Access-Control-Expose-Headers": "Retry-After",
+        }
+        if state.failing:
+            state.posts.append((503, ids))
+            return web.json_response(
+                {"error": "down"}, status=503, headers={**cors, "Retry-After": "1"}
+            )
+        headers = {"Content-Type": request.headers.get("Content-Type", "text/plain")}
+        if "Origin" in request.headers:
+            headers["Origin"] = request.headers["Origin"]
+        async with http.post(
+            f"{collector}/v1/behavior", params=request.query, data=body, headers=headers
+        ) as resp:
+            answer = await resp.read()
+            state.posts.append((resp.status, ids))
+            return web.Response(body=answer, status=resp.status, headers=cors)
+
+    app = web.Application()
+    app.router.add_post("/v1/behavior", behavior)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
+        await http.close()
+
+
+async def test_batches_refused_with_503_are_kept_and_sent_once_after_a_reload(
+    browser: Any, collector: str, gate: Gate, loader: Loader, db: Database, shop: ShopCredentials
+) -> None:
+    """The collector answers 503 to the first posts (and to the pagehide beacon of a
+    reload); the beacon keeps the events in localStorage, the reloaded page sends them
+    with backoff once the collector is back, and each event id is one row."""
+
+    async def page_html(request: web.Request) -> web.Response:
+        options = f' data-endpoint="{gate.url}" data-flush-interval="200"'
+        return web.Response(
+            text=_page(collector, shop.write_key, "Retry", PAGE_2, options),
+            content_type="text/html",
+        )
+
+    app = web.Application()
+    app.router.add_get("/retry", page_html)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    page_url = f"http://127.0.0.1:{runner.addresses[0][1]}/retry"
+    context = await browser.new_context(viewport=VIEWPORT)
+    try:
+        page = await context.new_page()
+        await page.goto(page_url)
+        await page.wait_for_function("window.eventpipe && window.eventpipe.version")
+        for _ in range(3):
+            await page.click("#ok")
+        await wait_for(lambda: _async(len(gate.posts) >= 2))  # the first post and a retry
+        outbox = await page.evaluate("JSON.parse(localStorage.getItem('eventpipe.outbox'))")
+        assert len(outbox) >= 4, outbox  # page view, three clicks (and a rage click), kept
+        await page.reload()
+        await page.wait_for_function("window.eventpipe && window.eventpipe.version")
+        gate.failing = False
+
+        async def box_empty() -> bool:
+            return bool(await page.evaluate("localStorage.getItem('eventpipe.outbox') === null"))
+
+        await wait_for(box_empty, timeout=30)
+        await page.close()
+    finally:
+        await context.close()
+        await runner.cleanup()
+    assert {status for status, _ in gate.posts} >= {503, 200}
+    sent = {i for _, ids in gate.posts for i in ids}
+
+    async def all_rows() -> bool:
+        return {str(e["event_id"]) for e in await _events(db, shop)} >= sent
+
+    await wait_for(all_rows)
+    events = await _events(db, shop)
+    ids = [str(e["event_id"]) for e in events]
+    assert sorted(ids) == sorted(sent), "every event sent is one row"
+    assert len(_of(events, "click")) == 3
+    assert len(_of(events, "page_view")) == 2  # one per load
+
+
+async def _async(value: bool) -> bool:
+    return value
