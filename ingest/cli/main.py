@@ -15,6 +15,7 @@ from rich.text import Text
 
 from consumers.loader import run_loader_processes, run_loaders
 from consumers.rows import SPECS
+from ingest.cli import analysts as analysts_cli
 from ingest.cli import bench as bench_cli
 from ingest.cli import deadletters as dead_letters_cli
 from ingest.cli import keys as keys_cli
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     partitions_cli.add_parser(sub, common)
     dead_letters_cli.add_parser(sub, common)
     keys_cli.add_parser(sub, common)
+    analysts_cli.add_parser(sub, common)
     shops_cli.add_parser(sub, common)
     spool_cli.add_parser(sub, common)
     bench_cli.add_parser(sub, common)
