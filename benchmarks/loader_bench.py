@@ -35,7 +35,8 @@ from aiokafka import AIOKafkaProducer
 
 from benchmarks.common import CpuMeter, Stack, embedded_stack, machine, median, write_result
 from consumers.loader import Loader
-from consumers.rows import STOREFRONT, as_datetime, pg_times
+from consumers.rows import STOREFRONT
+from consumers.values import as_datetime, pg_times
 from ingest.core import logs, records
 from ingest.core.db import Database
 from ingest.core.runtime import tune_gc

@@ -32,7 +32,8 @@ from rich.table import Table
 
 from benchmarks import loader_bench, partitions_bench
 from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
-from consumers.rows import STOREFRONT, pg_times
+from consumers.rows import STOREFRONT
+from consumers.values import pg_times
 from ingest.core import logs
 from ingest.core.db import Database
 from ingest.core.processes import free_port, spawn, stop_process

@@ -1,14 +1,14 @@
 """PostgreSQL's binary COPY format: the pieces the loader encodes rows with.
 
-asyncpg encodes a COPY's rows while the COPY runs (0.9 us a row, 512 KB at
-a time, PostgreSQL waiting for the first piece), from row tuples the loader
-first has to build (and later free). For a table whose rows it doesn't
-otherwise need, the loader's reader encodes each record's events straight
-into COPY data as it decodes them (``rows._storefront_copy``), in the time
-PostgreSQL spends on the previous batch: 1.6 us a row, JSON decoding
-included, against 2.3 us for decoding into tuples (and freeing them) plus
-asyncpg's 0.9 us. asyncpg has no public encoder to reuse (its codecs live
-inside its COPY coroutine), hence this.
+asyncpg encodes a COPY's rows while the COPY runs (512 KB at a time,
+PostgreSQL waiting for the first piece), from row tuples the loader first has
+to build (and later free). For a table whose rows it doesn't otherwise need,
+the loader's reader encodes each record's events straight into COPY data as
+it decodes them (``fast.storefront_copy``), in the time PostgreSQL spends on
+the previous batch, for less than decoding into tuples alone costs (the
+figures: ``benchmarks/README.md``, "Figures behind the loader's code").
+asyncpg has no public encoder to reuse (its codecs live inside its COPY
+coroutine), hence this.
 
 Format: https://www.postgresql.org/docs/current/sql-copy.html (Binary Format).
 """

@@ -17,7 +17,8 @@ import asyncpg
 import orjson
 
 from consumers import binary_copy
-from consumers.rows import Encoded, Row, TableSpec
+from consumers.rows import TableSpec
+from consumers.values import Encoded, Row
 from ingest.core.db import queries
 from ingest.core.identifiers import ident
 

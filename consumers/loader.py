@@ -11,48 +11,41 @@ that fails at assignment (PostgreSQL away, a broker leader change), the
 partition is paused, so nothing of it is read, and positioning is retried with
 backoff; past ``loader_assignment_timeout_s`` the loader leaves the group and
 joins again. A loader started without a reachable broker keeps trying too.
+
+What a batch holds and how its records are decoded is ``consumers.batch``;
+running loaders in a process or a group of processes is ``consumers.runner``.
+Over 600 lines because ``Loader`` is one state machine: positioning, reading
+and writing share its partitions' positions, seek epochs and lock, and
+split across modules each half would reach into the other's state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
 
 import asyncpg
-import orjson
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from consumers import dead_letters, sessions
+from consumers.batch import Batch
 from consumers.copy_writer import CopyWriter, Decoded, NeedsCare, Rejected, Written
 from consumers.offsets import Fenced, OffsetStore, is_fenced
-from consumers.rows import (
-    PgTime,
-    RecordRejected,
-    TableSpec,
-    as_datetime,
-    use_datetimes,
-    use_pg_times,
-)
+from consumers.rows import TableSpec
+from consumers.values import as_datetime, use_datetimes, use_pg_times
 from ingest.core import metrics
 from ingest.core.db import Database, inline, queries
 from ingest.core.errors import OutsideRetentionWindow
-from ingest.core.http import HttpServer, metrics_app
-from ingest.core.runtime import tune_gc
 from ingest.core.service import Service
 from ingest.core.settings import Settings
-from ingest.core.supervisor import Child, Supervisor
 from ingest.core.topics import cluster_id
 from ingest.partitions import PartitionManager, month_start
 
@@ -87,117 +80,6 @@ _WATCH_TICK_S = 0.1
 
 def _jitter(delay: float) -> float:
     return delay * random.uniform(0.5, 1.5)
-
-
-@dataclass
-class Batch:
-    """Records read since the last commit, decoded, by Kafka partition (in offset order)."""
-
-    records: dict[TopicPartition, list[Decoded]] = field(default_factory=lambda: defaultdict(list))
-    count: int = 0  # events
-    size: int = 0  # bytes
-    records_read: int = 0
-    # The loader's seek epoch of each partition when its records were read: records
-    # read before a seek are stale (the consumer reads them again from the seek).
-    epochs: dict[TopicPartition, int] = field(default_factory=dict)
-    # The earliest and latest event times of the rows (PgTime), for the partitions' months.
-    earliest: PgTime | None = None
-    latest: PgTime | None = None
-
-    def add(
-        self,
-        tp: TopicPartition,
-        records: list[ConsumerRecord[bytes, bytes]],
-        spec: TableSpec,
-        epoch: int = 0,
-    ) -> None:
-        """Decode ``records`` of ``tp``, read in seek ``epoch``, into the batch."""
-        if self.epochs.setdefault(tp, epoch) != epoch:
-            # ``tp`` was positioned again since its first records here were read:
-            # those are stale, and read again from the new position.
-            self.records[tp] = []
-            self.epochs[tp] = epoch
-        out = self.records[tp]
-        first = len(out)
-        decode, decode_copy = spec.decode, spec.decode_copy
-        topic, partition = tp.topic, tp.partition
-        times: list[PgTime] = []
-        for record in records:
-            raw = record.value or b""
-            offset = record.offset
-            self.size += len(raw)
-            encoded = decode_copy(record.value)
-            if encoded is not None:
-                self.count += encoded.count
-                times += (encoded.earliest, encoded.latest)
-                batched = encoded.batched
-                out.append(Decoded(topic, partition, offset, raw, batched, [], [], encoded=encoded))
-                continue
-            fast = decode(record.value)
-            if fast is not None:
-                rows, contexts, batched = fast
-                self.count += len(rows)
-                out.append(Decoded(topic, partition, offset, raw, batched, rows, contexts))
-                continue
-            # The record or one of its events is bad: each event checked on its own.
-            try:
-                events, batched = spec.events(record.value)
-            except RecordRejected as exc:
-                rejected = Rejected(topic, partition, offset, 0, raw, exc.reason, exc.error)
-                out.append(Decoded(topic, partition, offset, raw, False, [], [], None, [rejected]))
-                self.count += 1
-                continue
-            self.count += len(events)
-            out.append(_one_by_one(tp, offset, raw, events, batched, spec))
-        self.records_read += len(records)
-        # Here, in the reader's time, not as one pass over the batch in the writer's.
-        at = spec.time_index
-        times += [row[at] for d in out[first:] for row in d.rows]
-        if times:
-            low, high = min(times), max(times)
-            self.earliest = low if self.earliest is None else min(self.earliest, low)
-            self.latest = high if self.latest is None else max(self.latest, high)
-
-    def free_some(self, events: int) -> bool:
-        """Drop the rows of about ``events`` events of this (written) batch; False when
-        none are left.
-
-        Freeing a batch's objects at once took 1.5 ms per 5,000 rows, between one
-        commit and the next COPY; the reader frees it piecemeal instead, while
-        PostgreSQL is busy with the next batch.
-        """
-        while self.records:
-            tp = next(iter(self.records))
-            decoded = self.records[tp]
-            while decoded and events > 0:
-                events -= decoded.pop().count or 1
-            if events <= 0:
-                return True
-            del self.records[tp]
-        return False
-
-
-def _one_by_one(
-    tp: TopicPartition,
-    offset: int,
-    raw: bytes,
-    events: list[Any],
-    batched: bool,
-    spec: TableSpec,
-) -> Decoded:
-    """A record with a bad event: each event on its own, the bad ones with their reasons."""
-    decoded = Decoded(tp.topic, tp.partition, offset, raw, batched, [], [], indexes=[])
-    for index, data in enumerate(events):
-        try:
-            row, context = spec.row(data)
-        except RecordRejected as exc:
-            own = orjson.dumps(data) if batched else raw
-            decoded.rejected.append(
-                Rejected(tp.topic, tp.partition, offset, index, own, exc.reason, exc.error)
-            )
-        else:
-            decoded.add(row, index, context)
-    return decoded
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -835,9 +717,9 @@ def _fetch_drained_partitions_at_once(consumer: AIOKafkaConsumer) -> None:
     aiokafka (0.14) sends no fetch to a broker while any partition it leads still
     has records fetched less than ``prefetch_backoff`` (0.1 s) ago, and the
     consumer doesn't take that option. A loader drains its partitions one after
-    another, so the reader waited a whole fetch round trip (15-25 ms) each time
-    its buffers ran dry, and the writer waited for the reader (measured: 40-150 ms
-    per 150,000 rows, none with 0). Memory stays bounded: a partition with
+    another, so the reader waited a whole fetch round trip each time its buffers
+    ran dry, and the writer waited for the reader (measured with 0: no such wait;
+    ``benchmarks/README.md``). Memory stays bounded: a partition with
     records not yet consumed is still not fetched again.
     """
     fetcher = getattr(consumer, "_fetcher", None)
@@ -852,55 +734,3 @@ async def _rollback(conn: asyncpg.Connection) -> None:
     with contextlib.suppress(Exception):
         if not conn.is_closed() and conn.is_in_transaction():
             await conn.execute("ROLLBACK")
-
-
-async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.Event) -> None:
-    """Run one loader per spec until ``stop`` is set; a loader that fails ends the process."""
-    async with contextlib.AsyncExitStack() as stack:
-        if settings.loader_metrics_port:
-            await stack.enter_async_context(
-                HttpServer(metrics_app(), settings.collector_host, settings.loader_metrics_port)
-            )
-        db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
-        partitions = PartitionManager.from_settings(
-            db, settings, role=await db.role_for(settings.partition_role)
-        )
-        loaders = [Loader(settings, spec, db, partitions) for spec in specs]
-        # Joining a consumer group takes seconds: join all streams at once.
-        await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))
-        tune_gc(settings)
-        stopped = asyncio.create_task(stop.wait())
-        tasks: list[asyncio.Task[Any]] = [stopped, *(loader.task for loader in loaders)]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        for task in done:
-            if task is not stopped and (error := task.exception()) is not None:
-                raise error
-
-
-async def run_loader_processes(
-    settings: Settings, stream: str, processes: int, stop: asyncio.Event
-) -> int:
-    """Run ``processes`` loader processes of ``stream`` in one consumer group, supervised.
-
-    Each child gets its own metrics port (``loader_metrics_port + i``) when one is set.
-    """
-    argv = [sys.executable, "-m", "ingest.cli", "loader", "--stream", stream]
-    children = [
-        Child(
-            f"loader-{i}",
-            argv,
-            env={
-                "EVENTPIPE_LOADER_METRICS_PORT": str(
-                    settings.loader_metrics_port + i if settings.loader_metrics_port else 0
-                )
-            },
-        )
-        for i in range(processes)
-    ]
-    async with Supervisor(children, {**os.environ, **settings.to_env()}) as supervisor:
-        failed = await supervisor.wait(stop)
-    if failed:
-        log.error("loader processes failed", reason=supervisor.failure)
-        return 1
-    return 0

@@ -7,7 +7,8 @@ from typing import Any
 
 import asyncpg
 
-from consumers.rows import BEHAVIOR, PgTime, Row
+from consumers.rows import BEHAVIOR
+from consumers.values import PgTime, Row
 from ingest.core.db import queries
 
 _AT = {name: BEHAVIOR.columns.index(name) for name in BEHAVIOR.columns}

@@ -13,8 +13,8 @@ import pydantic
 from rich.console import Console
 from rich.text import Text
 
-from consumers.loader import run_loader_processes, run_loaders
 from consumers.rows import SPECS
+from consumers.runner import run_loader_processes, run_loaders
 from ingest.cli import analysts as analysts_cli
 from ingest.cli import bench as bench_cli
 from ingest.cli import deadletters as dead_letters_cli

@@ -35,7 +35,7 @@ from ingest.collector.models import (
     has_nul,
 )
 from ingest.collector.ratelimit import RateLimiter
-from ingest.core import metrics, records
+from ingest.core import metrics, records, streams
 from ingest.core.headers import is_printable_ascii, printable_ascii, valid_text
 from ingest.core.http import healthz, metrics_endpoint
 from ingest.core.settings import Settings
@@ -424,12 +424,12 @@ def _validated(stream: str, raw: Any, max_bytes: int) -> Valid:
 
 async def post_behavior(request: web.Request) -> web.Response:
     """``POST /v1/behavior``: a batch of behavior events, accepted one by one."""
-    return await _accept_batch(request, "behavior")
+    return await _accept_batch(request, streams.BEHAVIOR.name)
 
 
 async def post_storefront(request: web.Request) -> web.Response:
     """``POST /v1/storefront``: a batch of storefront events, accepted one by one."""
-    return await _accept_batch(request, "storefront")
+    return await _accept_batch(request, streams.STOREFRONT.name)
 
 
 async def post_shopify_webhook(request: web.Request) -> web.Response:
@@ -488,7 +488,9 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
             f"as one Kafka record ({size} bytes)",
         )
     try:
-        await request.app[DELIVERY].deliver("webhook", settings.topic_storefront, messages)
+        await request.app[DELIVERY].deliver(
+            "webhook", settings.topic_for(streams.STOREFRONT.name), messages
+        )
     except Unavailable as exc:
         raise Refused(503, "event broker unavailable, retry later", {"Retry-After": "5"}) from exc
     metrics.EVENTS_ACCEPTED.labels("webhook").inc()

@@ -17,6 +17,7 @@ from ingest.collector.models import BehaviorEvent, StorefrontEvent
 from ingest.core.headers import valid_text
 from ingest.core.settings import Settings
 from ingest.core.shops import Shop
+from ingest.core.streams import BEHAVIOR, CONTEXT, STOREFRONT, Stream
 
 _TABLET = re.compile(r"iPad|Tablet|PlayBook|Silk|Kindle|(Android(?!.*Mobile))", re.I)
 _MOBILE = re.compile(r"Mobi|iPhone|iPod|Android|Windows Phone|BlackBerry|Opera Mini", re.I)
@@ -171,11 +172,10 @@ def _record(
     shop: Shop,
     received: Received,
     assigned: datetime | None,
-    time_field: str,
-    extra_field: str,
-    original_key: str,
+    stream: Stream,
 ) -> dict[str, Any]:
-    """Fields plus server facts; a corrected or clamped time keeps the client's in ``extra``."""
+    """Fields plus server facts; a corrected or clamped time keeps the client's in the
+    stream's ``extra_column``."""
     # A shallow copy of the validated fields: model_dump() would rebuild every
     # nested dict and costs more than the rest of the event's path together.
     # Nested values are shared with the model and never mutated here.
@@ -183,9 +183,13 @@ def _record(
     record["event_id"] = event.event_id or uuid.uuid4()
     record["shop_id"] = shop.id
     record["received_at"] = received.at
+    time_field, extra_field = stream.time_column, stream.extra_column
     record[time_field], original = received.event_time(record[time_field], assigned)
     if original is not None:
-        record[extra_field] = {**record[extra_field], original_key: original.isoformat()}
+        record[extra_field] = {
+            **record[extra_field],
+            stream.original_time_key: original.isoformat(),
+        }
     return record
 
 
@@ -193,16 +197,16 @@ def behavior_record(
     event: BehaviorEvent, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a behavior event: its fields, server facts, and session context."""
-    record = _record(event, shop, received, assigned, "timestamp", "metadata", "client_timestamp")
+    record = _record(event, shop, received, assigned, BEHAVIOR)
     metadata = event.metadata
     if metadata and any(fact in metadata for fact in _SESSION_FACTS):
         context = dict(received.context)
         for fact in _SESSION_FACTS:
             value = metadata.get(fact)
             context[fact] = value[:1024] if isinstance(value, str) else None
-        record["context"] = context
+        record[CONTEXT] = context
     else:
-        record["context"] = received.behavior_context
+        record[CONTEXT] = received.behavior_context
     return record
 
 
@@ -210,6 +214,6 @@ def storefront_record(
     event: StorefrontEvent, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a storefront event."""
-    record = _record(event, shop, received, assigned, "ts", "props", "client_ts")
-    record["context"] = received.context
+    record = _record(event, shop, received, assigned, STOREFRONT)
+    record[CONTEXT] = received.context
     return record

@@ -1,4 +1,8 @@
-"""What clients may send: pydantic models of batches and of each stream's events."""
+"""What clients may send: pydantic models of batches and of each stream's events.
+
+An event's fields are its stream's columns in the record contract
+(``ingest.core.streams``) but those the collector sets (``SERVER_FIELDS``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ingest.core import streams
 
 BehaviorType = Literal[
     "click",
@@ -120,11 +126,13 @@ class StorefrontBatch(BatchEnvelope):
     events: list[StorefrontEvent]
 
 
+# By stream of the record contract; each model's fields are the stream's client
+# fields (tests/ingest/core/test_streams.py).
 STREAM_MODELS: dict[str, type[BehaviorEvent] | type[StorefrontEvent]] = {
-    "behavior": BehaviorEvent,
-    "storefront": StorefrontEvent,
+    streams.BEHAVIOR.name: BehaviorEvent,
+    streams.STOREFRONT.name: StorefrontEvent,
 }
 BATCH_MODELS: dict[str, type[BehaviorBatch] | type[StorefrontBatch]] = {
-    "behavior": BehaviorBatch,
-    "storefront": StorefrontBatch,
+    streams.BEHAVIOR.name: BehaviorBatch,
+    streams.STOREFRONT.name: StorefrontBatch,
 }

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingest.core.errors import ConfigError
+from ingest.core.streams import STREAMS
 
 STACK_FILE = "stack.json"
 
@@ -329,5 +330,6 @@ class Settings(BaseSettings):
         return env
 
     def topic_for(self, stream: str) -> str:
-        """The Kafka topic of a stream (``behavior`` or ``storefront``)."""
-        return {"behavior": self.topic_behavior, "storefront": self.topic_storefront}[stream]
+        """The Kafka topic of a stream (a name in ``ingest.core.streams.STREAMS``)."""
+        topic: str = getattr(self, STREAMS[stream].topic_setting)
+        return topic

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers import binary_copy
-from consumers.rows import STOREFRONT, Encoded, pg_times
+from consumers.rows import STOREFRONT
+from consumers.values import Encoded, pg_times
 from ingest.core.db import Database
 from tests.helpers import storefront
 

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from consumers.copy_writer import CopyWriter, Decoded, NeedsCare, Written
-from consumers.rows import BEHAVIOR, pg_times
+from consumers.rows import BEHAVIOR
+from consumers.values import pg_times
 from ingest.core.db import Database
 from ingest.partitions import PartitionManager, month_start
 

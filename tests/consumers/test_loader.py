@@ -289,8 +289,8 @@ async def test_dead_letters_list_and_replay_after_a_fix(
 def test_a_written_batch_is_freed_piecemeal() -> None:
     from aiokafka import TopicPartition
 
+    from consumers.batch import Batch
     from consumers.copy_writer import Decoded
-    from consumers.loader import Batch
 
     batch = Batch()
     for partition in (0, 1):

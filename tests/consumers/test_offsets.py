@@ -11,7 +11,8 @@ import pytest
 from consumers.copy_writer import Decoded
 from consumers.loader import Loader
 from consumers.offsets import Fenced, OffsetStore
-from consumers.rows import BEHAVIOR, pg_times
+from consumers.rows import BEHAVIOR
+from consumers.values import pg_times
 from ingest.core.db import Database
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials

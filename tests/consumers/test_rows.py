@@ -22,12 +22,9 @@ from consumers.rows import (
     SPECS,
     STOREFRONT,
     RecordRejected,
-    Row,
     TableSpec,
-    as_datetime,
-    pg_time,
-    pg_times,
 )
+from consumers.values import Row, as_datetime, pg_time, pg_times
 from ingest.core.db import Database
 from tests.helpers import NOW, SHOP, storefront
 
@@ -109,6 +106,21 @@ def test_json_null_is_sql_null_and_a_missing_object_is_empty() -> None:
     jsonb = (row[at("coordinates")], row[at("event_data")], row[at("metadata")])
     assert jsonb == (None, "{}", "{}")
     assert decoded[0] == BEHAVIOR.rows(raw)
+
+
+@pytest.mark.parametrize("stream", ["behavior", "storefront"])
+def test_the_checked_decoder_needs_the_contracts_required_fields(stream: str) -> None:
+    spec = SPECS[stream]
+    for column in spec.contract.columns:
+        event = EVENTS[stream]()
+        del event[column.name]
+        raw = orjson.dumps([event])
+        if column.required:
+            with pytest.raises(RecordRejected, match=f"missing field '{column.name}'"):
+                spec.rows(raw)
+        else:
+            [row] = spec.rows(raw)
+            assert row[spec.columns.index(column.name)] in (None, "{}")
 
 
 BAD = {
