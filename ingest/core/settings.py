@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     )
     rate_limit_client_burst: int = Field(default=200, ge=1)
     decode_concurrency: int = Field(
-        default=32,
+        default=16,
         ge=1,
         description="batches decoded and awaiting the broker or spool at once, per process",
     )

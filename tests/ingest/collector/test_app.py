@@ -554,23 +554,25 @@ async def test_a_bomb_of_empty_objects_is_refused_before_any_python_object_is_bu
         + b"{}]}",
         compresslevel=9,
     )
-    async with serving(settings, db, key_cache_s=10) as (server, _):
-        async with aiohttp.ClientSession() as http:
-            peaks: list[tuple[str, int, int]] = []
-            for label, url, data in [
-                ("bad key in query", f"{server.url}/v1/behavior?k=wk_nope", bomb),
-                ("bad key in body", f"{server.url}/v1/behavior", body_key),
-                ("good key", f"{server.url}/v1/behavior?k={shop.write_key}", bomb),
-            ]:
-                tracemalloc.start()
-                try:
-                    async with http.post(url, data=data, headers=gz) as resp:
-                        status = resp.status
-                        await resp.read()
-                    _, peak = tracemalloc.get_traced_memory()
-                finally:
-                    tracemalloc.stop()
-                peaks.append((label, status, peak))
+    async with (
+        serving(settings, db, key_cache_s=10) as (server, _),
+        aiohttp.ClientSession() as http,
+    ):
+        peaks: list[tuple[str, int, int]] = []
+        for label, url, data in [
+            ("bad key in query", f"{server.url}/v1/behavior?k=wk_nope", bomb),
+            ("bad key in body", f"{server.url}/v1/behavior", body_key),
+            ("good key", f"{server.url}/v1/behavior?k={shop.write_key}", bomb),
+        ]:
+            tracemalloc.start()
+            try:
+                async with http.post(url, data=data, headers=gz) as resp:
+                    status = resp.status
+                    await resp.read()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            peaks.append((label, status, peak))
     assert [status for _, status, _ in peaks] == [401, 413, 413], peaks
     assert peaks[0][2] < 1_000_000, peaks  # nothing inflated
     for _, _, peak in peaks[1:]:
@@ -590,8 +592,9 @@ class _CountingPool:
 
 
 async def test_random_keys_never_evict_a_good_key(db: Database, shop: ShopCredentials) -> None:
-    """12,000 unknown keys (more than the cache ever held): each costs one lookup, once (a negative cache of its own), and
-    the good key stays cached throughout: zero lookups for it after the flood."""
+    """12,000 unknown keys (more than the old cache held before it was cleared): each
+    costs one lookup, once (a negative cache of its own), and the good key stays cached
+    throughout: zero lookups for it after the flood."""
     counting = _CountingPool(db.pool)
     view = Database(db.dsn)
     view._pool = counting  # type: ignore[assignment]  # the real pool, counted
