@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ingest.core.errors import StartupError
+from ingest.core.logs import private_log_file
 
 _PR_SET_PDEATHSIG = 1
 
@@ -68,7 +69,7 @@ def spawn(
     ``new_session`` keeps a terminal's Ctrl-C away from the child, so the
     supervisor decides the order in which things stop.
     """
-    with open(log_path, "ab") as log_file:
+    with open(private_log_file(log_path), "ab") as log_file:
         if user is not None:
             os.chown(log_path, *_ids(user))
         try:

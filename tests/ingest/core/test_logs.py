@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import pytest
 
 from ingest.core.logs import redact
@@ -46,3 +50,20 @@ def test_redact_hides_the_password(text: str, secret: str, kept: str) -> None:
 )
 def test_redact_leaves_text_without_a_password_alone(text: str) -> None:
     assert redact(text) == text
+
+
+def test_a_spawned_process_logs_to_a_file_only_its_owner_reads(tmp_path: Path) -> None:
+    """Logs hold client addresses and payload excerpts: 0600 whatever the umask."""
+    import sys
+
+    from ingest.core.processes import spawn
+
+    log_path = tmp_path / "child.log"
+    old = os.umask(0o022)
+    try:
+        proc = spawn([sys.executable, "-c", "print('hello')"], log_path=log_path)
+    finally:
+        os.umask(old)
+    assert proc.wait(timeout=30) == 0
+    assert log_path.read_text().strip() == "hello"
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
