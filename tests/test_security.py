@@ -24,8 +24,8 @@ import prometheus_client
 import pytest
 import structlog
 
-from consumers.loader import run_loaders
 from consumers.rows import BEHAVIOR
+from consumers.runner import run_loaders
 from ingest.collector.server import serving
 from ingest.core import logs
 from ingest.core.db import Database
