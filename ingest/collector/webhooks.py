@@ -1,15 +1,32 @@
-"""Shopify-style webhooks: HMAC verification and the mapping of topics to storefront events."""
+"""Shopify-style webhooks: HMAC verification and the mapping of topics to storefront events.
+
+Only the body is signed. What a stored event is made of (its id, its time,
+its session) therefore comes from the body wherever it can; the headers
+(``X-Shopify-Webhook-Id``, ``X-Shopify-Event-Id``, ``X-Shopify-Triggered-At``)
+are kept in ``props`` for tracing and, for the triggered-at, checked against a
+freshness window, but a replayer who changes them gets the same row.
+"""
 
 from __future__ import annotations
 
 import hmac
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.core.shopify import TOPIC_EVENT_TYPES, WEBHOOK_NAMESPACE, signature
+import orjson
 
-__all__ = ["TOPIC_EVENT_TYPES", "WEBHOOK_NAMESPACE", "event_type", "storefront_fields", "verify"]
+from ingest.core.shopify import TOPIC_EVENT_TYPES, WEBHOOK_NAMESPACE, signature, webhook_event_id
+from ingest.core.streams import STOREFRONT
+
+__all__ = [
+    "TOPIC_EVENT_TYPES",
+    "WEBHOOK_NAMESPACE",
+    "event_type",
+    "parse_time",
+    "storefront_fields",
+    "verify",
+    "webhook_event_id",
+]
 
 
 def verify(secret: str, body: bytes, header: str | None) -> bool:
@@ -29,7 +46,8 @@ def event_type(topic: str) -> str:
     return TOPIC_EVENT_TYPES.get(topic, "shopify_" + topic.replace("/", "_")[:100])
 
 
-def _time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time (``Z`` allowed; no zone: UTC), None for anything else."""
     if not isinstance(value, str):
         return None
     try:
@@ -46,9 +64,24 @@ def _text(value: Any) -> str | None:
 
 
 def storefront_fields(
-    topic: str, webhook_id: str, shop_domain: str, payload: dict[str, Any], triggered_at: str | None
+    topic: str,
+    webhook_id: str,
+    shop_domain: str,
+    payload: dict[str, Any],
+    triggered_at: str | None,
+    *,
+    body: bytes | None = None,
+    shopify_event_id: str | None = None,
 ) -> dict[str, Any]:
-    """The fields of the storefront event a webhook becomes (the payload kept in props)."""
+    """The fields of the storefront event a webhook becomes (the payload kept in props).
+
+    ``body`` is the signed bytes (None: the payload re-encoded), hashed into
+    the event id of a payload without an object id and version. The event time
+    is the payload's ``updated_at``, else its ``created_at``; only a payload
+    with neither takes the (unsigned) ``triggered_at``, and its row is then
+    marked as retimed (``props.client_ts``) so that the loaders keep one row
+    of its event whatever times replays claim (migration 0006).
+    """
     customer = payload.get("customer")
     customer_id = _text(customer.get("id")) if isinstance(customer, dict) else None
     token = (
@@ -56,22 +89,32 @@ def storefront_fields(
         or _text(payload.get("checkout_token"))
         or _text(payload.get("token"))
     )
+    event_id = webhook_event_id(
+        shop_domain, topic, payload, orjson.dumps(payload) if body is None else body
+    )
     props: dict[str, Any] = {
         "webhook_topic": topic,
         "webhook_id": webhook_id,
         "payload": payload,
     }
+    if shopify_event_id:
+        props["shopify_event_id"] = shopify_event_id
     value = payload.get("total_price") or payload.get("subtotal_price")
     if value is not None:
         props["value"] = value
     if isinstance(payload.get("currency"), str):
         props["currency"] = payload["currency"]
-    ts = _time(triggered_at) or _time(payload.get("updated_at")) or _time(payload.get("created_at"))
+    ts = parse_time(payload.get("updated_at")) or parse_time(payload.get("created_at"))
+    if ts is None:
+        claimed = parse_time(triggered_at)
+        ts = claimed
+        props[STOREFRONT.original_time_key] = claimed.isoformat() if claimed else None
     return {
-        "event_id": uuid.uuid5(WEBHOOK_NAMESPACE, f"{shop_domain}:{topic}:{webhook_id}"),
+        "event_id": event_id,
         "event_type": event_type(topic),
         "anon_id": customer_id or token or "shopify",
-        "session_id": token or f"webhook:{webhook_id}"[:256],
+        # Not the webhook id: a replay with a new one would be another session.
+        "session_id": token or f"webhook:{event_id}",
         "ts": ts,
         "props": props,
     }

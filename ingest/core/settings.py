@@ -194,6 +194,12 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(
         default=300.0, ge=0, description="event times further ahead than this are clamped"
     )
+    webhook_max_age_s: float = Field(
+        default=18_000.0,
+        ge=0,
+        description="a webhook whose X-Shopify-Triggered-At is older than this is refused "
+        "(401); Shopify retries for 4 hours, plus 1 hour of margin; 0: no check",
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="CIDRs whose X-Forwarded-For is believed (e.g. 10.0.0.0/8)",

@@ -159,8 +159,12 @@ class Traffic:
         batch_size: int = 20,
         seed: int = 0,
         sessions: int = 200,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.target = target
+        # A webhook's event id is made of its signed payload, times included, so the
+        # same seed gives the same ids only on the same clock (tests pass a fixed one).
+        self.clock = clock or (lambda: datetime.now(UTC))
         self.mix = mix or Mix()
         if self.mix.webhook > 0 and not (target.webhook_secret and target.shop_domain):
             raise ValueError("webhooks in the mix need the shop's webhook secret and domain")
@@ -289,7 +293,7 @@ class Traffic:
         topic = self.rng.choice(list(shopify.TOPIC_EVENT_TYPES))
         webhook_id = f"{self.rng.getrandbits(60):x}-bench"
         token = f"{self.rng.getrandbits(64):016x}"
-        now = datetime.now(UTC).isoformat()
+        now = self.clock().isoformat()
         payload = {
             "id": self.rng.getrandbits(40),
             "token": token,
@@ -306,7 +310,7 @@ class Traffic:
         }
         body = orjson.dumps(payload)
         domain = self.target.shop_domain
-        event_id = uuid.uuid5(shopify.WEBHOOK_NAMESPACE, f"{domain}:{topic}:{webhook_id}")
+        event_id = shopify.webhook_event_id(domain, topic, payload, body)
         headers = {
             "Content-Type": "application/json",
             "X-Shopify-Hmac-Sha256": shopify.signature(self.target.webhook_secret, body),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import orjson
@@ -139,3 +140,82 @@ async def test_webhook_header_bytes_get_a_4xx_not_a_500(
     status, answer = await raw_request(collector, "POST", "/v1/webhooks/shopify", sent, body)
     assert status == expected, answer
     assert orjson.loads(answer)
+
+
+async def _storefront_rows(db: Database, shop: ShopCredentials) -> int:
+    count = await db.pool.fetchval(
+        "SELECT count(*) FROM events e JOIN shops s ON s.id = e.shop_id WHERE s.domain = $1",
+        shop.domain,
+    )
+    return int(count)
+
+
+async def test_a_signed_body_replayed_with_new_webhook_ids_is_one_row(
+    collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """Issue 18.5: only the body is signed, so its headers are the attacker's to choose.
+
+    One captured orders/create, sent again with five new X-Shopify-Webhook-Id
+    values (and new X-Shopify-Event-Id / X-Shopify-Triggered-At values), is one
+    purchase; the event id and time come from the signed payload.
+    """
+    body = orjson.dumps(ORDER)
+    url = f"{collector}/v1/webhooks/shopify"
+    ids = set()
+    async with aiohttp.ClientSession() as http:
+        for n in range(6):
+            sent = headers(shop, body, "orders/create", str(uuid.uuid4()))
+            if n % 2:
+                sent["X-Shopify-Event-Id"] = str(uuid.uuid4())
+            sent["X-Shopify-Triggered-At"] = (datetime.now(UTC) - timedelta(minutes=n)).isoformat()
+            async with http.post(url, data=body, headers=sent) as resp:
+                assert resp.status == 200, await resp.text()
+                ids.add((await resp.json())["event_id"])
+    assert len(ids) == 1
+    async with Loader(settings, STOREFRONT, db, PartitionManager(db)) as loader:
+        await wait_for(lambda: _offsets_at(db, settings, 6))
+    assert loader.rows_loaded == 1
+    assert await _storefront_rows(db, shop) == 1
+
+
+async def test_a_payload_without_a_time_replayed_is_one_row(
+    collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """A payload without updated_at/created_at: its time is the (unsigned) triggered-at,
+    so replays may land at other times; they are still one row."""
+    body = orjson.dumps({"id": 788032119674292922})
+    url = f"{collector}/v1/webhooks/shopify"
+    async with aiohttp.ClientSession() as http:
+        for n in range(4):
+            sent = headers(shop, body, "products/delete", str(uuid.uuid4()))
+            sent["X-Shopify-Triggered-At"] = (datetime.now(UTC) - timedelta(minutes=n)).isoformat()
+            async with http.post(url, data=body, headers=sent) as resp:
+                assert resp.status == 200, await resp.text()
+    async with Loader(settings, STOREFRONT, db, PartitionManager(db)):
+        await wait_for(lambda: _offsets_at(db, settings, 4))
+    assert await _storefront_rows(db, shop) == 1
+
+
+async def test_a_stale_delivery_is_refused_and_not_stored(
+    collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """A delivery triggered longer ago than webhook_max_age_s gets a 401 and no row."""
+    body = orjson.dumps({**ORDER, "id": 1})
+    url = f"{collector}/v1/webhooks/shopify"
+    stale = datetime.now(UTC) - timedelta(days=30)  # past any window Shopify retries in
+    fresh = datetime.now(UTC) - timedelta(minutes=1)
+    async with aiohttp.ClientSession() as http:
+        sent = headers(shop, body, "orders/create", str(uuid.uuid4()))
+        sent["X-Shopify-Triggered-At"] = stale.isoformat()
+        async with http.post(url, data=body, headers=sent) as resp:
+            assert resp.status == 401, await resp.text()
+            assert "X-Shopify-Triggered-At" in (await resp.json())["error"]
+        fresh_body = orjson.dumps({**ORDER, "id": 2})
+        sent = headers(shop, fresh_body, "orders/create", str(uuid.uuid4()))
+        sent["X-Shopify-Triggered-At"] = fresh.isoformat()
+        async with http.post(url, data=fresh_body, headers=sent) as resp:
+            assert resp.status == 200, await resp.text()
+    async with Loader(settings, STOREFRONT, db, PartitionManager(db)) as loader:
+        await wait_for(lambda: _offsets_at(db, settings, 1))
+    assert loader.rows_loaded == 1
+    assert await _storefront_rows(db, shop) == 1
