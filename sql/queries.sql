@@ -366,3 +366,10 @@ UPDATE shops SET
   updated_at = now()
 WHERE domain = $1
 RETURNING id;
+
+-- name: pm_record_restore
+-- `partitions restore`: the month put back, in the restore's own transaction. Who and when
+-- are set by the table's trigger (migration 0010).
+INSERT INTO partition_restores (table_name, partition_name, month, file, sha256, row_count)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id;

@@ -107,6 +107,19 @@ def paths(directory: Path, partition: str) -> tuple[Path, Path]:
     return directory / f"{partition}.copy.gz", directory / f"{partition}.manifest.json"
 
 
+def data_path(manifest_file: Path, manifest: Manifest) -> Path:
+    """The data file a manifest names, beside it: a plain file name, never a path (a
+    crafted manifest must not point a restore at another directory's file)."""
+    name = manifest.data_file
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise PartitionError(
+            f"archive manifest {manifest_file} names data file {name!r}, which is not a "
+            "file name beside it",
+            hint="a manifest names its NAME.copy.gz in the same directory",
+        )
+    return manifest_file.with_name(name)
+
+
 def manifest_path(given: Path) -> Path:
     """The manifest of an archive named by either of its two files."""
     if given.name.endswith(".manifest.json"):

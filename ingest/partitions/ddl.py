@@ -131,6 +131,19 @@ def has_rows(name: str) -> str:
     return f"SELECT EXISTS (SELECT 1 FROM {ident(name)})"
 
 
+def restore_check(name: str, column: str, month: date) -> str:
+    """Rows of ``name`` and how many lie outside ``month`` (NULL time included), read
+    after a restore's COPY and before its commit: the archive's manifest is the
+    archive's own claim, so the rows are checked against the month they fill."""
+    c = ident(column)
+    lo, hi = _literal(month), _literal(add_months(month, 1))
+    return (
+        f"SELECT count(*) AS rows, "
+        f"count(*) FILTER (WHERE {c} IS NULL OR {c} < {lo} OR {c} >= {hi}) AS outside "
+        f"FROM {ident(name)}"
+    )
+
+
 # -- retire -------------------------------------------------------------------------------------
 
 

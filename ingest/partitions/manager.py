@@ -425,14 +425,24 @@ class PartitionManager(Catalog):
     # -- restore ----------------------------------------------------------------------------
 
     async def restore(self, path: Path) -> Restored:
-        """Put an archived month back as an attached partition, after verifying the file."""
+        """Put an archived month back as an attached partition, after verifying the file.
+
+        The manifest is the archive's own claim (whoever writes the archive
+        location writes it too), so it must describe one month of a policy's
+        table exactly (partition name, time column, range, the table's columns),
+        the data must match its count and sha256, and every row's time must lie
+        in that month: checked by the partition's bounds while COPY runs and
+        counted again before the commit. A refusal is one line and restores
+        nothing; a restore is recorded in ``partition_restores`` (who, file,
+        sha256, rows, when) in its own transaction.
+        """
         manifest_file = archive.manifest_path(path)
         manifest = await asyncio.to_thread(archive.Manifest.load, manifest_file)
-        data = manifest_file.with_name(manifest.data_file)
-        await asyncio.to_thread(archive.verify, manifest, data)
-        month = month_start(datetime.fromisoformat(manifest.range_from))
+        data = archive.data_path(manifest_file, manifest)
         policy = await self.policy(manifest.table)
         parent = await self._require_parent(manifest.table)
+        month = _restore_month(manifest, policy, parent)
+        await asyncio.to_thread(archive.verify, manifest, data)
         name = partition_name(manifest.table, month)
         step = ddl.create_step(policy, month, parent, self.lock_timeout_ms)
         source = await asyncio.to_thread(archive.open_data, data)
@@ -447,11 +457,28 @@ class PartitionManager(Catalog):
                     )
                 for statement in () if exists else step.prepare:
                     await conn.execute(statement)
-                await conn.copy_to_table(
-                    name, source=source, columns=manifest.columns, format="text"
-                )
+                await self._copy_archive(conn, name, source, manifest, data, month)
+                check = await conn.fetchrow(ddl.restore_check(name, policy.column, month))
+                assert check is not None
+                if check["outside"]:  # the bounds refused these already; counted to be sure
+                    raise _outside(data, month, policy.column)
+                if check["rows"] != manifest.row_count:
+                    raise PartitionError(
+                        f"archive {data} loaded {check['rows']} rows into {name}, its manifest "
+                        f"says {manifest.row_count}; nothing restored"
+                    )
                 for statement in () if exists else step.finish:
                     await conn.execute(statement)
+                await queries.execute(
+                    conn,
+                    "pm_record_restore",
+                    manifest.table,
+                    name,
+                    month,
+                    str(data.resolve()),
+                    manifest.sha256,
+                    manifest.row_count,
+                )
         except asyncpg.DuplicateTableError as exc:
             raise PartitionError(
                 f"a table {name} exists but is not attached", hint="rename or drop it first"
@@ -460,9 +487,36 @@ class PartitionManager(Catalog):
             await asyncio.to_thread(source.close)
         self._known.discard((manifest.table, month))
         log.info(
-            "partition restored", table=manifest.table, partition=name, rows=manifest.row_count
+            "partition restored",
+            table=manifest.table,
+            partition=name,
+            rows=manifest.row_count,
+            file=str(data),
+            sha256=manifest.sha256,
         )
         return Restored(manifest.table, name, month, manifest.row_count)
+
+    @staticmethod
+    async def _copy_archive(
+        conn: asyncpg.Connection,
+        name: str,
+        source: object,
+        manifest: archive.Manifest,
+        data: Path,
+        month: date,
+    ) -> None:
+        """COPY the archive into ``name``; PostgreSQL's refusals become one line each (the
+        server's DETAIL, which quotes the row, is left out)."""
+        try:
+            await conn.copy_to_table(name, source=source, columns=manifest.columns, format="text")
+        except asyncpg.CheckViolationError as exc:
+            # The new table's CHECK, or an attached partition's bound.
+            raise _outside(data, month, manifest.column) from exc
+        except asyncpg.PostgresError as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise PartitionError(
+                f"archive {data} cannot be loaded into {name}: {reason}; nothing restored"
+            ) from exc
 
     # -- status -----------------------------------------------------------------------------
 
@@ -566,3 +620,49 @@ class PartitionManager(Catalog):
                 yield
             finally:
                 await queries.fetchval(conn, "pm_maintenance_unlock")
+
+
+def _outside(data: Path, month: date, column: str) -> PartitionError:
+    return PartitionError(
+        f"archive {data} holds rows outside {month:%Y-%m} ({column} not in "
+        f"[{month_bound(month).isoformat()}, {month_bound(add_months(month, 1)).isoformat()})); "
+        "nothing restored",
+        hint="a month's archive holds that month's rows only: this file was not written by "
+        "`partitions maintain`, or was changed since",
+    )
+
+
+def _restore_month(manifest: archive.Manifest, policy: Policy, parent: Parent) -> date:
+    """The month an archive fills, once its manifest is seen to describe exactly one
+    month of ``policy``'s table; PartitionError (one line) naming what does not fit."""
+    where = f"archive manifest of {manifest.partition!r}"
+    try:
+        start = datetime.fromisoformat(manifest.range_from)
+        end = datetime.fromisoformat(manifest.range_to)
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("a time without a zone")
+    except (TypeError, ValueError) as exc:
+        raise PartitionError(
+            f"{where}: range {manifest.range_from!r} to {manifest.range_to!r} is not a pair "
+            f"of times with a zone ({exc})"
+        ) from exc
+    month = month_start(start)
+    if (start, end) != (month_bound(month), month_bound(add_months(month, 1))):
+        raise PartitionError(
+            f"{where}: range {manifest.range_from} to {manifest.range_to} is not one month"
+        )
+    expected = partition_name(policy.table, month)
+    if manifest.partition != expected:
+        raise PartitionError(
+            f"{where}: its range is {month:%Y-%m}, whose partition of {policy.table} is {expected}"
+        )
+    if manifest.column != policy.column:
+        raise PartitionError(
+            f"{where}: time column {manifest.column!r}, but {policy.table} is partitioned "
+            f"by {policy.column!r}"
+        )
+    if list(manifest.columns) != list(parent.columns):
+        raise PartitionError(
+            f"{where}: columns {manifest.columns} are not {policy.table}'s ({parent.columns})"
+        )
+    return month
