@@ -4,7 +4,8 @@ The fast path is a plain COPY into the parent table, without a savepoint;
 when it fails the caller rolls back and writes the batch again carefully.
 Only when it meets a duplicate (a client retry, a replayed spool, a
 redelivered webhook) does the batch go through a temporary staging table and
-``INSERT ... ON CONFLICT DO NOTHING``. A row PostgreSQL refuses is isolated by
+``INSERT ... ON CONFLICT DO NOTHING`` on the tables' key, (shop_id, event_id,
+<event time>): the same event id of two shops is two events. A row PostgreSQL refuses is isolated by
 splitting the batch in halves under savepoints until it is alone; the good
 rows still load.
 """
@@ -163,13 +164,15 @@ class CopyWriter:
         self.table = ident(spec.table)
         self.stage = ident(f"_stage_{spec.table}")
         cols = ", ".join(ident(c) for c in spec.columns)
-        key = f"{ident('event_id')}, {ident(spec.time_column)}"
+        # The tables' primary key: an event is unique within its shop (0009).
+        key = ", ".join(ident(c) for c in spec.contract.key)
         self._create_stage = ""  # needs the column types: made on first use
         self._merge = (
             f"INSERT INTO {self.table} ({cols}) SELECT DISTINCT ON ({key}) {cols} "
             f"FROM {self.stage} ON CONFLICT DO NOTHING RETURNING {key}"
         )
-        self._key_at = (spec.columns.index("event_id"), spec.time_index)
+        shop, event, time = (spec.columns.index(c) for c in spec.contract.key)
+        self._key_at = (shop, event, time)
 
     async def write(
         self, conn: asyncpg.Connection, decoded: list[Decoded], *, careful: bool = True
@@ -256,12 +259,13 @@ class CopyWriter:
         await conn.copy_records_to_table(
             f"_stage_{self.spec.table}", records=rows, columns=self.spec.columns
         )
-        # Rows hold event ids as asyncpg's UUIDs, the type fetch returns (see rows._event_id).
-        new = {(r[0], r[1]) for r in await conn.fetch(self._merge)}
-        id_at, time_at = self._key_at
+        # Rows hold event ids as asyncpg's UUIDs, the type fetch returns (see rows._event_id),
+        # and shop ids as canonical strings (rows._uuid), what str() of a UUID gives.
+        new = {(str(r[0]), r[1], r[2]) for r in await conn.fetch(self._merge)}
+        shop_at, id_at, time_at = self._key_at
         inserted: list[Pending] = []
         for item in items:
-            key = (item.row[id_at], item.row[time_at])
+            key = (item.row[shop_at], item.row[id_at], item.row[time_at])
             if key in new:
                 inserted.append(item)
                 new.discard(key)  # a duplicate inside the batch counts once

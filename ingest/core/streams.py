@@ -98,6 +98,17 @@ class Stream:
         return (*self.column_names, CONTEXT)
 
     @property
+    def key(self) -> tuple[str, str, str]:
+        """What makes an event one event: its shop, its id and its time.
+
+        The table's primary key and the loaders' deduplication: an id is unique
+        within its shop only (a client's own scheme, uuid5 of an order id), so
+        two shops' events never count as one. The time is in it because a
+        unique index of a partitioned table must hold the partition key.
+        """
+        return ("shop_id", "event_id", self.time_column)
+
+    @property
     def original_time_key(self) -> str:
         """The key in ``extra_column`` holding a client's time the collector changed."""
         return f"client_{self.time_column}"

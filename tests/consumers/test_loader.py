@@ -478,3 +478,134 @@ async def test_the_dead_letters_log_id_migration_keeps_existing_rows(
         ]
     finally:
         await conn.close()
+
+
+async def test_another_shops_event_of_the_same_id_and_time_is_loaded_too(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """Issue 18, point 2: event ids are only unique within a shop (uuid5 of an order id, a
+    client's own scheme), so shop B's event with the id and time of shop A's, loaded
+    after it, is a row of B's own, not a duplicate dropped without a dead letter."""
+    from ingest.core.shops import ensure_shop
+
+    other = await ensure_shop(db, f"shop-{uuid.uuid4().hex[:8]}.myshopify.com")
+    first = record(shop)
+    theirs = record(other, event_id=first["event_id"], timestamp=first["timestamp"])
+    mine_again = dict(first)  # and a redelivery of A's: still one row of A's
+    async with running_loader(settings, db) as loader:
+        await produce(settings, [orjson.dumps(first)])
+        await wait_for(lambda: _all_present(db, [str(first["event_id"])]))
+        await produce(settings, [orjson.dumps(mine_again), orjson.dumps(theirs)])
+        await wait_for(lambda: _offsets_at(db, settings, 3))
+    rows = await db.pool.fetch(
+        "SELECT shop_id FROM behavior_events WHERE event_id = $1 ORDER BY shop_id",
+        uuid.UUID(str(first["event_id"])),
+    )
+    assert sorted(str(r["shop_id"]) for r in rows) == sorted(
+        [str(shop.shop_id), str(other.shop_id)]
+    )
+    assert loader.rows_loaded == 2
+    assert await dead_letters(db, settings) == []
+
+
+async def _offsets_at(db: Database, settings: Settings, n: int) -> bool:
+    stored = await db.pool.fetchval(
+        "SELECT coalesce(sum(next_offset), 0) FROM loader_offsets WHERE topic = $1",
+        settings.topic_behavior,
+    )
+    return bool(stored >= n)
+
+
+async def test_the_per_shop_key_migration_keeps_rows_grants_and_policies(
+    scratch_database: Callable[[], Awaitable[str]], tmp_path: Path
+) -> None:
+    """Migration 0009 on tables with rows in partitions: every row stays, the primary keys
+    (of the parents and of every partition) become (shop_id, event_id, <time>), the ingest
+    role may read shop_id back (RETURNING of the careful path), the analyst policies are
+    untouched, and a partition made afterwards has the new key and grants."""
+    import asyncpg
+
+    from ingest.core.db import Database, sql_dir
+    from ingest.core.migrate import discover, migrate
+    from ingest.partitions import PartitionManager
+
+    for m in (m for m in discover() if m.version < 9):
+        (tmp_path / f"{m.version:04d}_{m.name}.sql").write_text(m.sql)
+    dsn = await scratch_database()
+    await migrate(dsn, tmp_path)
+    month = month_start(datetime.now(UTC))
+    async with Database(dsn) as database:
+        await PartitionManager(database).ensure_months("behavior_events", {month})
+        await PartitionManager(database).ensure_months("events", {month})
+    conn = await asyncpg.connect(dsn)
+    try:
+        at = datetime.now(UTC)
+        shops = sorted(uuid.uuid4() for _ in range(2))
+        ids = [uuid.uuid4() for _ in range(20)]
+        await conn.executemany(
+            "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, page_url, "
+            "\"timestamp\", received_at) VALUES ($1, $2, 's', 'click', 'https://x/', $3, $3)",
+            [(i, shops[0], at) for i in ids],
+        )
+        await conn.executemany(
+            "INSERT INTO events (event_id, shop_id, anon_id, session_id, event_type, ts, "
+            "received_at) VALUES ($1, $2, 'a', 's', 'page_view', $3, $3)",
+            [(i, shops[0], at) for i in ids],
+        )
+        policies = "SELECT tablename, policyname, qual FROM pg_policies ORDER BY 1, 2"
+        before = await conn.fetch(policies)
+        applied = await migrate(dsn, sql_dir() / "migrations")
+        assert 9 in [m.version for m in applied]
+        assert await conn.fetch(policies) == before
+        for table, time in (("behavior_events", "timestamp"), ("events", "ts")):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == len(ids)
+            keys = await conn.fetch(
+                "SELECT c.conrelid::regclass::text AS rel, "
+                "array(SELECT attname FROM unnest(c.conkey) WITH ORDINALITY k(n, o) "
+                "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n "
+                "ORDER BY k.o)::text[] AS cols "
+                "FROM pg_constraint c WHERE c.contype = 'p' AND (c.conrelid = $1::regclass OR "
+                "c.conrelid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = $1::regclass))",
+                table,
+            )
+            assert len(keys) == 2  # the parent and its partition
+            assert {tuple(k["cols"]) for k in keys} == {("shop_id", "event_id", time)}
+            granted = await conn.fetch(
+                "SELECT table_name, column_name FROM information_schema.column_privileges "
+                "WHERE grantee = 'eventpipe_ingest' AND privilege_type = 'SELECT' "
+                "AND table_name LIKE $1",
+                f"{table}%",
+            )
+            by_table: dict[str, set[str]] = {}
+            for g in granted:
+                by_table.setdefault(g["table_name"], set()).add(g["column_name"])
+            assert by_table == {
+                table: {"shop_id", "event_id", time},
+                partition_name(table, month): {"shop_id", "event_id", time},
+            }
+        # Shop B's rows of the same ids and times are rows of their own now.
+        await conn.executemany(
+            "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, page_url, "
+            "\"timestamp\", received_at) VALUES ($1, $2, 's', 'click', 'https://x/', $3, $3)",
+            [(i, shops[1], at) for i in ids],
+        )
+        assert await conn.fetchval("SELECT count(*) FROM behavior_events") == 2 * len(ids)
+        # A month made after the migration gets the key (ATTACH builds it) and the grants.
+        later = month_start(at + timedelta(days=40))
+        async with Database(dsn) as database:
+            await PartitionManager(database).ensure_months("behavior_events", {later})
+        new = partition_name("behavior_events", later)
+        cols = await conn.fetchval(
+            "SELECT array(SELECT a.attname FROM pg_index i, "
+            "unnest(i.indkey) WITH ORDINALITY k(n, o) JOIN pg_attribute a ON a.attnum = k.n "
+            "WHERE i.indrelid = $1::regclass "
+            "AND i.indisprimary AND a.attrelid = i.indrelid ORDER BY k.o)::text[]",
+            new,
+        )
+        assert cols == ["shop_id", "event_id", "timestamp"]
+        assert await conn.fetchval(
+            "SELECT has_column_privilege('eventpipe_ingest', $1::regclass, 'shop_id', 'SELECT')",
+            new,
+        )
+    finally:
+        await conn.close()
