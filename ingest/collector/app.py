@@ -541,11 +541,14 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 async def preflight(request: web.Request) -> web.Response:
     """CORS preflight for every ``/v1/`` route: any origin, no credentials."""
+    from ingest.collector import segment  # builds on this module
+
     return web.Response(
         status=204,
         headers={
             "Access-Control-Allow-Methods": "POST, GET, OPTIONS",
-            "Access-Control-Allow-Headers": "Content-Type, Content-Encoding, X-Write-Key",
+            # The request's own list echoed (the Segment SDKs send several of their own).
+            "Access-Control-Allow-Headers": segment.allowed_headers(request),
             "Access-Control-Max-Age": "86400",
         },
     )
@@ -612,4 +615,8 @@ def create_app(settings: Settings, delivery: Delivery, shops: ShopDirectory) -> 
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", preflight)
     beacon.add_routes(app)
+    # Imported here: segment.py builds on this module's helpers.
+    from ingest.collector import segment
+
+    segment.add_routes(app)
     return app

@@ -35,7 +35,7 @@ class Error(BaseModel):
 
 def _schemas() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for model in (BehaviorBatch, StorefrontBatch, BatchResult, Error):
+    for model in (BehaviorBatch, StorefrontBatch, BatchResult, SegmentResult, Error):
         schema = model.model_json_schema(ref_template=REF)
         out.update(schema.pop("$defs", {}))
         out[model.__name__] = schema
@@ -51,6 +51,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "not a batch / not JSON / no valid event",
         401: "missing or unknown write key, or bad signature",
         403: "origin not allowed for this write key",
+        404: "unknown message type",
         413: "over a size limit (named in the error)",
         415: "unsupported Content-Type or Content-Encoding",
         429: "rate limit exceeded (see Retry-After)",
@@ -109,6 +110,81 @@ def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
     }
 
 
+class SegmentResult(BaseModel):
+    """The answer of the Segment API: Segment's ``success`` and our counts."""
+
+    success: bool
+    accepted: int
+    rejected: list[Rejection]
+
+
+def _segment(summary: str, body: dict[str, Any], typed: bool = False) -> dict[str, Any]:
+    """One operation of the Segment tracking API (``ingest.collector.segment``)."""
+    parameters: list[dict[str, Any]] = [
+        {
+            "name": "writeKey",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "write key (RudderStack's beacon)",
+        },
+        {
+            "name": "X-Write-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "write key, or Jitsu's key:secret",
+        },
+        {
+            "name": "Authorization",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "HTTP Basic with the write key as user name, empty password",
+        },
+    ]
+    if typed:
+        parameters.append(
+            {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
+        )
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": parameters,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body}, "text/plain": {"schema": body}},
+            },
+            "responses": {
+                "200": {
+                    "description": "accepted (some messages may be rejected, with reasons)",
+                    "content": {"application/json": {"schema": _ref("SegmentResult")}},
+                },
+                **_errors(400, 401, 403, 404, 413, 415, 429, 503),
+            },
+        }
+    }
+
+
+def _segment_paths() -> dict[str, Any]:
+    # Imported here: segment builds on the app module, which imports this one.
+    from ingest.collector import segment
+
+    batch = {"type": "object", "required": ["batch"]}
+    message = {"type": "object"}
+    paths: dict[str, Any] = {
+        path: _segment("A batch of Segment messages", batch) for path in segment.BATCH_PATHS
+    }
+    paths[segment.IMPORT_PATH] = _segment("Historical Segment messages (times kept)", batch)
+    for path, kind in segment.message_paths().items():
+        paths[path] = _segment(f"One Segment {kind} message", message)
+    for path in segment.JITSU_PATHS:
+        paths[path] = _segment("One Jitsu message of the path's type", message, typed=True)
+    paths["/v1/projects/{writeKey}/settings"] = _get("analytics.js project settings")
+    paths["/sourceConfig"] = _get("RudderStack JS SDK source configuration")
+    return paths
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document (built once)."""
@@ -149,6 +225,7 @@ def document() -> dict[str, Any]:
             "/healthz": _get("The process is alive"),
             "/readyz": _get("Broker reachable and spool below its high-water mark"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
+            **_segment_paths(),
         },
         "components": {"schemas": _schemas()},
     }

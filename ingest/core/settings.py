@@ -200,6 +200,18 @@ class Settings(BaseSettings):
         description="a webhook whose X-Shopify-Triggered-At is older than this is refused "
         "(401); Shopify retries for 4 hours, plus 1 hour of margin; 0: no check",
     )
+    segment_max_message_bytes: int = Field(
+        default=32_768, ge=256, description="largest message of the Segment API (Segment: 32 KB)"
+    )
+    segment_max_batch_bytes: int = Field(
+        default=512_000,
+        ge=1024,
+        description="largest Segment API batch once decompressed (Segment: 500 KB; "
+        "RudderStack allows 4 MB: raise it, and max_decompressed_bytes, to match)",
+    )
+    segment_max_batch_messages: int = Field(
+        default=2500, ge=1, description="most messages in one Segment API batch"
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="CIDRs whose X-Forwarded-For is believed (e.g. 10.0.0.0/8)",

@@ -1,0 +1,522 @@
+"""Segment's HTTP Tracking API, and the RudderStack and Jitsu dialects of it.
+
+Sites that track with analytics.js, a Segment server SDK, RudderStack's or
+Jitsu's SDKs change one URL and one key to send here. What a message becomes:
+
+* ``track``, ``page`` and ``screen``: a storefront event (a row of ``events``):
+  ``anon_id`` the ``anonymousId`` (else the ``userId``), ``event_type`` the
+  track's ``event`` (``page_view`` / ``screen_view``), ``props`` the
+  ``properties`` with ``$context`` (the message's context), ``$name`` (a
+  page's or screen's name) and ``$message_id`` beside them, ``product_id``,
+  ``experiment_id`` and ``variant`` from the properties Segment's e-commerce
+  and A/B specs name (``product_id``, ``experiment_id``, ``variation_id`` else
+  ``variant``).
+* ``event_id``: a UUIDv5 of the ``messageId`` in the shop's namespace (the
+  shop id), so a retried message is stored once whatever the id's format
+  (analytics.js sends ``ajs-next-<ms>-<uuid>``); a message without one gets
+  the UUIDv5 of its canonical JSON, the same for a retry of the same bytes.
+* The event time: a client ``timestamp`` (or ``originalTimestamp``) corrected
+  by ``received - sentAt`` when the client clock is off by more than
+  ``skew_min_s`` (Segment's ``receivedAt - (sentAt - originalTimestamp)``,
+  but by whole minutes, so a retry sent seconds later keeps the same time and
+  deduplicates); ``/v1/import`` (historical data) keeps the timestamp as sent.
+  A message without any time gets the receive time (kept for a retry to the
+  same process, as the native endpoints do).
+* ``session_id``: ``context.sessionId`` when the SDK sends one (RudderStack
+  does, analytics-next with its session plugin), else ``<anon_id>/<UTC day of
+  the event>``: deterministic, so a retry and every event of one visit share it
+  (a visit across UTC midnight is two sessions).
+
+Answers: 200 ``{"success": true, "accepted": n, "rejected": [...]}`` when a
+batch has a good message or none at all (SDKs drop a batch on any 4xx, so one
+bad message never sinks the others), 400 when nothing in it is good or the
+body is not a batch, 401, 413, 429 and 503 as the native endpoints.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+import pydantic
+from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from ingest.collector import app as collector
+from ingest.collector.delivery import Unavailable
+from ingest.collector.enrich import Received, storefront_record
+from ingest.collector.models import StorefrontEvent, has_nul
+from ingest.core import metrics, streams
+from ingest.core.headers import printable_ascii
+from ingest.core.shops import Shop
+
+STREAM = streams.STOREFRONT.name
+KIND = "segment"  # the stream label of this API's metrics
+TYPES = ("track", "page", "screen", "identify", "group", "alias")
+SHORT = {"t": "track", "p": "page", "s": "screen", "i": "identify", "g": "group", "a": "alias"}
+EVENT_TYPES = {"page": "page_view", "screen": "screen_view"}
+# Messages the events table takes; identify, group and alias build identities.
+EVENT_MESSAGES = frozenset({"track", "page", "screen"})
+
+
+def _id(value: Any) -> Any:
+    """An id as text: numbers as their digits, an empty string (what some SDKs
+    send for an absent id) as absent."""
+    if isinstance(value, bool):
+        return value  # refused below: an id is text or a number
+    if isinstance(value, int | float):
+        return str(value)
+    if value == "":
+        return None
+    return value
+
+
+Id = Annotated[Annotated[str, Field(max_length=256)] | None, BeforeValidator(_id)]
+
+
+def _time(value: Any) -> Any:
+    return None if value == "" else value
+
+
+Time = Annotated[datetime | None, BeforeValidator(_time)]
+
+
+class Message(BaseModel):
+    """One message of the Segment spec (fields named as Segment names them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["track", "page", "screen", "identify", "group", "alias"]
+    event: Annotated[str, Field(max_length=256)] | None = None
+    name: Annotated[str, Field(max_length=4096)] | None = None
+    properties: dict[str, Any] | None = None
+    traits: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
+    anonymousId: Id = None
+    userId: Id = None
+    groupId: Id = None
+    previousId: Id = None
+    messageId: Annotated[Annotated[str, Field(max_length=1024)] | None, BeforeValidator(_id)] = None
+    timestamp: Time = None
+    originalTimestamp: Time = None
+    sentAt: Time = None
+
+    def client_time(self) -> datetime | None:
+        """The client's time of the message, zone UTC when it has none."""
+        value = self.originalTimestamp or self.timestamp
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Batch(BaseModel):
+    """A batch body: ``{"batch": [...], "context"?, "integrations"?, "writeKey"?, "sentAt"?}``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    batch: list[Any]
+    context: dict[str, Any] | None = None
+    writeKey: str | None = None
+    sentAt: Time = None
+
+
+class _Rejected(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def header_key(request: web.Request) -> str | None:
+    """The write key of the headers: HTTP Basic's user name, else ``X-Write-Key``
+    (Jitsu's ``key:secret`` form read as its key)."""
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "basic" and credentials:
+        try:
+            user = base64.b64decode(credentials.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            user = ""
+        if key := user.partition(":")[0]:
+            return key
+    given = request.headers.get("X-Write-Key")
+    if given:
+        return given.partition(":")[0] or None
+    return None
+
+
+async def _authenticate(request: web.Request, key: str | None) -> Shop:
+    try:
+        return await collector._authenticate(request, key)
+    except collector.Refused as exc:
+        if exc.status != 401:
+            raise
+        raise collector.Refused(
+            401,
+            "missing or unknown write key (Basic user name, X-Write-Key, body writeKey, "
+            "or query writeKey)",
+        ) from None
+
+
+def namespace(shop: Shop) -> uuid.UUID:
+    """The UUIDv5 namespace of a shop's message ids."""
+    return uuid.uuid5(shop.id, "segment")
+
+
+def event_id(shop: Shop, raw: dict[str, Any], message_id: str | None) -> uuid.UUID:
+    """The stable event id of a message: of its messageId, else of its canonical JSON."""
+    if message_id:
+        return uuid.uuid5(namespace(shop), message_id)
+    digest = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return uuid.uuid5(namespace(shop), f"sha256:{digest}")
+
+
+def _text(value: Any) -> str | None:
+    """A property as a column's text: a string or number, at most 256 characters."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    text = str(value)
+    return text[:256] or None
+
+
+async def _accept(
+    request: web.Request, kind: str | None, *, batched: bool, historical: bool = False
+) -> web.Response:
+    """Read, authenticate and deliver one request of the Segment API.
+
+    ``kind`` is the route's message type (single-message routes); ``batched``
+    says the body is a batch; ``historical`` that client timestamps are kept
+    as sent (``/v1/import``).
+    """
+    received_at = datetime.now(UTC)
+    settings = request.app[collector.SETTINGS]
+    limiter = request.app[collector.LIMITER]
+    client = collector.client_identity(request)
+    given = header_key(request)
+    # A key in a header is checked before the body is read (as the native routes do).
+    shop = await _authenticate(request, given) if given is not None else None
+    if given is not None and (wait := limiter.wait(given, client)) > 0:
+        raise collector._limited(wait)
+    raw = await collector.read_raw(request)
+    async with collector._decode_slot(request):
+        body = collector.inflate(request, raw)
+        if len(body) > settings.segment_max_batch_bytes:
+            raise collector.Refused(
+                413,
+                f"body larger than segment_max_batch_bytes={settings.segment_max_batch_bytes}",
+            )
+        collector._check_values(body, settings.max_json_values)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise collector.Refused(400, f"body is not JSON: {exc}") from exc
+        del body
+        if not isinstance(data, dict):
+            raise collector.Refused(400, "body is not a JSON object")
+        if batched:
+            try:
+                envelope = Batch.model_validate(data)
+            except pydantic.ValidationError as exc:
+                raise collector.Refused(
+                    400, f"body is not a batch: {collector._reason(exc)}"
+                ) from exc
+            messages, shared, body_key, sent_at = (
+                envelope.batch,
+                envelope.context,
+                envelope.writeKey,
+                envelope.sentAt,
+            )
+        else:
+            body_key = data.get("writeKey") if isinstance(data.get("writeKey"), str) else None
+            messages, shared, sent_at = [data], None, None
+        if shop is None:  # the body's key, else the query's
+            given = body_key or request.query.get("writeKey") or request.query.get("k")
+            shop = await _authenticate(request, given)
+        key = printable_ascii(given) or ""
+        if not messages:
+            return collector._json({"success": True, "accepted": 0, "rejected": []})
+        limit = settings.segment_max_batch_messages
+        if len(messages) > limit:
+            raise collector.Refused(
+                413, f"batch has {len(messages)} messages, segment_max_batch_messages={limit}"
+            )
+        if (wait := limiter.take(key, client)) > 0:
+            raise collector._limited(wait)
+        return await _deliver(
+            request, shop, messages, shared, sent_at, kind, historical, received_at
+        )
+
+
+async def _deliver(
+    request: web.Request,
+    shop: Shop,
+    messages: list[Any],
+    shared: dict[str, Any] | None,
+    sent_at: datetime | None,
+    kind: str | None,
+    historical: bool,
+    received_at: datetime,
+) -> web.Response:
+    settings = request.app[collector.SETTINGS]
+    times = request.app[collector.TIMES]
+    rejected: list[dict[str, Any]] = []
+    receipts: dict[datetime | None, Received] = {}
+    sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for index, raw in enumerate(messages):
+        try:
+            message = _message(raw, shared, kind, settings.segment_max_message_bytes)
+            if message.type not in EVENT_MESSAGES:
+                raise _Rejected("unsupported", f"{message.type} messages are not stored yet")
+            clock = None if historical else (message.sentAt or sent_at)
+            if clock is not None and clock.tzinfo is None:
+                clock = clock.replace(tzinfo=UTC)
+            received = receipts.get(clock)
+            if received is None:
+                received = Received.of(request, settings, clock, received_at)
+                receipts[clock] = received
+            record = _record(shop, raw, message, received, times)
+        except _Rejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+            metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+            continue
+        sessions.setdefault(record["session_id"], []).append((index, record))
+    late: list[dict[str, Any]] = []
+    encoded: list[tuple[bytes, bytes]] = []
+    for session, items in sessions.items():
+        encoded += collector._encode(
+            f"{shop.id}:{session}".encode(), items, KIND, late, settings.max_record_bytes
+        )
+    rejected = sorted(rejected + late, key=lambda r: int(r["index"]))
+    accepted = sum(len(items) for items in sessions.values()) - len(late)
+    if encoded:
+        try:
+            await request.app[collector.DELIVERY].deliver(KIND, settings.topic_for(STREAM), encoded)
+        except Unavailable as exc:
+            raise collector.Refused(
+                503, "event broker unavailable, retry later", {"Retry-After": "5"}
+            ) from exc
+        metrics.EVENTS_ACCEPTED.labels(KIND).inc(accepted)
+    if accepted or not rejected:
+        return collector._json({"success": True, "accepted": accepted, "rejected": rejected})
+    status = 413 if any(r["reason"].startswith("message larger") for r in rejected) else 400
+    return collector._json(
+        {"success": False, "accepted": 0, "rejected": rejected, "error": rejected[0]["reason"]},
+        status,
+    )
+
+
+def _message(raw: Any, shared: dict[str, Any] | None, kind: str | None, max_bytes: int) -> Message:
+    """One raw message checked on its own (the batch's context merged in)."""
+    if not isinstance(raw, dict):
+        raise _Rejected("invalid", "message is not a JSON object")
+    try:
+        encoded = orjson.dumps(raw)
+    except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise _Rejected("unencodable", f"message cannot be encoded: {exc}") from exc
+    if len(encoded) > max_bytes:
+        raise _Rejected("too_large", f"message larger than segment_max_message_bytes={max_bytes}")
+    if has_nul(encoded):
+        raise _Rejected("invalid", "text must not contain NUL (\\u0000)")
+    fields = dict(raw)
+    if kind is not None:
+        fields["type"] = kind  # the route names it
+    if shared:
+        own = fields.get("context")
+        fields["context"] = {**shared, **own} if isinstance(own, dict) else dict(shared)
+    try:
+        message = Message.model_validate(fields)
+    except pydantic.ValidationError as exc:
+        raise _Rejected("invalid", collector._reason(exc)) from exc
+    if message.anonymousId is None and message.userId is None:
+        raise _Rejected("invalid", "anonymousId or userId is required")
+    if message.type == "track" and not message.event:
+        raise _Rejected("invalid", "event: a track message needs its event name")
+    return message
+
+
+def _record(
+    shop: Shop,
+    raw: dict[str, Any],
+    message: Message,
+    received: Received,
+    times: Any,
+) -> dict[str, Any]:
+    """The storefront record of a track, page or screen message."""
+    identifier = event_id(shop, raw, message.messageId)
+    client_time = message.client_time()
+    assigned = None if client_time else times.time_for(shop, identifier, received.at)
+    at, _ = received.event_time(client_time, assigned)
+    properties = message.properties or {}
+    context = message.context or {}
+    anon = message.anonymousId or message.userId or ""
+    session = _text(context.get("sessionId")) or f"{anon}/{at.astimezone(UTC).date().isoformat()}"
+    props: dict[str, Any] = {**properties, "$context": context}
+    if message.messageId:
+        props["$message_id"] = message.messageId
+    if message.name:
+        props["$name"] = message.name
+    variant = properties.get("variation_id")
+    try:
+        event = StorefrontEvent.model_validate(
+            {
+                "event_id": identifier,
+                "event_type": EVENT_TYPES.get(message.type) or message.event,
+                "anon_id": anon,
+                "session_id": session[:256],
+                "ts": client_time,
+                "props": props,
+                "product_id": _text(properties.get("product_id")),
+                "experiment_id": _text(properties.get("experiment_id")),
+                "variant": _text(variant if variant is not None else properties.get("variant")),
+            }
+        )
+        return storefront_record(event, shop, received, assigned)
+    except pydantic.ValidationError as exc:
+        raise _Rejected("invalid", collector._reason(exc)) from exc
+    except (OverflowError, ValueError) as exc:
+        raise _Rejected("unencodable", f"message cannot be stored: {exc}") from exc
+
+
+def _cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """CORS headers for the routes outside ``/v1/`` (the app's edge adds them there)."""
+    if not request.path.startswith("/v1/"):
+        response.headers["Access-Control-Allow-Origin"] = (
+            printable_ascii(request.headers.get("Origin")) or "*"
+        )
+        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+    return response
+
+
+def _handler(
+    kind: str | None, *, batched: bool, historical: bool = False, typed_path: bool = False
+) -> collector.Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        message_kind = kind
+        if typed_path:  # Jitsu: /api/s/{type}
+            message_kind = request.match_info["type"]
+            if message_kind not in TYPES:
+                raise collector.Refused(404, f"unknown message type {message_kind[:50]!r}")
+        try:
+            response: web.StreamResponse = await _accept(
+                request, message_kind, batched=batched, historical=historical
+            )
+        except collector.Refused as exc:
+            response = collector._json({"error": exc.reason}, exc.status, exc.headers)
+        return _cors(request, response)
+
+    handle.__doc__ = f"The Segment API's {kind or 'typed'} route."
+    return handle
+
+
+# What these SDKs send besides the simple headers (analytics.js, RudderStack, Jitsu).
+ALLOWED_HEADERS = (
+    "Authorization, Content-Type, Content-Encoding, X-Write-Key, AnonymousId, "
+    "X-Retry-Count, X-IP-Policy, X-Enable-Debug"
+)
+
+
+def allowed_headers(request: web.Request) -> str:
+    """The preflight's Access-Control-Allow-Headers: the request's own list echoed
+    (whatever an SDK adds next), else the headers these SDKs are known to send."""
+    asked = printable_ascii(request.headers.get("Access-Control-Request-Headers"))
+    return asked[:4096] if asked else ALLOWED_HEADERS
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """CORS preflight of the routes outside ``/v1/``: any origin, no credentials."""
+    response = web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "POST, GET, OPTIONS",
+            "Access-Control-Allow-Headers": allowed_headers(request),
+            "Access-Control-Max-Age": "86400",
+        },
+    )
+    _cors(request, response)
+    return response
+
+
+def _base(request: web.Request) -> str:
+    """This collector's host as the client reached it (for the SDK's API host)."""
+    return printable_ascii(request.headers.get("Host")) or "localhost"
+
+
+async def project_settings(request: web.Request) -> web.Response:
+    """``GET /v1/projects/{writeKey}/settings``: analytics.js's settings, with only
+    this collector as destination and no device-mode integration (as Jitsu serves it)."""
+    key = printable_ascii(request.match_info["writeKey"]) or ""
+    return collector._json(
+        {
+            "integrations": {
+                "Segment.io": {
+                    "apiKey": key[:256],
+                    "apiHost": f"{_base(request)}/v1",
+                    "protocol": request.scheme,
+                    "unbundledIntegrations": [],
+                    "addBundledMetadata": False,
+                }
+            },
+            "plan": {"track": {"__default": {"enabled": True, "integrations": {}}}},
+            "edgeFunction": {},
+            "analyticsNextEnabled": True,
+            "middlewareSettings": {},
+            "enabledMiddleware": {},
+            "metrics": {"sampleRate": 0},
+            "legacyVideoPluginsEnabled": False,
+            "remotePlugins": [],
+        }
+    )
+
+
+async def source_config(request: web.Request) -> web.Response:
+    """``GET /sourceConfig``: RudderStack's JS SDK's source configuration (its
+    ``configUrl``): enabled, no device-mode destination."""
+    key = (printable_ascii(request.query.get("writeKey")) or "")[:256]
+    response = collector._json(
+        {
+            "isHosted": False,
+            "source": {
+                "config": {},
+                "id": "eventpipe",
+                "name": "eventpipe",
+                "writeKey": key,
+                "workspaceId": "eventpipe",
+                "enabled": True,
+                "destinations": [],
+            },
+        }
+    )
+    return _cors(request, response)  # type: ignore[return-value]
+
+
+BATCH_PATHS = ("/v1/batch", "/v1/b", "/beacon/v1/batch")
+IMPORT_PATH = "/v1/import"
+JITSU_PATHS = ("/api/s/{type}", "/api/s/s2s/{type}")
+
+
+def message_paths() -> dict[str, str]:
+    """Every single-message path and its message type."""
+    paths = {f"/v1/{kind}": kind for kind in TYPES}
+    paths.update({f"/v1/{short}": kind for short, kind in SHORT.items()})
+    return paths
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the Segment API's routes on the collector's application."""
+    for path in BATCH_PATHS:
+        app.router.add_post(path, _handler(None, batched=True))
+    app.router.add_post(IMPORT_PATH, _handler(None, batched=True, historical=True))
+    for path, kind in message_paths().items():
+        app.router.add_post(path, _handler(kind, batched=False))
+    for path in JITSU_PATHS:
+        app.router.add_post(path, _handler(None, batched=False, typed_path=True))
+    app.router.add_get("/v1/projects/{writeKey}/settings", project_settings)
+    app.router.add_get("/sourceConfig", source_config)
+    for prefix in ("/beacon/{tail:.*}", "/api/s/{tail:.*}", "/sourceConfig"):
+        app.router.add_route("OPTIONS", prefix, preflight)
