@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_directory(directory: Path) -> None:
@@ -42,10 +43,18 @@ def replace_durably(tmp: Path, path: Path) -> None:
     fsync_directory(path.parent)
 
 
+def create_private(path: Path) -> BinaryIO:
+    """``path`` opened for writing, created (or truncated) 0600 whatever the umask: what
+    the pipeline writes to disk holds personal data (events, addresses)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    return os.fdopen(fd, "wb")
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably: tmp file, fsync, rename, fsync dir."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with create_private(tmp) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ingest.core.durable import create_private, make_directories, replace_durably, write_durably
 from ingest.core.errors import PartitionError
 
 FORMAT = "postgresql-copy-text+gzip"
@@ -59,47 +60,6 @@ class Manifest:
                 f"cannot read archive manifest {path}: {exc}",
                 hint="pass the .manifest.json written by `partitions maintain` in archive mode",
             ) from exc
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make the entries of ``directory`` (files created or renamed in it) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_directories(directory: Path) -> None:
-    """``mkdir -p`` whose new directories survive a power loss: each is fsynced into its
-    parent (and itself, once its first entry is written, by the caller)."""
-    missing: list[Path] = []
-    at = directory
-    while not at.is_dir():
-        missing.append(at)
-        if at.parent == at:
-            break
-        at = at.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):  # outermost first
-        fsync_directory(created.parent)
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """Rename the fsynced file ``tmp`` to ``path`` and fsync the directory, so that after
-    a crash ``path`` is either the old file or the whole new one, and stays there."""
-    tmp.replace(path)
-    fsync_directory(path.parent)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably: tmp file, fsync, rename, fsync dir."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_durably(tmp, path)
 
 
 def paths(directory: Path, partition: str) -> tuple[Path, Path]:
@@ -142,7 +102,8 @@ class ArchiveWriter:
         make_directories(path.parent)
         self.path = path
         self._tmp = path.with_name(path.name + ".tmp")
-        self._file = gzip.GzipFile(self._tmp, "wb", compresslevel=6)
+        self._raw = create_private(self._tmp)
+        self._file = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6)
         self._sha = hashlib.sha256()
         self.rows = 0
 
@@ -154,15 +115,17 @@ class ArchiveWriter:
 
     def close(self) -> tuple[int, str]:
         """Flush to disk and move into place, durably; returns (rows, sha256)."""
-        self._file.close()
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
+        self._file.close()  # a GzipFile given a fileobj leaves it open
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
         replace_durably(self._tmp, self.path)
         return self.rows, self._sha.hexdigest()
 
     def abort(self) -> None:
         """Throw the partial file away."""
         self._file.close()
+        self._raw.close()
         self._tmp.unlink(missing_ok=True)
 
 
