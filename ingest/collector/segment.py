@@ -238,6 +238,9 @@ async def _accept(
             given = body_key or request.query.get("writeKey") or request.query.get("k")
             shop = await _authenticate(request, given)
         key = printable_ascii(given) or ""
+        if shared is not None and has_nul(orjson.dumps(shared)):
+            # Merged into every message: PostgreSQL's jsonb cannot hold it.
+            raise collector.Refused(400, "context must not contain NUL (\\u0000)")
         if not messages:
             return collector._json({"success": True, "accepted": 0, "rejected": []})
         limit = settings.segment_max_batch_messages

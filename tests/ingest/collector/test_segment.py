@@ -215,6 +215,7 @@ async def test_refusals_as_the_sdk_sees_them(
             (gzip.compress(b"{not json"), {"Content-Encoding": "gzip"}),
             (b'{"batch": 3}', {}),
             (b"[1, 2]", {}),
+            (b'{"batch": [{"type": "page", "anonymousId": "a"}], "context": {"x": "\\u0000"}}', {}),
         ]:
             async with http.post(
                 collector + "/v1/batch", data=body, headers={**headers, **extra}
