@@ -185,6 +185,56 @@ def _segment_paths() -> dict[str, Any]:
     return paths
 
 
+def _snowplow_paths() -> dict[str, Any]:
+    """Snowplow's tracker protocol (``ingest.collector.snowplow``) at its default paths."""
+    from ingest.collector import snowplow
+
+    payload = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "schema": {"type": "string"},
+            "data": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    gif = {"content": {"image/gif": {"schema": {"type": "string", "format": "binary"}}}}
+    return {
+        snowplow.POST_PATH: {
+            "post": {
+                "summary": "Snowplow tracker protocol 2: a payload_data batch (appId: write key)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": payload},
+                        "text/plain": {"schema": payload},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "accepted (some events may be rejected, with reasons)",
+                        "content": {"application/json": {"schema": _ref("BatchResult")}},
+                    },
+                    **_errors(400, 401, 403, 413, 415, 429, 503),
+                },
+            }
+        },
+        snowplow.GET_PATH: {
+            "get": {
+                "summary": "Snowplow pixel: one event in the query string (aid: write key)",
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for name in ("e", "aid", "eid", "url", "dtm", "stm", "duid", "sid")
+                ],
+                "responses": {
+                    "200": {"description": "a 1x1 GIF, whether the event was taken or not", **gif},
+                    "429": {"description": "rate limited (a GIF; see Retry-After)", **gif},
+                    "503": {"description": "broker and spool unavailable (a GIF)", **gif},
+                },
+            }
+        },
+    }
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document (built once)."""
@@ -226,6 +276,7 @@ def document() -> dict[str, Any]:
             "/readyz": _get("Broker reachable and spool below its high-water mark"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
             **_segment_paths(),
+            **_snowplow_paths(),
         },
         "components": {"schemas": _schemas()},
     }

@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     segment_max_batch_messages: int = Field(
         default=2500, ge=1, description="most messages in one Segment API batch"
     )
+    snowplow_path_alias: str | None = Field(
+        default=None,
+        description="an extra path serving Snowplow's tp2 (POST) and pixel (GET), e.g. "
+        "/t/p: what a tracker's postPath points at to get past blockers",
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="CIDRs whose X-Forwarded-For is believed (e.g. 10.0.0.0/8)",
