@@ -150,6 +150,7 @@ class Loader(Service):
         Without a reachable broker it returns all the same: the background task
         keeps trying, with backoff, and loads once the broker answers.
         """
+        metrics.init_loader(self.spec.table, self.topic)
         self.role = await self.db.role_for(self.settings.loader_role, copies=True)
         connected = await self._connect()
         self._task = asyncio.create_task(self._main(connected), name=f"loader-{self.spec.stream}")
@@ -237,6 +238,9 @@ class Loader(Service):
             if self._kafka_commit is not None:
                 await self._kafka_commit
             await self._consumer.stop()
+        # Leaving the group revokes nothing through the listener: a stopped loader's
+        # lag figures would stay, frozen, beside its partitions' new owner's.
+        self.forget(set(self.positions) | self._unpositioned)
         log.info("loader stopped", stream=self.spec.stream, rows_loaded=self.rows_loaded)
 
     @property
@@ -306,10 +310,15 @@ class Loader(Service):
 
     async def _keep_positioned(self) -> None:
         """Retry positioning what could not be, report its lag, and rejoin the group when
-        it takes longer than ``loader_assignment_timeout_s``."""
+        it takes longer than ``loader_assignment_timeout_s``; report the positioned
+        partitions' lag every ``loader_lag_refresh_s`` (whether batches commit or not)."""
         loop = asyncio.get_running_loop()
         lag_at = 0.0
+        positioned_lag_at = 0.0
         while not self._stopping.is_set():
+            if loop.time() >= positioned_lag_at:
+                positioned_lag_at = loop.time() + self.settings.loader_lag_refresh_s
+                await self._report_lag()
             if self._unpositioned and loop.time() >= self._retry_at:
                 async with self.lock:
                     await self._try_position()
@@ -338,6 +347,27 @@ class Loader(Service):
             self.forget(set(self.positions) | self._unpositioned)
             self.consumer.unsubscribe()
             self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+
+    async def _report_lag(self) -> None:
+        """Lag of the positioned partitions: the broker's end offsets against the
+        position this loader stored in PostgreSQL with its last batch. Asked of the
+        broker, not taken from the last batch: with PostgreSQL stalled no batch
+        commits, and the lag must grow all the same (it reads 0 when idle)."""
+        tps = sorted(set(self.positions) & self.consumer.assignment(), key=lambda tp: tp.partition)
+        if not tps:
+            return
+        try:
+            end = await self.consumer.end_offsets(tps)
+        except Exception as exc:  # the broker away: the last figures stay
+            log.debug("cannot tell the lag of positioned partitions", error=str(exc))
+            return
+        for tp in tps:
+            # Revoked or repositioned while we asked: not ours to report (no await below).
+            position = self.positions.get(tp)
+            if position is not None and tp in self.consumer.assignment():
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(end[tp] - position, 0)
+                )
 
     async def _report_unpositioned_lag(self) -> None:
         """Lag of the unpositioned partitions: the log's end against the offset last

@@ -12,12 +12,15 @@ import os
 import sys
 from typing import Any
 
+import prometheus_client
 import structlog
+from aiohttp import web
 
 from consumers.loader import Loader
 from consumers.rows import TableSpec
+from ingest.core import metrics
 from ingest.core.db import Database
-from ingest.core.http import HttpServer, metrics_app
+from ingest.core.http import HttpServer, healthz
 from ingest.core.runtime import tune_gc
 from ingest.core.settings import Settings
 from ingest.core.supervisor import Child, Supervisor
@@ -26,12 +29,29 @@ from ingest.partitions import PartitionManager
 log = structlog.get_logger(__name__)
 
 
+async def _loader_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics`` of a loader process: its metrics, not the collector's (a loader
+    has no spool and no producer: their zeros would pollute the collectors' panels)."""
+    body = prometheus_client.generate_latest(metrics.LOADER_REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+def loader_metrics_app() -> web.Application:
+    """``/metrics`` and ``/healthz`` of a loader process."""
+    app = web.Application()
+    app.router.add_get("/metrics", _loader_metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
 async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.Event) -> None:
     """Run one loader per spec until ``stop`` is set; a loader that fails ends the process."""
     async with contextlib.AsyncExitStack() as stack:
         if settings.loader_metrics_port:
             await stack.enter_async_context(
-                HttpServer(metrics_app(), settings.collector_host, settings.loader_metrics_port)
+                HttpServer(
+                    loader_metrics_app(), settings.collector_host, settings.loader_metrics_port
+                )
             )
         db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
         partitions = PartitionManager.from_settings(
@@ -41,13 +61,38 @@ async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.
         # Joining a consumer group takes seconds: join all streams at once.
         await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))
         tune_gc(settings)
+        gauges = asyncio.create_task(
+            refresh_partition_gauges(partitions, settings.partition_status_refresh_s, stop)
+        )
         stopped = asyncio.create_task(stop.wait())
         tasks: list[asyncio.Task[Any]] = [stopped, *(loader.task for loader in loaders)]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        gauges.cancel()
         for task in done:
             if task is not stopped and (error := task.exception()) is not None:
                 raise error
+
+
+async def refresh_partition_gauges(
+    partitions: PartitionManager, every_s: float, stop: asyncio.Event
+) -> None:
+    """Read the partition catalog every ``every_s`` and set the partition gauges
+    (``eventpipe_partitions_missing_ahead``, ``_retention_overdue``), until ``stop``.
+
+    Loader processes are long-lived and scraped, unlike ``partitions maintain``
+    (a CronJob or a loop) and ``partitions status``: partition health is read
+    from the catalog itself, so it tells whatever maintained it, or failed to.
+    """
+    if every_s <= 0:
+        return
+    while not stop.is_set():
+        try:
+            await partitions.status()
+        except Exception as exc:  # PostgreSQL away: the last figures stay, try again later
+            log.warning("cannot read partition status for the gauges", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
 
 
 async def run_loader_processes(

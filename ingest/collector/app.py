@@ -561,6 +561,12 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except Refused as exc:
         response = _json({"error": exc.reason}, exc.status, exc.headers)
+        if exc.status == 503:
+            # A client's batch refused (every route's 503 is a Refused; /readyz answers
+            # its 503 itself and is not counted): what EventpipeCollectorBrokerUnavailable reads.
+            metrics.BATCHES_REFUSED.labels(
+                "busy" if "busy" in exc.reason else "broker_unavailable"
+            ).inc()
     except web.HTTPException as exc:
         kept = {
             k: v

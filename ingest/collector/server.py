@@ -13,6 +13,7 @@ import structlog
 from ingest.collector.app import create_app
 from ingest.collector.delivery import Delivery
 from ingest.collector.spool import Spool
+from ingest.core import metrics, streams
 from ingest.core.db import Database
 from ingest.core.http import HttpServer
 from ingest.core.producer import EventProducer
@@ -39,6 +40,11 @@ async def serving(
     """Producer, delivery (with this worker's spool unless ``spool`` is False) and HTTP
     server, started in order and stopped in reverse: the collector of one process."""
     ttl = settings.write_key_cache_seconds if key_cache_s is None else key_cache_s
+    metrics.init_collector(
+        spool_max_bytes=settings.spool_max_bytes if spool and settings.spool_enabled else 0,
+        spool_high_water=settings.spool_high_water,
+        streams=[*streams.STREAMS, "webhook"],
+    )
     async with contextlib.AsyncExitStack() as stack:
         # The broker may be down right now: the collector serves from the spool
         # meanwhile, which is what the spool is for (the producer keeps connecting).

@@ -1,8 +1,21 @@
-"""Prometheus metrics of every component (prometheus-client), defined in one place."""
+"""Prometheus metrics of every component (prometheus-client), defined in one place.
+
+Every labelled series an alert relies on is created at 0 when its process starts
+(``init_collector``, ``init_loader``): a counter series that appears at its first
+increment already reads 1, and ``increase()`` over it reads 0, so the first dead
+letter of a table would never fire an alert. The collector's spool and broker
+gauges are left out of a loader's ``/metrics`` (``LOADER_REGISTRY``): a loader has no
+spool and no producer, and exporting their zeros would pollute "spool per collector"
+and page for a broker a loader never uses.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Collector
 HTTP_REQUESTS = Counter(
@@ -21,7 +34,25 @@ PRODUCE_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 SPOOL_BYTES = Gauge("eventpipe_spool_bytes", "Bytes waiting in the collector's local spool")
-SPOOL_RECORDS = Gauge("eventpipe_spool_records", "Records waiting in the collector's local spool")
+SPOOL_RECORDS = Gauge(
+    "eventpipe_spool_records",
+    "Records waiting in the collector's local spool",
+)
+SPOOL_MAX_BYTES = Gauge(
+    "eventpipe_spool_max_bytes",
+    "The spool's size cap (spool_max_bytes): above it batches are refused with 503; 0: none",
+)
+SPOOL_HIGH_WATER_BYTES = Gauge(
+    "eventpipe_spool_high_water_bytes",
+    "spool_high_water * spool_max_bytes: above it, with the broker away, /readyz fails",
+)
+BATCHES_REFUSED = Counter(
+    "eventpipe_batches_refused_total",
+    "Client batches (and webhooks) refused with 503: broker_unavailable (broker and spool "
+    "could not take it) or busy (no decode slot); /readyz answers are not counted",
+    ["reason"],
+)
+BATCH_REFUSAL_REASONS = ("broker_unavailable", "busy")
 SPOOL_DIR_BYTES = Gauge(
     "eventpipe_spool_dir_bytes",
     "Bytes waiting in one spool directory this process drains (its own or an adopted one)",
@@ -70,6 +101,8 @@ CONSUMER_LAG = Gauge(
 DEAD_LETTERS = Counter(
     "eventpipe_dead_letters_total", "Records set aside in dead_letters", ["table", "reason"]
 )
+# Every reason a loader gives a dead letter (consumers.rows, copy_writer, loader).
+DEAD_LETTER_REASONS = ("decode_error", "invalid_record", "outside_window", "rejected_by_postgres")
 PARTITIONS_UNPOSITIONED = Gauge(
     "eventpipe_partitions_unpositioned",
     "Kafka partitions assigned to a loader but not positioned at their stored offsets yet "
@@ -93,7 +126,7 @@ BROKER_CONNECT_FAILURES = Counter(
     ["topic"],
 )
 
-# Partition manager (set by `eventpipe partitions status` and by `up`'s timer)
+# Partition manager (set by `partitions status`, and by every loader process on its timer)
 PARTITIONS_MISSING_AHEAD = Gauge(
     "eventpipe_partitions_missing_ahead",
     "Future monthly partitions that should exist but don't",
@@ -109,8 +142,74 @@ PARTITION_REFUSED_MONTHS = Counter(
     "Months of incoming events refused by the partition window (their rows go to dead letters)",
     ["table", "reason"],
 )
+PARTITION_REFUSAL_REASONS = ("too_old", "too_new")
 PARTITION_ACTIONS = Counter(
     "eventpipe_partition_actions_total",
     "Partition maintenance actions done (create, detach, drop, archive, purge_shop)",
     ["table", "kind"],
 )
+
+
+# The collector's own families: a loader process's /metrics leaves them out.
+COLLECTOR_ONLY = frozenset(
+    family.name
+    for metric in (
+        SPOOL_BYTES,
+        SPOOL_RECORDS,
+        SPOOL_MAX_BYTES,
+        SPOOL_HIGH_WATER_BYTES,
+        BATCHES_REFUSED,
+        SPOOL_DIR_BYTES,
+        SPOOL_DIR_FRAMES,
+        SPOOL_QUARANTINED,
+        SPOOL_DRAIN_ERRORS,
+        BROKER_UP,
+        HTTP_REQUESTS,
+        EVENTS_ACCEPTED,
+        EVENTS_REJECTED,
+        PRODUCE_LATENCY,
+    )
+    for family in metric.describe()
+)
+
+
+class _WithoutCollectorMetrics(Collector):
+    """Every metric of the process's registry but the collector's own."""
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in REGISTRY.collect() if family.name not in COLLECTOR_ONLY)
+
+
+# What a loader process's /metrics serves (consumers.runner).
+LOADER_REGISTRY = CollectorRegistry(auto_describe=False)
+LOADER_REGISTRY.register(_WithoutCollectorMetrics())
+
+
+def init_collector(
+    *, spool_max_bytes: int, spool_high_water: float, streams: Iterable[str]
+) -> None:
+    """Called when a collector starts: every series an alert reads at 0, and the
+    spool's limits (alerts are fractions of them)."""
+    SPOOL_MAX_BYTES.set(spool_max_bytes)
+    SPOOL_HIGH_WATER_BYTES.set(spool_high_water * spool_max_bytes)
+    for reason in BATCH_REFUSAL_REASONS:
+        BATCHES_REFUSED.labels(reason)
+    for stream in streams:
+        EVENTS_ACCEPTED.labels(stream)
+        PRODUCE_LATENCY.labels(stream)
+
+
+def init_loader(table: str, topic: str) -> None:
+    """Called when a loader of ``table`` (consuming ``topic``) starts: every series of
+    it an alert reads, at 0."""
+    for reason in DEAD_LETTER_REASONS:
+        DEAD_LETTERS.labels(table, reason)
+    for reason in PARTITION_REFUSAL_REASONS:
+        PARTITION_REFUSED_MONTHS.labels(table, reason)
+    ROWS_LOADED.labels(table)
+    BATCH_ROWS.labels(table)
+    COPY_LATENCY.labels(table)
+    PARTITIONS_UNPOSITIONED.labels(topic).set(0)
+    ASSIGNMENT_FAILURES.labels(topic)
+    LOADER_REJOINS.labels(topic)
+    BROKER_CONNECT_FAILURES.labels(topic)

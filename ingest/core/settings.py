@@ -256,6 +256,18 @@ class Settings(BaseSettings):
         description="how long a loader retries positioning partitions it was assigned (their "
         "offsets are in PostgreSQL) before it leaves the consumer group and joins again",
     )
+    loader_lag_refresh_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often a loader asks the broker for its partitions' end offsets to "
+        "export eventpipe_consumer_lag (whether batches commit or not)",
+    )
+    partition_status_refresh_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how often a loader process reads the partition catalog to export "
+        "eventpipe_partitions_missing_ahead and _retention_overdue; 0: never",
+    )
     loader_role: str = Field(
         default="eventpipe_ingest",
         pattern=r"^([a-z_][a-z0-9_]{0,62})?$",

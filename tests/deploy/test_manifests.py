@@ -28,9 +28,9 @@ import pytest
 import yaml
 
 import ingest.core.metrics  # noqa: F401  (registers every metric)
+from consumers.runner import loader_metrics_app
 from ingest.cli import build_parser
 from ingest.collector.app import create_app
-from ingest.core.http import metrics_app
 from ingest.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def _routes(app: Any) -> set[str]:
 
 # Built with dummies: the route table needs neither a producer nor a database.
 COLLECTOR_ROUTES = _routes(create_app(DEFAULTS, cast(Any, object()), cast(Any, object())))
-LOADER_ROUTES = _routes(metrics_app())
+LOADER_ROUTES = _routes(loader_metrics_app())
 
 
 def _known_metrics() -> set[str]:
