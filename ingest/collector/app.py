@@ -628,4 +628,7 @@ def create_app(settings: Settings, delivery: Delivery, shops: ShopDirectory) -> 
     from ingest.collector import snowplow
 
     snowplow.add_routes(app)
+    from ingest.collector import posthog
+
+    posthog.add_routes(app)
     return app

@@ -235,6 +235,55 @@ def _snowplow_paths() -> dict[str, Any]:
     }
 
 
+def _posthog_paths() -> dict[str, Any]:
+    """PostHog's capture API (``ingest.collector.posthog``)."""
+    from ingest.collector import posthog
+
+    body = {"oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}
+    compression = {
+        "name": "compression",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["gzip-js", "lz64", "base64"]},
+    }
+    data = {"name": "data", "in": "query", "required": False, "schema": {"type": "string"}}
+    ok = {
+        "200": {
+            "description": "accepted (some events may be rejected, with reasons)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "204": {"description": "accepted (beacon=1)"},
+        **_errors(400, 401, 403, 413, 415, 429, 503),
+    }
+    content = {media: {"schema": body} for media in ("application/json", "text/plain")} | {
+        "application/x-www-form-urlencoded": {"schema": {"type": "object"}}
+    }
+    paths: dict[str, Any] = {}
+    for path in posthog.CAPTURE_PATHS:
+        paths[path] = {
+            "post": {
+                "summary": "PostHog capture: an event, a list, or a batch (gzip, lz64, base64)",
+                "parameters": [compression],
+                "requestBody": {"required": True, "content": content},
+                "responses": ok,
+            },
+            "get": {
+                "summary": "PostHog capture with data= (base64 or lz64 JSON)",
+                "parameters": [compression, data],
+                "responses": ok,
+            },
+        }
+    config = _get("PostHog configuration: autocapture on, no flags, recording or surveys")
+    for path in posthog.CONFIG_PATHS:
+        paths[path] = {**config, "post": config["get"]}
+    token = {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+    for path in posthog.REMOTE_CONFIG_PATHS:
+        operation = _get("PostHog remote configuration")
+        operation["get"]["parameters"] = [token]
+        paths[path] = operation
+    return paths
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document (built once)."""
@@ -277,6 +326,7 @@ def document() -> dict[str, Any]:
             "/metrics": _get("Prometheus metrics", "text/plain"),
             **_segment_paths(),
             **_snowplow_paths(),
+            **_posthog_paths(),
         },
         "components": {"schemas": _schemas()},
     }

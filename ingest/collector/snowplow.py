@@ -428,14 +428,40 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
         groups.setdefault((stream, fields.get("aid") or "", fields.get("stm") or ""), []).append(
             (index, event)
         )
+    received = {stm: _ms(stm) for _, _, stm in groups}
+    return await deliver_groups(
+        request,
+        KIND,
+        {
+            (stream, shops[aid], received[stm]): valid
+            for (stream, aid, stm), valid in groups.items()
+        },
+        rejected,
+        received_at,
+    )
+
+
+Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, BehaviorEvent | StorefrontEvent]]]
+
+
+async def deliver_groups(
+    request: web.Request,
+    kind: str,
+    groups: Groups,
+    rejected: list[dict[str, Any]],
+    received_at: datetime,
+) -> web.Response:
+    """Enrich and deliver valid events grouped by (stream, shop, client send time) as the
+    native endpoints do (``app._records``, the Delivery), and answer the batch."""
+    settings = request.app[collector.SETTINGS]
     by_stream: dict[str, list[tuple[bytes, bytes]]] = {}
     accepted = 0
-    for (stream, aid, stm), valid in groups.items():
-        received = Received.of(request, settings, _ms(stm), received_at)
+    for (stream, shop, sent_at), valid in groups.items():
+        received = Received.of(request, settings, sent_at, received_at)
         messages, taken = collector._records(
             stream,
             valid,
-            shops[aid],
+            shop,
             received,
             request.app[collector.TIMES],
             rejected,
@@ -448,13 +474,13 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
             continue
         try:
             await request.app[collector.DELIVERY].deliver(
-                KIND, settings.topic_for(stream), messages
+                kind, settings.topic_for(stream), messages
             )
         except Unavailable as exc:
             raise collector.Refused(
                 503, "event broker unavailable, retry later", {"Retry-After": "5"}
             ) from exc
-    metrics.EVENTS_ACCEPTED.labels(KIND).inc(accepted)
+    metrics.EVENTS_ACCEPTED.labels(kind).inc(accepted)
     rejected.sort(key=lambda r: int(r["index"]))
     status = 200 if accepted or not rejected else 400
     return collector._json({"accepted": accepted, "rejected": rejected}, status)
@@ -488,7 +514,7 @@ async def post_tp2(request: web.Request) -> web.StreamResponse:
             response: web.StreamResponse = await accept(request, payloads, received_at)
     except collector.Refused as exc:
         response = collector._json({"error": exc.reason}, exc.status, exc.headers)
-    return _cors(request, response)
+    return cors(request, response)
 
 
 async def get_pixel(request: web.Request) -> web.StreamResponse:
@@ -512,10 +538,10 @@ async def get_pixel(request: web.Request) -> web.StreamResponse:
         content_type="image/gif",
         headers={"Cache-Control": "no-store, no-cache, max-age=0"},
     )
-    return _cors(request, response)
+    return cors(request, response)
 
 
-def _cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+def cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """CORS as Snowplow's collector answers: the origin echoed, with credentials (the
     browser tracker posts ``withCredentials`` by default)."""
     origin = printable_ascii(request.headers.get("Origin"))
@@ -537,7 +563,7 @@ async def preflight(request: web.Request) -> web.StreamResponse:
             "Access-Control-Max-Age": "86400",
         },
     )
-    return _cors(request, response)
+    return cors(request, response)
 
 
 def paths(alias: str | None) -> tuple[list[str], list[str]]:

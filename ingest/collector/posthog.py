@@ -1,0 +1,657 @@
+"""PostHog's capture API: ``/e/``, ``/i/v0/e/``, ``/capture/``, ``/batch/``, ``/track/``.
+
+Sites that run posthog-js or a PostHog server SDK set its ``api_host`` to this
+collector and its project key to a write key. Bodies as the SDKs send them:
+one event, an array, or ``{"api_key"|"token", "batch": [...], "sent_at"}``;
+gzip (found by its magic bytes, whatever the headers say: posthog-js sends
+``text/plain`` gzip), ``compression=lz64`` / ``lz-string`` (lz-string's
+base64 form), ``compression=base64``, form posts ``data=<base64 JSON>`` and
+``GET ...?data=``. Every decoding is bounded by ``max_decompressed_bytes``:
+gzip is inflated at most that far, base64 is at most 3/4 of a bounded body,
+and lz-string is decoded by :func:`lz_decompress_base64`, which counts what it
+has produced after every code and stops past the limit (the ``lzstring``
+package has no bound: LZW output grows quadratically with its input, so a
+1 MiB body can claim gigabytes, and no ratio check on the compressed size is
+sound). ``beacon=1`` is answered 204.
+
+What an event becomes (``properties`` ``P``):
+
+* ``$pageview`` -> behavior ``page_view``; ``$autocapture`` with
+  ``$event_type`` click -> ``click`` (submit -> ``form_submit``, change ->
+  ``form_start``), the element from ``$elements`` / ``$elements_chain``
+  (path ``tag#id.class > ...`` from the root as the beacon writes it, the
+  target's text and tag); ``$rageclick`` -> ``rage_click``; ``$exception`` ->
+  ``error``. ``P.$current_url`` is the page (a behavior event without one is
+  kept as a storefront event).
+* Everything else (custom events, ``$pageleave``, ``$identify``, ...) -> a
+  storefront event named as the event, ``props`` the properties (the token
+  removed), ``product_id`` / ``experiment_id`` / ``variant`` from properties of
+  those names.
+* ``distinct_id`` -> ``anon_id``; ``P.$session_id`` -> ``session_id`` (else
+  ``<distinct_id>/<UTC day>``); ``uuid`` -> ``event_id`` (else the UUIDv5 of
+  the event in the shop's namespace); the time is ``timestamp``, else
+  ``sent_at`` (or the receive time) minus ``offset`` ms, corrected by the skew
+  rule with the body's ``sent_at``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import uuid
+import zlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+import pydantic
+from aiohttp import web
+
+from ingest.collector import app as collector
+from ingest.collector import snowplow
+from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul
+from ingest.core import metrics, streams
+from ingest.core.headers import printable_ascii
+from ingest.core.shops import Shop
+
+KIND = "posthog"  # the stream label of this API's metrics
+CAPTURE_PATHS = ("/e/", "/i/v0/e/", "/capture/", "/batch/", "/track/")
+CONFIG_PATHS = ("/decide/", "/flags/")
+REMOTE_CONFIG_PATHS = ("/array/{token}/config", "/array/{token}/config.js")
+FORM = "application/x-www-form-urlencoded"
+GZIP_MAGIC = b"\x1f\x8b"
+AUTOCAPTURE = {"click": "click", "submit": "form_submit", "change": "form_start"}
+
+
+class _Rejected(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+class LzError(ValueError):
+    """lz-string text that cannot be decoded, or decodes past the limit."""
+
+
+_LZ_VALUES = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
+_LZ_VALUES.update({str(d): 52 + d for d in range(10)})
+_LZ_VALUES.update({"+": 62, "/": 63, "=": 64, "-": 62, "$": 64})  # and the URI-safe alphabet
+
+
+def lz_decompress_base64(text: str, limit: int) -> str:
+    """lz-string's ``decompressFromBase64`` (the reference algorithm, as the ``lzstring``
+    package implements it), stopping with ``LzError`` once more than ``limit``
+    characters are produced: the dictionary holds at most what was produced, so
+    memory stays within a few times ``limit`` whatever the input claims."""
+    try:
+        values = [_LZ_VALUES[c] for c in text.replace(" ", "+").strip()]
+    except KeyError as exc:
+        raise LzError("not lz-string base64 text") from exc
+    length = len(values)
+    if not length:
+        return ""
+    position, val, index = 32, values[0], 1
+
+    def bits(count: int) -> int:
+        nonlocal position, val, index
+        out, power = 0, 1
+        for _ in range(count):
+            resb = val & position
+            position >>= 1
+            if position == 0:
+                position = 32
+                val = values[index] if index < length else 0
+                index += 1
+            if resb:
+                out |= power
+            power <<= 1
+        return out
+
+    dictionary: dict[int, str] = {}
+    enlarge_in, dict_size, num_bits = 4, 4, 3
+    first = bits(2)
+    if first == 2:
+        return ""
+    if first not in (0, 1):
+        raise LzError("lz-string text does not start with a literal")
+    w = chr(bits(8 if first == 0 else 16))
+    dictionary[3] = w
+    result, produced = [w], 1
+    while True:
+        if index > length:
+            raise LzError("lz-string text is truncated")
+        code = bits(num_bits)
+        if code in (0, 1):
+            dictionary[dict_size] = chr(bits(8 if code == 0 else 16))
+            code = dict_size
+            dict_size += 1
+            enlarge_in -= 1
+        elif code == 2:
+            return "".join(result)
+        if enlarge_in == 0:
+            enlarge_in = 1 << num_bits
+            num_bits += 1
+        if code in dictionary:
+            entry = dictionary[code]
+        elif code == dict_size:
+            entry = w + w[0]
+        else:
+            raise LzError("lz-string text is corrupt")
+        produced += len(entry)
+        if produced > limit:
+            raise LzError(f"larger than max_decompressed_bytes={limit} once decompressed")
+        result.append(entry)
+        dictionary[dict_size] = w + entry[0]
+        dict_size += 1
+        enlarge_in -= 1
+        w = entry
+        if enlarge_in == 0:
+            enlarge_in = 1 << num_bits
+            num_bits += 1
+
+
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    """``raw`` inflated, at most ``limit`` bytes (a bomb is refused, never inflated)."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise collector.Refused(400, f"body is not valid gzip: {exc}") from exc
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise collector.Refused(
+            413, f"body larger than max_decompressed_bytes={limit} once decompressed"
+        )
+    if not inflater.eof:
+        raise collector.Refused(400, "gzip body is truncated")
+    return body
+
+
+def _base64(text: bytes | str) -> bytes:
+    data = text.encode("latin-1") if isinstance(text, str) else text
+    data = data.strip().replace(b" ", b"+").replace(b"-", b"+").replace(b"_", b"/")
+    try:
+        return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise collector.Refused(400, "data is not base64") from exc
+
+
+async def _decoded(payload: bytes, compression: str, limit: int) -> bytes:
+    """The JSON text of a body or ``data`` value, decoded as ``compression`` and its
+    bytes say, within ``limit``."""
+    if compression in ("lz64", "lz-string", "lz"):
+        try:
+            text = payload.decode("latin-1")
+            # The decoder is plain Python: off the event loop, so other requests go on.
+            decoded = await asyncio.to_thread(lz_decompress_base64, text, limit)
+            # lz-string works on UTF-16 code units: pairs of surrogates are one character.
+            payload = decoded.encode("utf-16-le", "surrogatepass").decode("utf-16-le").encode()
+        except LzError as exc:
+            status = 413 if "max_decompressed" in str(exc) else 400
+            raise collector.Refused(status, f"body is not lz-string: {exc}") from exc
+        except UnicodeError as exc:
+            raise collector.Refused(400, "lz-string body is not text") from exc
+    elif compression == "base64" or (
+        payload[:1] not in (b"{", b"[", b" ", b"\n") and _looks_base64(payload)
+    ):
+        payload = _base64(payload)
+    if payload[:2] == GZIP_MAGIC:  # gzip-js, or gzip without a Content-Encoding
+        payload = _gunzip(payload, limit)
+    if len(payload) > limit:
+        raise collector.Refused(
+            413, f"body larger than max_decompressed_bytes={limit} once decoded"
+        )
+    return payload
+
+
+def _looks_base64(payload: bytes) -> bool:
+    """A ``data=`` value that is not JSON nor gzip: base64 (posthog-js's beacon fallback)."""
+    return bool(payload) and payload[:2] != GZIP_MAGIC
+
+
+async def _body(request: web.Request) -> tuple[bytes, str]:
+    """(JSON text, compression) of a capture request, every decoding bounded."""
+    settings = request.app[collector.SETTINGS]
+    limit = settings.max_decompressed_bytes
+    compression = (request.query.get("compression") or "").strip().lower()
+    if request.method == "GET":
+        data = request.query.get("data")
+        if data is None:
+            raise collector.Refused(400, "a GET capture needs data=")
+        return await _decoded(data.encode("latin-1", "replace"), compression, limit), compression
+    media = request.content_type.lower() if request.headers.get("Content-Type") else ""
+    if media not in collector.ACCEPTED_TYPES and media != FORM:
+        raise collector.Refused(415, f"Content-Type {media} not accepted")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise collector.Refused(
+            413, f"body larger than max_body_bytes={settings.max_body_bytes}"
+        ) from exc
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip"):
+        raise collector.Refused(415, f"Content-Encoding {encoding} not accepted: use gzip or none")
+    if raw[:2] == GZIP_MAGIC:
+        raw = _gunzip(raw, limit)
+    if media == FORM or raw[:5] == b"data=":
+        try:
+            form = parse_qs(raw.decode("latin-1"), max_num_fields=20)
+        except ValueError as exc:
+            raise collector.Refused(400, f"form body is not a form: {exc}") from exc
+        compression = (form.get("compression") or [compression])[0].strip().lower()
+        if not form.get("data"):
+            raise collector.Refused(400, "a form post needs data=")
+        return await _decoded(
+            form["data"][0].encode("latin-1", "replace"), compression, limit
+        ), compression
+    if compression in ("lz64", "lz-string", "lz", "base64"):
+        return await _decoded(raw, compression, limit), compression
+    return raw, compression
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value or len(value) > 64:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _key_of(data: dict[str, Any]) -> str | None:
+    for name in ("api_key", "token"):
+        if isinstance(data.get(name), str):
+            return str(data[name])
+    properties = data.get("properties")
+    if isinstance(properties, dict) and isinstance(properties.get("token"), str):
+        return str(properties["token"])
+    return None
+
+
+def _elements(properties: dict[str, Any]) -> list[dict[str, Any]]:
+    """The autocaptured elements, target first: ``$elements``, else ``$elements_chain``."""
+    elements = properties.get("$elements")
+    if isinstance(elements, list):
+        return [e for e in elements if isinstance(e, dict)]
+    chain = properties.get("$elements_chain")
+    return _parse_chain(chain) if isinstance(chain, str) else []
+
+
+def _parse_chain(chain: str) -> list[dict[str, Any]]:
+    """posthog's ``$elements_chain``: ``tag.c1.c2:attr__id="x"text="t"nth-child="1";parent...``."""
+    out: list[dict[str, Any]] = []
+    for part in _split_unquoted(chain[:16384], ";")[:64]:
+        head, _, rest = part.partition(":")
+        tag, *classes = head.split(".")
+        element: dict[str, Any] = {"tag_name": tag, "attr__class": classes}
+        for name, value in _attributes(rest):
+            if name == "text":
+                element["$el_text"] = value
+            else:
+                element[name] = value
+        out.append(element)
+    return out
+
+
+def _split_unquoted(text: str, separator: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [p for p in parts if p]
+
+
+def _attributes(text: str) -> list[tuple[str, str]]:
+    out, index = [], 0
+    while index < len(text):
+        equals = text.find('="', index)
+        if equals < 0:
+            break
+        name = text[index:equals]
+        end, value = equals + 2, []
+        while end < len(text) and text[end] != '"':
+            if text[end] == "\\" and end + 1 < len(text):
+                end += 1
+            value.append(text[end])
+            end += 1
+        out.append((name, "".join(value)))
+        index = end + 1
+    return out
+
+
+def _element_fields(elements: list[dict[str, Any]]) -> dict[str, Any]:
+    if not elements:
+        return {}
+    parts = []
+    for element in reversed(elements[:64]):  # from the root down to the target
+        tag = element.get("tag_name")
+        part = tag if isinstance(tag, str) and tag else "*"
+        element_id = element.get("attr__id") or element.get("attr_id")
+        if isinstance(element_id, str) and element_id:
+            part += f"#{element_id}"
+        classes = element.get("attr__class") or element.get("classes")
+        if isinstance(classes, str):
+            classes = classes.split()
+        if isinstance(classes, list):
+            part += "".join(f".{c}" for c in classes[:2] if isinstance(c, str) and c)
+        parts.append(part)
+    path = " > ".join(parts)
+    target = elements[0]
+    tag, text = target.get("tag_name"), target.get("$el_text")
+    target_id = target.get("attr__id")
+    return {
+        "element_path": path[-512:],
+        "element_type": tag[:256] if isinstance(tag, str) and tag else None,
+        "element_text": text[:100] if isinstance(text, str) and text else None,
+        "component_id": target_id[:256] if isinstance(target_id, str) and target_id else None,
+    }
+
+
+def _text(value: Any, limit: int = 256) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    return str(value)[:limit] or None
+
+
+def _event_id(shop: Shop, raw: dict[str, Any]) -> uuid.UUID:
+    given = raw.get("uuid")
+    if isinstance(given, str):
+        with_id = _uuid(given)
+        if with_id is not None:
+            return with_id
+    digest = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return uuid.uuid5(uuid.uuid5(shop.id, KIND), f"sha256:{digest}")
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def to_event(
+    shop: Shop, raw: dict[str, Any], sent_at: datetime | None, received_at: datetime
+) -> BehaviorEvent | StorefrontEvent:
+    """The collector's event of one PostHog event (``_Rejected`` when it can't be one)."""
+    name = raw.get("event")
+    if not isinstance(name, str) or not name:
+        raise _Rejected("invalid", "event: the event name is required")
+    properties = raw.get("properties")
+    if properties is None:
+        properties = {}
+    if not isinstance(properties, dict):
+        raise _Rejected("invalid", "properties must be an object")
+    distinct = _text(raw.get("distinct_id")) or _text(properties.get("distinct_id"))
+    if not distinct:
+        raise _Rejected("invalid", "distinct_id is required")
+    at = _time(raw.get("timestamp"))
+    offset = raw.get("offset")
+    if (
+        at is None
+        and isinstance(offset, int)
+        and not isinstance(offset, bool)
+        and 0 <= offset < 10**10
+    ):
+        at = (sent_at or received_at) - timedelta(milliseconds=offset)
+    identifier = _event_id(shop, raw)
+    day = (at or received_at).astimezone(UTC).date().isoformat()
+    session = (_text(properties.get("$session_id")) or f"{distinct}/{day}")[:256]
+    url = _text(properties.get("$current_url"), 4096)
+    behavior: dict[str, Any] | None = None
+    if name == "$pageview":
+        width, height = properties.get("$screen_width"), properties.get("$screen_height")
+        behavior = {
+            "event_type": "page_view",
+            "metadata": {
+                "referrer": _text(properties.get("$referrer"), 1024),
+                "language": _text(properties.get("$browser_language")),
+                "screen_resolution": f"{width}x{height}"
+                if isinstance(width, int) and isinstance(height, int)
+                else None,
+                "title": _text(properties.get("title"), 4096),
+            },
+        }
+    elif name == "$autocapture" and properties.get("$event_type") in AUTOCAPTURE:
+        behavior = {
+            "event_type": AUTOCAPTURE[str(properties["$event_type"])],
+            **_element_fields(_elements(properties)),
+        }
+    elif name == "$rageclick":
+        behavior = {"event_type": "rage_click", **_element_fields(_elements(properties))}
+    elif name == "$exception":
+        exceptions = properties.get("$exception_list")
+        first = exceptions[0] if isinstance(exceptions, list) and exceptions else {}
+        first = first if isinstance(first, dict) else {}
+        behavior = {
+            "event_type": "error",
+            "event_data": {
+                "type": _text(first.get("type") or properties.get("$exception_type")),
+                "message": _text(first.get("value") or properties.get("$exception_message"), 1000),
+            },
+        }
+    if behavior is not None and url:
+        viewport = (properties.get("$viewport_width"), properties.get("$viewport_height"))
+        behavior.setdefault("event_data", {})
+        behavior["metadata"] = {
+            **behavior.get("metadata", {}),
+            "anon_id": distinct,
+            "event": name,
+        }
+        return _model(
+            BehaviorEvent,
+            {
+                "event_id": identifier,
+                "session_id": session,
+                "page_url": url,
+                "timestamp": at,
+                "viewport_size": {"width": viewport[0], "height": viewport[1]}
+                if all(isinstance(v, int) and not isinstance(v, bool) for v in viewport)
+                else None,
+                **behavior,
+            },
+        )
+    props = {k: v for k, v in properties.items() if k != "token"}
+    for extra in ("$set", "$set_once"):
+        if isinstance(raw.get(extra), dict):
+            props[extra] = raw[extra]
+    variant = properties.get("variant")
+    return _model(
+        StorefrontEvent,
+        {
+            "event_id": identifier,
+            "event_type": name[:256],
+            "anon_id": distinct,
+            "session_id": session,
+            "ts": at,
+            "props": props,
+            "product_id": _text(properties.get("product_id")),
+            "experiment_id": _text(properties.get("experiment_id")),
+            "variant": _text(variant),
+        },
+    )
+
+
+def _model(
+    model: type[BehaviorEvent] | type[StorefrontEvent], values: dict[str, Any]
+) -> BehaviorEvent | StorefrontEvent:
+    try:
+        return model.model_validate(values)
+    except pydantic.ValidationError as exc:
+        raise _Rejected("invalid", collector._reason(exc)) from exc
+
+
+async def _shop(request: web.Request, key: str | None, shops: dict[str, Shop]) -> Shop:
+    given = key or ""
+    if given not in shops:
+        try:
+            shops[given] = await collector._authenticate(request, key)
+        except collector.Refused as exc:
+            if exc.status != 401:
+                raise
+            metrics.EVENTS_REJECTED.labels(KIND, "unauthorized").inc()
+            raise collector.Refused(
+                401, "missing or unknown project key (api_key, token or properties.token)"
+            ) from None
+    return shops[given]
+
+
+async def _accept(request: web.Request) -> web.Response:
+    received_at = datetime.now(UTC)
+    settings = request.app[collector.SETTINGS]
+    limiter = request.app[collector.LIMITER]
+    async with collector._decode_slot(request):
+        body, _ = await _body(request)
+        collector._check_values(body, settings.max_json_values)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise collector.Refused(400, f"body is not JSON: {exc}") from exc
+        del body
+        shared_key, sent_at = None, None
+        if isinstance(data, dict) and "batch" in data:
+            shared_key, sent_at = _key_of(data), _time(data.get("sent_at"))
+            events = data["batch"]
+        elif isinstance(data, dict):
+            events = [data]
+        else:
+            events = data
+        if not isinstance(events, list):
+            raise collector.Refused(400, "body is not an event, a list or a batch of events")
+        if len(events) > settings.max_events_per_batch:
+            raise collector.Refused(
+                413,
+                f"batch has {len(events)} events, "
+                f"max_events_per_batch={settings.max_events_per_batch}",
+            )
+        rejected: list[dict[str, Any]] = []
+        checked: list[tuple[int, dict[str, Any], str | None]] = []
+        for index, raw in enumerate(events):
+            try:
+                if not isinstance(raw, dict):
+                    raise _Rejected("invalid", "event is not a JSON object")
+                encoded = orjson.dumps(raw)
+                if len(encoded) > settings.max_event_bytes:
+                    raise _Rejected(
+                        "too_large", f"event larger than max_event_bytes={settings.max_event_bytes}"
+                    )
+                if has_nul(encoded):
+                    raise _Rejected("invalid", "text must not contain NUL (\\u0000)")
+            except _Rejected as exc:
+                rejected.append({"index": index, "reason": exc.reason})
+                metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+                continue
+            checked.append((index, raw, shared_key or _key_of(raw)))
+        shops: dict[str, Shop] = {}
+        if not checked and not rejected:
+            await _shop(request, shared_key or request.query.get("token"), shops)
+            return collector._json({"status": 1, "accepted": 0, "rejected": []})
+        for _, _, key in checked:
+            await _shop(request, key, shops)
+        client = collector.client_identity(request)
+        for key in shops:
+            if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
+                raise collector._limited(wait)
+        groups: snowplow.Groups = {}
+        for index, raw, key in checked:
+            shop = shops[key or ""]
+            try:
+                event = to_event(shop, raw, sent_at, received_at)
+            except _Rejected as exc:
+                rejected.append({"index": index, "reason": exc.reason})
+                metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+                continue
+            stream = (
+                streams.BEHAVIOR.name
+                if isinstance(event, BehaviorEvent)
+                else streams.STOREFRONT.name
+            )
+            groups.setdefault((stream, shop, sent_at), []).append((index, event))
+        return await snowplow.deliver_groups(request, KIND, groups, rejected, received_at)
+
+
+async def capture(request: web.Request) -> web.StreamResponse:
+    """PostHog's capture routes: one event, a list, or a batch."""
+    try:
+        answer = await _accept(request)
+        response: web.StreamResponse = answer
+        if answer.status == 200:
+            body = orjson.loads(answer.body) if isinstance(answer.body, bytes) else {}
+            response = collector._json({"status": 1, **body})
+            if request.query.get("beacon") == "1":
+                response = web.Response(status=204)
+    except collector.Refused as exc:
+        response = collector._json({"error": exc.reason}, exc.status, exc.headers)
+    return snowplow.cors(request, response)
+
+
+# Autocapture on; no feature flags, session recording, surveys, heatmaps or site apps.
+CONFIG: dict[str, Any] = {
+    "config": {"enable_collect_everything": True},
+    "autocapture_opt_out": False,
+    "autocaptureExceptions": False,
+    "captureDeadClicks": False,
+    "capturePerformance": False,
+    "heatmaps": False,
+    "isAuthenticated": False,
+    "sessionRecording": False,
+    "surveys": False,
+    "siteApps": [],
+    "siteAppsJS": [],
+    "toolbarParams": {},
+    "supportedCompression": ["gzip", "gzip-js"],
+    "elementsChainAsString": True,
+    "featureFlags": {},
+    "featureFlagPayloads": {},
+    "flags": {},
+    "errorsWhileComputingFlags": False,
+    "quotaLimited": [],
+    "defaultIdentifiedOnly": True,
+}
+
+
+async def config(request: web.Request) -> web.StreamResponse:
+    """``/decide/``, ``/flags/`` and ``/array/<token>/config``: the minimal document."""
+    token = (printable_ascii(request.match_info.get("token")) or "")[:256]
+    document = {**CONFIG, "token": token} if token else CONFIG
+    response: web.StreamResponse
+    if request.path.endswith(".js"):
+        script = (
+            "(function(){window._POSTHOG_REMOTE_CONFIG=window._POSTHOG_REMOTE_CONFIG||{};"
+            f"window._POSTHOG_REMOTE_CONFIG[{orjson.dumps(token).decode()}]="
+            f"{{config:{orjson.dumps(document).decode()},siteApps:[]}}}})();"
+        )
+        response = web.Response(text=script, content_type="application/javascript")
+    else:
+        response = collector._json(document)
+    return snowplow.cors(request, response)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register PostHog's capture and configuration routes on the collector's application."""
+    for path in CAPTURE_PATHS:
+        app.router.add_post(path, capture)
+        app.router.add_get(path, capture)
+        app.router.add_route("OPTIONS", path, snowplow.preflight)
+    for path in CONFIG_PATHS:
+        app.router.add_post(path, config)
+        app.router.add_get(path, config)
+        app.router.add_route("OPTIONS", path, snowplow.preflight)
+    for path in REMOTE_CONFIG_PATHS:
+        app.router.add_get(path, config)

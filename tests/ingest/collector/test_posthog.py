@@ -1,0 +1,250 @@
+"""PostHog's capture API, driven by the real posthog-python SDK and lz-string's encoder."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gzip
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import lzstring  # type: ignore[import-untyped]
+import orjson
+import pytest
+from posthog import Posthog
+
+from consumers.loader import Loader
+from consumers.rows import BEHAVIOR, STOREFRONT
+from ingest.collector import posthog as capture_api
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
+from ingest.partitions import PartitionManager
+from tests.conftest import wait_for
+
+CHAIN = (
+    'button.btn.primary:attr__class="btn primary"attr__id="buy"nth-child="1"text="Buy now";'
+    'form.cart:attr__class="cart"nth-child="2";body:nth-child="1"'
+)
+
+
+@contextlib.asynccontextmanager
+async def _loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
+    async with (
+        Loader(settings, BEHAVIOR, db, PartitionManager(db)),
+        Loader(settings, STOREFRONT, db, PartitionManager(db)),
+    ):
+        yield
+
+
+async def _rows(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
+    behavior = await db.pool.fetch(
+        "SELECT event_id::text, event_type, session_id, page_url, element_path, element_type, "
+        "element_text, event_data, metadata FROM behavior_events WHERE shop_id = $1",
+        shop.shop_id,
+    )
+    storefront = await db.pool.fetch(
+        "SELECT event_id::text, event_type, anon_id, session_id, props FROM events "
+        "WHERE shop_id = $1",
+        shop.shop_id,
+    )
+    return [{"table": "behavior", **r} for r in behavior] + [
+        {"table": "events", **r} for r in storefront
+    ]
+
+
+async def _loaded(db: Database, shop: ShopCredentials, n: int) -> list[dict[str, Any]]:
+    async def enough() -> bool:
+        return len(await _rows(db, shop)) >= n
+
+    await wait_for(enough)
+    await asyncio.sleep(0.5)  # a duplicate would have landed by now
+    return await _rows(db, shop)
+
+
+def _send_all(client: Posthog) -> list[str]:
+    page = {
+        "$current_url": "https://shop.test/p/1",
+        "$session_id": "ph-s1",
+        "$referrer": "https://r/",
+    }
+    ids = [
+        client.capture("$pageview", distinct_id="anon-1", properties=page),
+        client.capture(
+            "$autocapture",
+            distinct_id="anon-1",
+            properties={**page, "$event_type": "click", "$elements_chain": CHAIN},
+        ),
+        client.capture(
+            "$rageclick",
+            distinct_id="anon-1",
+            properties={
+                **page,
+                "$elements": [{"tag_name": "div", "attr__id": "dead", "$el_text": "Nothing"}],
+            },
+        ),
+        client.capture(
+            "Product Viewed", distinct_id="anon-1", properties={"product_id": "sku-1", "price": 3}
+        ),
+    ]
+    client.flush()
+    return [i for i in ids if i is not None]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_posthog_python_events_are_rows_once(
+    collector: str, settings: Settings, db: Database, shop: ShopCredentials, compress: bool
+) -> None:
+    errors: list[Exception] = []
+    client = Posthog(
+        shop.write_key,
+        host=collector,
+        gzip=compress,
+        sync_mode=True,
+        on_error=lambda error, _: errors.append(error),
+        enable_local_evaluation=False,
+    )
+    ids = await asyncio.to_thread(_send_all, client)
+    assert errors == [] and len(ids) == 4
+    async with _loaders(settings, db):
+        rows = await _loaded(db, shop, 4)
+        assert len(rows) == 4, rows
+        assert {r["event_id"] for r in rows} == set(ids)
+        by_type = {r["event_type"]: r for r in rows}
+        view = by_type["page_view"]
+        assert (view["session_id"], view["page_url"]) == ("ph-s1", "https://shop.test/p/1")
+        assert orjson.loads(view["metadata"])["referrer"] == "https://r/"
+        click = by_type["click"]
+        assert click["element_path"] == "body > form.cart > button#buy.btn.primary"
+        assert (click["element_type"], click["element_text"]) == ("button", "Buy now")
+        rage = by_type["rage_click"]
+        assert (rage["element_path"], rage["element_text"]) == ("div#dead", "Nothing")
+        viewed = by_type["Product Viewed"]
+        assert (viewed["table"], viewed["anon_id"]) == ("events", "anon-1")
+        assert orjson.loads(viewed["props"])["price"] == 3
+
+        # The SDK retries a batch without a 200: the same events again are stored once.
+        body = {
+            "api_key": shop.write_key,
+            "batch": [
+                {
+                    "event": "Product Viewed",
+                    "distinct_id": "anon-1",
+                    "uuid": by_type["Product Viewed"]["event_id"],
+                    "timestamp": (
+                        await db.pool.fetchval(
+                            "SELECT ts FROM events WHERE event_id = $1",
+                            uuid.UUID(by_type["Product Viewed"]["event_id"]),
+                        )
+                    ).isoformat(),
+                    "properties": {"product_id": "sku-1", "price": 3},
+                }
+            ],
+        }
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                async with http.post(
+                    collector + "/batch/", data=gzip.compress(orjson.dumps(body))
+                ) as answer:
+                    assert answer.status == 200, await answer.text()
+        assert len(await _loaded(db, shop, 4)) == 4
+
+
+def _event(shop: ShopCredentials, name: str = "signup") -> dict[str, Any]:
+    return {
+        "event": name,
+        "uuid": str(uuid.uuid4()),
+        "properties": {"distinct_id": "anon-2", "token": shop.write_key, "$session_id": "s2"},
+    }
+
+
+async def test_every_encoding_posthog_js_sends(
+    collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    events = [_event(shop) for _ in range(6)]
+    as_json = [orjson.dumps([e]) for e in events]
+    lz = lzstring.LZString()
+    async with aiohttp.ClientSession() as http:
+        sends = [
+            # gzip-js: text/plain gzip, the parameter or not, no Content-Encoding.
+            http.post(
+                collector + "/e/?compression=gzip-js",
+                data=gzip.compress(as_json[0]),
+                headers={"Content-Type": "text/plain"},
+            ),
+            http.post(collector + "/i/v0/e/", data=gzip.compress(as_json[1])),
+            # lz-string (lz64), as a form post and as the body.
+            http.post(
+                collector + "/e/",
+                data={"data": lz.compressToBase64(as_json[2].decode()), "compression": "lz64"},
+            ),
+            http.post(
+                collector + "/capture/?compression=lz64",
+                data=lz.compressToBase64(as_json[3].decode()),
+            ),
+            # base64 form post (the beacon fallback), answered 204.
+            http.post(
+                collector + "/track/?beacon=1",
+                data={"data": base64.b64encode(as_json[4]).decode()},
+            ),
+        ]
+        statuses = []
+        for send in sends:
+            async with send as answer:
+                statuses.append(answer.status)
+        data = base64.b64encode(as_json[5]).decode()
+        async with http.get(collector + "/e/", params={"data": data}) as answer:
+            statuses.append(answer.status)
+        assert statuses == [200, 200, 200, 200, 204, 200]
+    async with _loaders(settings, db):
+        rows = await _loaded(db, shop, 6)
+        assert {r["event_id"] for r in rows} == {e["uuid"] for e in events}
+        assert all("token" not in orjson.loads(r["props"]) for r in rows)
+
+
+async def test_bombs_and_bad_keys_are_refused(settings: Settings, shop: ShopCredentials) -> None:
+    from ingest.collector.server import serving
+
+    small = settings.model_copy(update={"max_decompressed_bytes": 4096})
+    lz = lzstring.LZString()
+    body = orjson.dumps([{**_event(shop), "properties": {"distinct_id": "x" * 20_000}}])
+    async with (
+        Database(settings.dsn) as database,
+        serving(small, database, key_cache_s=0.5) as (server, _),
+        aiohttp.ClientSession() as http,
+    ):
+        for send in (
+            http.post(server.url + "/e/", data=gzip.compress(body)),  # gzip by its magic
+            http.post(server.url + "/e/?compression=lz64", data=lz.compressToBase64(body.decode())),
+        ):
+            async with send as answer:
+                assert answer.status == 413, await answer.text()
+                assert "max_decompressed_bytes" in (await answer.json())["error"]
+        unknown = orjson.dumps({"api_key": "nope", "batch": [_event(shop)]})
+        async with http.post(server.url + "/batch/", data=unknown) as answer:
+            assert answer.status == 401
+    # Decoded in bounded steps: an lz-string claiming 10 MB stops at the limit.
+    bomb = lz.compressToBase64("a" * 200_000)
+    assert len(bomb) < 3000
+    with pytest.raises(capture_api.LzError):
+        capture_api.lz_decompress_base64(bomb, 4096)
+    assert capture_api.lz_decompress_base64(bomb, 200_000) == "a" * 200_000
+
+
+async def test_the_configuration_calls_answer_a_minimal_document(collector: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for method, path in (
+            ("POST", "/decide/?v=4"),
+            ("POST", "/flags/?v=2"),
+            ("GET", "/array/phc_x/config"),
+        ):
+            async with http.request(method, collector + path, json={"token": "t"}) as answer:
+                assert answer.status == 200
+                document = await answer.json()
+                assert document["featureFlags"] == {} and document["sessionRecording"] is False
+                assert document["config"]["enable_collect_everything"] is True
+        async with http.get(collector + "/array/phc_x/config.js") as answer:
+            assert "_POSTHOG_REMOTE_CONFIG" in await answer.text()
