@@ -328,6 +328,11 @@ class Settings(BaseSettings):
         if self.postgres_dsn and self.kafka_bootstrap:
             return self
         info = StackInfo.load(self.state_dir)
+        if info is None and self.postgres_dsn:
+            # A DSN alone is enough for the commands that need only PostgreSQL
+            # (migrate, deadletters list, ...); one that needs Kafka says so when
+            # it asks for ``bootstrap``.
+            return self
         if info is None:
             raise ConfigError(
                 f"no PostgreSQL DSN / Kafka bootstrap configured and no running stack in "
