@@ -205,9 +205,58 @@ async def _two_shops_rows(db: Database, table: str) -> dict[uuid.UUID, set[str]]
                     now,
                 )
                 keys.add(f"s{n}-{shop}")
+            elif table in _ROLLUP_ROWS:
+                key = f"{table}-{n}-{shop}"
+                await db.pool.execute(_ROLLUP_ROWS[table], shop, key, now)
+                keys.add(key)
+            elif table in ("session_analytics", "friction_points"):
+                # Eleven rage clicks of one session: over friction_points' HAVING COUNT(*) > 10.
+                session = f"s{n}-{shop}"
+                await db.pool.execute(
+                    "INSERT INTO user_sessions (shop_id, session_id, landing_page, first_seen_at, "
+                    "last_seen_at) VALUES ($1, $2, 'https://x/', $3, $3)",
+                    shop,
+                    session,
+                    now,
+                )
+                for _ in range(11):
+                    await db.pool.execute(
+                        "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, "
+                        'element_path, page_url, "timestamp", received_at) '
+                        "VALUES ($1, $2, $3, 'rage_click', $3, 'https://x/', $4, $4)",
+                        uuid.uuid4(),
+                        shop,
+                        session,
+                        now,
+                    )
+                keys.add(session)
         if table == "shops":
             keys.add(str(shop))
     return rows
+
+
+# The rollup tables (migration 0012): one row of shop $1 keyed $2 at time $3.
+_ROLLUP_ROWS = {
+    "daily_friction_summary": (
+        "INSERT INTO daily_friction_summary (shop_id, date, element_path, event_type, "
+        "event_count, unique_sessions, form_abandons, form_submits) "
+        "VALUES ($1, $3::timestamptz::date, $2, 'rage_click', 1, 1, 0, 0)"
+    ),
+    "component_performance": (
+        "INSERT INTO component_performance (shop_id, date, component_id, page_url, "
+        "total_interactions, unique_users, clicks, rage_clicks, hesitations, conversions, "
+        "first_seen, last_seen) VALUES ($1, $3::timestamptz::date, $2, 'https://x/', "
+        "1, 1, 1, 0, 0, 0, $3, $3)"
+    ),
+    "results_aggregates": (
+        "INSERT INTO results_aggregates (shop_id, experiment_id, variant, segment, updated_at) "
+        "VALUES ($1, $2, 'control', 'desktop', $3)"
+    ),
+    "conversion_funnels": (
+        "INSERT INTO conversion_funnels (shop_id, funnel_name, step_name, step_order, "
+        "session_id, entered_at) VALUES ($1, 'checkout', 'cart', 1, $2, $3)"
+    ),
+}
 
 
 _ANALYST_READS = {  # table -> the query of its keys an analyst runs
@@ -215,6 +264,16 @@ _ANALYST_READS = {  # table -> the query of its keys an analyst runs
     "events": "SELECT event_id::text FROM events WHERE shop_id = ANY($1)",
     "user_sessions": "SELECT session_id FROM user_sessions WHERE shop_id = ANY($1)",
     "shops": "SELECT id::text FROM shops WHERE id = ANY($1)",
+    "daily_friction_summary": (
+        "SELECT element_path FROM daily_friction_summary WHERE shop_id = ANY($1)"
+    ),
+    "component_performance": (
+        "SELECT component_id FROM component_performance WHERE shop_id = ANY($1)"
+    ),
+    "results_aggregates": "SELECT experiment_id FROM results_aggregates WHERE shop_id = ANY($1)",
+    "conversion_funnels": "SELECT session_id FROM conversion_funnels WHERE shop_id = ANY($1)",
+    "session_analytics": "SELECT session_id FROM session_analytics WHERE shop_id = ANY($1)",
+    "friction_points": "SELECT element_path FROM friction_points WHERE shop_id = ANY($1)",
 }
 
 
