@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -309,10 +310,18 @@ def test_every_eventpipe_variable_is_a_setting(path: Path) -> None:
 
 
 @pytest.mark.parametrize("container", CONTAINERS, ids=_ids(CONTAINERS))
-def test_environment_is_valid_settings(container: Container) -> None:
+def test_environment_is_valid_settings(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
     values = {SETTINGS_ENV[k]: v for k, v in container.env.items() if k.startswith("EVENTPIPE_")}
     assert set(values) <= set(Settings.model_fields)
-    Settings(**values)  # types, choices and bounds (e.g. EVENTPIPE_LOG_FORMAT=json)
+    # Read as the process reads them, from its environment (lists are JSON there).
+    for name in [n for n in os.environ if n.startswith("EVENTPIPE_")]:
+        monkeypatch.delenv(name)
+    for name, value in container.env.items():
+        if name.startswith("EVENTPIPE_"):
+            monkeypatch.setenv(name, value)
+    Settings()  # types, choices and bounds (e.g. EVENTPIPE_LOG_FORMAT=json)
     # Real Kafka and PostgreSQL: nothing may fall back to an embedded stack.
     assert container.env.get("EVENTPIPE_POSTGRES_DSN"), container.where
     assert container.env.get("EVENTPIPE_KAFKA_BOOTSTRAP"), container.where
@@ -440,6 +449,26 @@ def test_nginx_fronts_the_collectors() -> None:
     assert int(size.group(1)) * scale == DEFAULTS.max_body_bytes
 
 
+def test_collectors_behind_a_proxy_trust_it() -> None:
+    """Behind nginx or an Ingress every client has the proxy's address unless its
+    X-Forwarded-For is believed: rate limits and enrichment need the client's."""
+    import ipaddress
+
+    for c in _role("collector"):
+        proxies = Settings.model_validate(
+            {"trusted_proxies": json.loads(c.env.get("EVENTPIPE_TRUSTED_PROXIES", "[]"))}
+        ).trusted_proxies
+        assert proxies, f"{c.where}: EVENTPIPE_TRUSTED_PROXIES unset behind a proxy"
+    proxy = _compose()["services"]["proxy"]
+    address = ipaddress.ip_address(proxy["networks"]["default"]["ipv4_address"])
+    subnet = _compose()["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert address in ipaddress.ip_network(subnet)
+    for c in compose_containers():
+        if c.role == "collector":
+            trusted = json.loads(c.env["EVENTPIPE_TRUSTED_PROXIES"])
+            assert any(address in ipaddress.ip_network(n) for n in trusted), c.where
+
+
 def test_prometheus_scrapes_the_metrics_ports() -> None:
     conf = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
@@ -462,7 +491,7 @@ def _topic_commands() -> Iterator[tuple[str, dict[str, Any]]]:
     compose_script = _compose()["services"]["kafka-topics"]["command"][0]
     job = _pod_spec(_k8s("Job", "eventpipe-kafka-topics"))["containers"][0]
     for where, script in (("compose", compose_script), ("k8s", job["args"][0])):
-        for line in script.splitlines():
+        for line in script.replace("\\\n", " ").splitlines():  # continued lines joined
             argv = shlex.split(line)
             if not argv or not argv[0].endswith("kafka-topics.sh") or "--create" not in argv:
                 continue
@@ -649,7 +678,8 @@ def test_topic_jobs_allow_the_largest_record_the_collector_sends() -> None:
     expected = topic_max_message_bytes(Settings().max_record_bytes)
     files = [DEPLOY / "k8s" / "kafka-topics-job.yaml", DEPLOY / "compose" / "compose.yaml"]
     for path in files:
-        creates = [line for line in path.read_text().splitlines() if " --create " in line]
+        text = path.read_text().replace("\\\n", " ")  # continued lines joined
+        creates = [line for line in text.splitlines() if " --create " in line]
         assert creates, path
         for line in creates:
             assert f"--config max.message.bytes={expected}" in line, (path, line)

@@ -1,4 +1,5 @@
-"""The alerts and the dashboard against what the processes really expose.
+"""The alerts and the dashboard against what the processes really expose; deploy/'s
+YAML under the repository's .yamllint.
 
 ``promtool test rules`` runs deploy/monitoring/tests/*.yml (one firing and one
 quiet case per alert) with Debian's ``prometheus`` package, installed here when
@@ -43,17 +44,17 @@ METRIC_NAME = re.compile(r"\beventpipe_[a-z_]+")
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 
-def _install_promtool() -> str | None:
-    """Install Debian's prometheus (it brings promtool) if missing; why it can't be, or None."""
-    if shutil.which("promtool"):
+def _install(package: str, binary: str) -> str | None:
+    """Install Debian's ``package`` if ``binary`` is missing; why it can't be, or None."""
+    if shutil.which(binary):
         return None
     if shutil.which("apt-get") is None:
         return "no apt-get on this machine"
     if os.geteuid() != 0:
-        return "not root, cannot apt-get install prometheus"
+        return f"not root, cannot apt-get install {package}"
     for command, timeout in (
         (["apt-get", "update", "-q"], 120),
-        (["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"], 300),
+        (["apt-get", "install", "-y", "-q", "--no-install-recommends", package], 300),
     ):
         try:
             subprocess.run(
@@ -63,17 +64,37 @@ def _install_promtool() -> str | None:
             return f"{' '.join(command)} failed: {(exc.stderr or exc.stdout).strip()[-500:]}"
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"{' '.join(command)} failed: {exc}"
-    return None if shutil.which("promtool") else "promtool still missing after apt-get install"
+    return None if shutil.which(binary) else f"{binary} still missing after apt-get install"
+
+
+def _tool(package: str, binary: str) -> str:
+    reason = _install(package, binary)
+    if reason is not None:
+        pytest.skip(f"{binary} (Debian's {package} package) could not be installed: {reason}")
+    path = shutil.which(binary)
+    assert path is not None
+    return path
 
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    reason = _install_promtool()
-    if reason is not None:
-        pytest.skip(f"promtool (Debian's prometheus package) could not be installed: {reason}")
-    path = shutil.which("promtool")
-    assert path is not None
-    return path
+    return _tool("prometheus", "promtool")
+
+
+@pytest.fixture(scope="module")
+def yamllint() -> str:
+    return _tool("yamllint", "yamllint")
+
+
+def test_deploy_is_yamllint_clean(yamllint: str) -> None:
+    """Under the repository's .yamllint, warnings included."""
+    done = subprocess.run(
+        [yamllint, "--strict", "-c", str(ROOT / ".yamllint"), str(ROOT / "deploy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def _alert_names() -> list[str]:
