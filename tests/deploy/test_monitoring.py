@@ -11,13 +11,14 @@ among what they serve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +164,10 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-async def test_running_collector_and_loader_expose_every_metric_alerts_and_panels_use(
-    settings: Settings, shop: ShopCredentials
-) -> None:
-    """Before: the loader had no lag series until a batch, no dead-letter series
-    before the first, no partition gauges, and the collector no spool cap."""
+@contextlib.asynccontextmanager
+async def pipeline(settings: Settings, shop: ShopCredentials) -> AsyncIterator[tuple[str, str]]:
+    """A collector and a loader process, after a short load (one good batch, one with
+    a rejected event); yields the collector's and the loader's base URLs."""
     collector_port, loader_port = free_port(), free_port()
     procs = [
         subprocess.Popen(
@@ -179,14 +179,11 @@ async def test_running_collector_and_loader_expose_every_metric_alerts_and_panel
             env=_env(settings, EVENTPIPE_LOADER_METRICS_PORT=str(loader_port)),
         ),
     ]
-    used = _used_metrics()
     collector_url = f"http://127.0.0.1:{collector_port}"
-    seen: dict[str, set[str]] = {"collector": set(), "loader": set()}
     try:
         async with aiohttp.ClientSession() as http:
 
             async def load() -> bool:
-                # A short load: one good and one bad batch (a rejected event).
                 try:
                     url = f"{collector_url}/v1/behavior?k={shop.write_key}"
                     async with (
@@ -198,27 +195,92 @@ async def test_running_collector_and_loader_expose_every_metric_alerts_and_panel
                     return False
 
             await wait_for(load, timeout=60)
-
-            async def all_exposed() -> bool:
-                try:
-                    seen["collector"] = await _scrape(f"{collector_url}/metrics")
-                    seen["loader"] = await _scrape(f"http://127.0.0.1:{loader_port}/metrics")
-                except aiohttp.ClientError:
-                    return False
-                return used <= seen["collector"] | seen["loader"]
-
-            try:
-                await wait_for(all_exposed, timeout=60, interval=0.5)
-            except AssertionError:
-                missing = used - seen["collector"] - seen["loader"]
-                raise AssertionError(f"never exposed: {sorted(missing)}") from None
+        yield collector_url, f"http://127.0.0.1:{loader_port}"
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+
+
+async def test_running_collector_and_loader_expose_every_metric_alerts_and_panels_use(
+    settings: Settings, shop: ShopCredentials
+) -> None:
+    """Before: the loader had no lag series until a batch, no dead-letter series
+    before the first, no partition gauges, and the collector no spool cap."""
+    used = _used_metrics()
+    seen: dict[str, set[str]] = {"collector": set(), "loader": set()}
+    async with pipeline(settings, shop) as (collector_url, loader_url):
+
+        async def all_exposed() -> bool:
+            try:
+                seen["collector"] = await _scrape(f"{collector_url}/metrics")
+                seen["loader"] = await _scrape(f"{loader_url}/metrics")
+            except aiohttp.ClientError:
+                return False
+            return used <= seen["collector"] | seen["loader"]
+
+        try:
+            await wait_for(all_exposed, timeout=60, interval=0.5)
+        except AssertionError:
+            missing = used - seen["collector"] - seen["loader"]
+            raise AssertionError(f"never exposed: {sorted(missing)}") from None
     spool = {n for n in seen["loader"] if n.startswith("eventpipe_spool_")}
     assert spool == set(), "a loader exports spool gauges"
+
+
+async def test_prometheus_scraping_them_answers_every_dashboard_query(
+    settings: Settings, shop: ShopCredentials, tmp_path: Path, promtool: str
+) -> None:
+    """A real Prometheus (Debian's, the package promtool comes with) scrapes a
+    collector and a loader; every dashboard query returns data after a short load."""
+    server = shutil.which("prometheus")
+    if server is None:
+        pytest.skip("Debian's prometheus package installed promtool but no prometheus")
+    async with pipeline(settings, shop) as (collector_url, loader_url):
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [url.split("//")[1]]}]}
+                for job, url in (("collector", collector_url), ("loader", loader_url))
+            ],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        prom = subprocess.Popen(
+            [
+                server,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        empty: list[str] = _dashboard_exprs()
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def answered() -> bool:
+                    for expr in list(empty):
+                        try:
+                            async with http.get(
+                                f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}
+                            ) as response:
+                                body = await response.json()
+                        except aiohttp.ClientError:
+                            return False
+                        if body.get("status") == "success" and body["data"]["result"]:
+                            empty.remove(expr)
+                    return not empty
+
+                try:
+                    await wait_for(answered, timeout=90, interval=1.0)
+                except AssertionError:
+                    raise AssertionError(f"dashboard queries without data: {empty}") from None
+        finally:
+            prom.terminate()
+            prom.wait(timeout=30)
 
 
 async def test_readyz_503_is_not_a_refused_batch(
