@@ -373,3 +373,165 @@ RETURNING id;
 INSERT INTO partition_restores (table_name, partition_name, month, file, sha256, row_count)
 VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id;
+
+-- Rollups (issue 24, ingest/rollups): incremental refresh of the analysis tables.
+-- Days are UTC days of the event time. Every group is recomputed whole from its
+-- source rows (DELETE + INSERT in the refresh's transaction), so a late event of an
+-- old day, a row loaded twice or a retention delete all end in the same rows.
+
+-- name: rollup_lock
+-- One refresh of a rollup at a time (a second one waits, then finds little to do).
+SELECT pg_advisory_xact_lock(hashtext('eventpipe:rollup:' || $1));
+
+-- name: rollup_claim
+-- The rollup's watermark and how far this refresh goes: rows received up to
+-- now - $2 seconds (loaders' transactions in flight commit within that margin).
+SELECT watermark, greatest(watermark, now() - make_interval(secs => $2::float8)) AS upto
+FROM rollup_state WHERE rollup = $1 FOR UPDATE;
+
+-- name: rollup_advance
+UPDATE rollup_state SET watermark = $2, last_refresh_at = now(),
+  last_full_at = CASE WHEN $3::bool THEN now() ELSE last_full_at END,
+  last_groups = $4, last_duration_ms = $5
+WHERE rollup = $1;
+
+-- name: rollup_status
+SELECT rollup, watermark, last_refresh_at, last_full_at, last_groups, last_duration_ms,
+       extract(epoch FROM now() - watermark)::float8 AS lag_s,
+       CASE rollup
+         WHEN 'daily_friction_summary' THEN (SELECT count(*) FROM daily_friction_summary)
+         WHEN 'component_performance' THEN (SELECT count(*) FROM component_performance)
+         WHEN 'results_aggregates' THEN (SELECT count(*) FROM results_aggregates)
+       END AS row_count
+FROM rollup_state ORDER BY rollup;
+
+-- name: rollup_behavior_days
+-- (shop, day) groups of behavior events received in ($1, $2] (BRIN on received_at).
+SELECT shop_id, ("timestamp" AT TIME ZONE 'UTC')::date AS day
+FROM behavior_events WHERE received_at > $1 AND received_at <= $2
+GROUP BY 1, 2;
+
+-- name: rollup_behavior_component_days
+SELECT shop_id, ("timestamp" AT TIME ZONE 'UTC')::date AS day
+FROM behavior_events
+WHERE received_at > $1 AND received_at <= $2 AND component_id IS NOT NULL
+GROUP BY 1, 2;
+
+-- name: rollup_friction_delete
+DELETE FROM daily_friction_summary d USING unnest($1::uuid[], $2::date[]) g(shop_id, day)
+WHERE d.shop_id = g.shop_id AND d.date = g.day;
+
+-- name: rollup_friction_delete_all
+DELETE FROM daily_friction_summary;
+
+-- name: rollup_friction_insert
+-- 002's daily_friction_summary per shop, for the groups ($1[i], $2[i]). hesitation_ms
+-- only when it is a JSON number (a string would make the document's cast fail the
+-- whole refresh).
+INSERT INTO daily_friction_summary (shop_id, date, element_path, event_type, event_count,
+  unique_sessions, avg_hesitation_ms, median_hesitation_ms, form_abandons, form_submits)
+SELECT be.shop_id, g.day, be.element_path, be.event_type, COUNT(*),
+  COUNT(DISTINCT be.session_id),
+  AVG(h.ms),
+  PERCENTILE_CONT(0.5) WITHIN GROUP (ORDER BY h.ms),
+  SUM(CASE WHEN be.event_type = 'form_abandon' THEN 1 ELSE 0 END),
+  SUM(CASE WHEN be.event_type = 'form_submit' THEN 1 ELSE 0 END)
+FROM unnest($1::uuid[], $2::date[]) g(shop_id, day)
+JOIN behavior_events be ON be.shop_id = g.shop_id
+  AND be."timestamp" >= (g.day::timestamp AT TIME ZONE 'UTC')
+  AND be."timestamp" < ((g.day + 1)::timestamp AT TIME ZONE 'UTC')
+CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(be.event_data->'hesitation_ms') = 'number'
+  THEN (be.event_data->>'hesitation_ms')::numeric END AS ms) h
+WHERE be."timestamp" >= (SELECT retention_start('behavior_events'))
+GROUP BY be.shop_id, g.day, be.element_path, be.event_type;
+
+-- name: rollup_component_delete
+DELETE FROM component_performance c USING unnest($1::uuid[], $2::date[]) g(shop_id, day)
+WHERE c.shop_id = g.shop_id AND c.date = g.day;
+
+-- name: rollup_component_delete_all
+DELETE FROM component_performance;
+
+-- name: rollup_component_insert
+-- 002's component_performance per shop and day; conversions: sessions in the
+-- shop's 'lead_capture' funnel, as the document counts them.
+INSERT INTO component_performance (shop_id, date, component_id, page_url, total_interactions,
+  unique_users, clicks, rage_clicks, hesitations, avg_hesitation_ms, conversions, first_seen,
+  last_seen)
+SELECT be.shop_id, g.day, be.component_id, be.page_url, COUNT(*),
+  COUNT(DISTINCT be.session_id),
+  SUM(CASE WHEN be.event_type = 'click' THEN 1 ELSE 0 END),
+  SUM(CASE WHEN be.event_type = 'rage_click' THEN 1 ELSE 0 END),
+  SUM(CASE WHEN be.event_type = 'hesitation' THEN 1 ELSE 0 END),
+  AVG(CASE WHEN jsonb_typeof(be.event_data->'hesitation_ms') = 'number'
+      THEN (be.event_data->>'hesitation_ms')::numeric END),
+  COUNT(DISTINCT cf.session_id),
+  MIN(be."timestamp"), MAX(be."timestamp")
+FROM unnest($1::uuid[], $2::date[]) g(shop_id, day)
+JOIN behavior_events be ON be.shop_id = g.shop_id
+  AND be."timestamp" >= (g.day::timestamp AT TIME ZONE 'UTC')
+  AND be."timestamp" < ((g.day + 1)::timestamp AT TIME ZONE 'UTC')
+LEFT JOIN (SELECT DISTINCT shop_id, session_id FROM conversion_funnels
+           WHERE funnel_name = 'lead_capture') cf
+  ON cf.shop_id = be.shop_id AND cf.session_id = be.session_id
+WHERE be.component_id IS NOT NULL
+  AND be."timestamp" >= (SELECT retention_start('behavior_events'))
+GROUP BY be.shop_id, g.day, be.component_id, be.page_url;
+
+-- name: rollup_daily_prune
+-- Days past behavior_events' retention, or past a shop's data_retention_days.
+WITH gone AS (
+  DELETE FROM daily_friction_summary d
+  WHERE d.date < (retention_start('behavior_events') AT TIME ZONE 'UTC')::date
+     OR d.date < (SELECT (now() AT TIME ZONE 'UTC')::date
+                         - floor((s.settings->>'data_retention_days')::numeric)::int
+                  FROM shops s WHERE s.id = d.shop_id
+                    AND jsonb_typeof(s.settings->'data_retention_days') = 'number')
+  RETURNING 1
+), gone2 AS (
+  DELETE FROM component_performance c
+  WHERE c.date < (retention_start('behavior_events') AT TIME ZONE 'UTC')::date
+     OR c.date < (SELECT (now() AT TIME ZONE 'UTC')::date
+                         - floor((s.settings->>'data_retention_days')::numeric)::int
+                  FROM shops s WHERE s.id = c.shop_id
+                    AND jsonb_typeof(s.settings->'data_retention_days') = 'number')
+  RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM gone2);
+
+-- name: rollup_experiment_groups
+-- (shop, experiment) groups of storefront events received in ($1, $2].
+SELECT shop_id, experiment_id AS key
+FROM events
+WHERE received_at > $1 AND received_at <= $2
+  AND experiment_id IS NOT NULL AND variant IS NOT NULL
+GROUP BY 1, 2;
+
+-- name: rollup_results_delete
+DELETE FROM results_aggregates r USING unnest($1::uuid[], $2::text[]) g(shop_id, experiment_id)
+WHERE r.shop_id = g.shop_id AND r.experiment_id = g.experiment_id;
+
+-- name: rollup_results_delete_all
+DELETE FROM results_aggregates;
+
+-- name: rollup_results_insert
+-- 004's results_aggregates over the events tagged with the experiment (exposures and
+-- the outcome events that carry it for attribution). A visitor (anon_id) counts once
+-- per variant and segment however many events it has; the segment is the session's
+-- device type. Revenue: a purchase's props.value when it is a number or a decimal text.
+INSERT INTO results_aggregates (shop_id, experiment_id, variant, segment, visitors, views,
+  add_to_cart, begin_checkout, purchase, revenue)
+SELECT e.shop_id, e.experiment_id, e.variant, coalesce(us.device_type, 'unknown'),
+  COUNT(DISTINCT e.anon_id),
+  COUNT(*) FILTER (WHERE e.event_type IN ('page_view', 'product_view')),
+  COUNT(*) FILTER (WHERE e.event_type = 'add_to_cart'),
+  COUNT(*) FILTER (WHERE e.event_type = 'begin_checkout'),
+  COUNT(*) FILTER (WHERE e.event_type = 'purchase'),
+  coalesce(SUM(CASE WHEN e.event_type = 'purchase'
+                     AND (e.props->>'value') ~ '^-?[0-9]{1,11}(\.[0-9]+)?$'
+                    THEN (e.props->>'value')::numeric END), 0)
+FROM unnest($1::uuid[], $2::text[]) g(shop_id, experiment_id)
+JOIN events e ON e.shop_id = g.shop_id AND e.experiment_id = g.experiment_id
+LEFT JOIN user_sessions us ON us.shop_id = e.shop_id AND us.session_id = e.session_id
+WHERE e.variant IS NOT NULL AND e.ts >= (SELECT retention_start('events'))
+GROUP BY e.shop_id, e.experiment_id, e.variant, coalesce(us.device_type, 'unknown');

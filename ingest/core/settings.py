@@ -284,6 +284,20 @@ class Settings(BaseSettings):
     batch_max_age_ms: int = Field(default=200, ge=1)
 
     maintenance_interval_s: float = Field(default=3600.0, gt=0)
+    rollup_interval_s: float = Field(
+        default=300.0, gt=0, description="how often `up` refreshes the rollup tables"
+    )
+    rollup_margin_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="a refresh takes rows received up to now minus this: a loader's "
+        "transaction in flight commits within it",
+    )
+    rollup_max_lag_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="`rollups status` exits 1 when a rollup's watermark is older than this",
+    )
     archive_dir: Path | None = Field(
         default=None,
         description="where archive-mode retention writes partition archives when the policy "

@@ -117,7 +117,8 @@ CREATE TABLE results_aggregates (
 -- the watermark is in it.
 CREATE TABLE rollup_state (
   rollup            TEXT PRIMARY KEY,
-  watermark         TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+  -- not -infinity: drivers decode it as a naive datetime
+  watermark         TIMESTAMPTZ NOT NULL DEFAULT '1970-01-01 00:00:00+00',
   last_refresh_at   TIMESTAMPTZ,
   last_full_at      TIMESTAMPTZ,
   last_groups       BIGINT NOT NULL DEFAULT 0,
