@@ -357,7 +357,11 @@ class Loader(Service):
         if not tps:
             return
         try:
-            end = await self.consumer.end_offsets(tps)
+            # Bounded: this loop also retries positioning, which must not wait on
+            # a broker that doesn't answer (aiokafka would wait its request timeout).
+            end = await asyncio.wait_for(
+                self.consumer.end_offsets(tps), max(self.settings.loader_lag_refresh_s, 1.0)
+            )
         except Exception as exc:  # the broker away: the last figures stay
             log.debug("cannot tell the lag of positioned partitions", error=str(exc))
             return

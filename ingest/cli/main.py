@@ -20,6 +20,7 @@ from ingest.cli import bench as bench_cli
 from ingest.cli import deadletters as dead_letters_cli
 from ingest.cli import keys as keys_cli
 from ingest.cli import partitions as partitions_cli
+from ingest.cli import rollups as rollups_cli
 from ingest.cli import shops as shops_cli
 from ingest.cli import spool as spool_cli
 from ingest.collector.server import run_collector, run_collector_workers
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(func=migrate_command)
 
     partitions_cli.add_parser(sub, common)
+    rollups_cli.add_parser(sub, common)
     dead_letters_cli.add_parser(sub, common)
     keys_cli.add_parser(sub, common)
     analysts_cli.add_parser(sub, common)
