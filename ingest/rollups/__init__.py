@@ -4,7 +4,7 @@
 events since a rollup's watermark; ``status`` reports each rollup's watermark and lag.
 """
 
-from ingest.rollups.refresh import (
+from ingest.rollups.incremental import (
     ROLLUPS,
     RefreshResult,
     RollupStatus,

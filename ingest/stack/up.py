@@ -33,6 +33,7 @@ from ingest.core.shops import ensure_shop
 from ingest.core.supervisor import Child, Supervisor
 from ingest.core.topics import cluster_id, ensure_topics
 from ingest.partitions import PartitionManager
+from ingest.rollups import refresh as refresh_rollups
 from ingest.stack.broker import EmbeddedBroker
 from ingest.stack.postgres import EmbeddedPostgres
 
@@ -134,6 +135,16 @@ async def _maintenance(manager: PartitionManager, interval: float) -> None:
             log.error("partition maintenance failed", error=str(exc))
 
 
+async def _rollups(db: Database, settings: Settings) -> None:
+    """Refresh the analysis tables every ``rollup_interval_s`` (incremental: cheap)."""
+    while True:
+        await asyncio.sleep(settings.rollup_interval_s)
+        try:
+            await refresh_rollups(db, margin_s=settings.rollup_margin_s)
+        except Exception as exc:  # keep the timer alive; the next run retries
+            log.error("rollup refresh failed", error=str(exc))
+
+
 async def run_up(settings: Settings, stop: asyncio.Event, console: Console) -> int:
     """Run the stack until ``stop`` is set; returns the exit code.
 
@@ -226,6 +237,8 @@ async def _run_up(settings: Settings, stop: asyncio.Event, console: Console) -> 
             await _wait_loaders(db, log_id, topics, settings.topic_partitions, supervisor)
             timer = asyncio.create_task(_maintenance(manager, settings.maintenance_interval_s))
             stack.callback(timer.cancel)
+            rollups = asyncio.create_task(_rollups(db, settings))
+            stack.callback(rollups.cancel)
             if not settings.kafka_bootstrap:
                 keeper = asyncio.create_task(_keep_broker(broker, settings))
                 stack.callback(keeper.cancel)

@@ -169,7 +169,7 @@ async def refresh_one(
     result = RefreshResult(
         rollup.name, full, dry_run, len(groups), rows, since, upto, time.perf_counter() - started
     )
-    log.info("rollup refreshed", **result.as_dict())
+    log.debug("rollup refreshed", **result.as_dict())  # the CLI prints its own summary
     return result
 
 
@@ -192,7 +192,7 @@ async def refresh(
     if not dry_run:
         pruned = await queries.fetchval(db.pool, "rollup_daily_prune")
         if pruned:
-            log.info("rollup rows past retention removed", rows=pruned)
+            log.debug("rollup rows past retention removed", rows=pruned)
     return results
 
 
