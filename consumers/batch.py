@@ -8,6 +8,7 @@ each bad event with its reason.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from aiokafka import ConsumerRecord, TopicPartition
 from consumers.copy_writer import Decoded, Rejected
 from consumers.rows import RecordRejected, TableSpec
 from consumers.values import PgTime
+from ingest.core import metrics
+from ingest.core.suppression import Suppression
 
 
 @dataclass
@@ -41,8 +44,10 @@ class Batch:
         records: list[ConsumerRecord[bytes, bytes]],
         spec: TableSpec,
         epoch: int = 0,
+        suppression: Suppression | None = None,
     ) -> None:
-        """Decode ``records`` of ``tp``, read in seek ``epoch``, into the batch."""
+        """Decode ``records`` of ``tp``, read in seek ``epoch``, into the batch, without
+        the events of erased visitors (``suppression``)."""
         if self.epochs.setdefault(tp, epoch) != epoch:
             # ``tp`` was positioned again since its first records here were read:
             # those are stale, and read again from the new position.
@@ -53,9 +58,22 @@ class Batch:
         decode, decode_copy = spec.decode, spec.decode_copy
         topic, partition = tp.topic, tp.partition
         times: list[PgTime] = []
+        # Nothing per record unless some visitor is erased: then a substring test of
+        # the suppressed shops' ids, and a decode only of records naming one.
+        suppress = suppression if suppression is not None and suppression.active else None
         for record in records:
             raw = record.value or b""
             offset = record.offset
+            if suppress is not None:
+                kept, dropped = suppress.filter(raw)
+                if dropped:
+                    metrics.EVENTS_SUPPRESSED.labels(spec.table).inc(dropped)
+                    if kept is None:  # nothing left: a record of no rows, its offset passed
+                        out.append(Decoded(topic, partition, offset, raw, False, [], []))
+                        self.count += 1
+                        continue
+                    record = _replaced(record, kept)
+                    raw = kept
             self.size += len(raw)
             encoded = decode_copy(record.value)
             if encoded is not None:
@@ -106,6 +124,11 @@ class Batch:
                 return True
             del self.records[tp]
         return False
+
+
+def _replaced(record: ConsumerRecord[bytes, bytes], value: bytes) -> ConsumerRecord[bytes, bytes]:
+    """``record`` with ``value`` instead of its own (events of erased visitors left out)."""
+    return dataclasses.replace(record, value=value, serialized_value_size=len(value))
 
 
 def _one_by_one(

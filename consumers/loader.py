@@ -46,6 +46,7 @@ from ingest.core.db import Database, inline, queries
 from ingest.core.errors import OutsideRetentionWindow
 from ingest.core.service import Service
 from ingest.core.settings import Settings
+from ingest.core.suppression import Suppression
 from ingest.core.topics import cluster_id
 from ingest.partitions import PartitionManager, month_start
 
@@ -143,6 +144,7 @@ class Loader(Service):
         self._conn: asyncpg.Connection | None = None
         self._retired: deque[Batch] = deque()  # written batches the reader frees piecemeal
         self._reader_waits: Callable[[], None] | None = None  # lets it read the next batch
+        self.suppression = Suppression()  # erased visitors, whose events are dropped
 
     async def start(self) -> None:
         """Join the consumer group and start loading in the background.
@@ -152,6 +154,8 @@ class Loader(Service):
         """
         metrics.init_loader(self.spec.table, self.topic)
         self.role = await self.db.role_for(self.settings.loader_role, copies=True)
+        await self.suppression.load(self.db.pool)
+        self.suppression.start_refresh(self.db.pool, self.settings.suppression_refresh_s)
         connected = await self._connect()
         self._task = asyncio.create_task(self._main(connected), name=f"loader-{self.spec.stream}")
         log.info("loader started", stream=self.spec.stream, topic=self.topic, group=self.group)
@@ -228,6 +232,7 @@ class Loader(Service):
             return
         self._stopped = True
         self._stopping.set()
+        self.suppression.stop()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -495,7 +500,9 @@ class Loader(Service):
             step = max(1, int(_DECODE_SLICE / self._per_record))
             for tp, records in got.items():
                 for i in range(0, len(records), step):
-                    batch.add(tp, records[i : i + step], self.spec, epochs.get(tp, 0))
+                    batch.add(
+                        tp, records[i : i + step], self.spec, epochs.get(tp, 0), self.suppression
+                    )
                     self._free_retired(_DECODE_SLICE)
                     await asyncio.sleep(0)
             if not got:

@@ -535,3 +535,116 @@ JOIN events e ON e.shop_id = g.shop_id AND e.experiment_id = g.experiment_id
 LEFT JOIN user_sessions us ON us.shop_id = e.shop_id AND us.session_id = e.session_id
 WHERE e.variant IS NOT NULL AND e.ts >= (SELECT retention_start('events'))
 GROUP BY e.shop_id, e.experiment_id, e.variant, coalesce(us.device_type, 'unknown');
+
+-- name: erase_shop
+-- `eventpipe erase`: the shop of a domain.
+SELECT id FROM shops WHERE domain = $1;
+
+-- name: erase_tables
+-- `eventpipe erase`: every table of the schema holding a visitor's rows (a shop_id and an
+-- anon_id, session_id or user_id column): the event tables, sessions, identities and
+-- rollups alike, whichever migrations made them. Partitions are reached through their
+-- parent (erase_leaves). The erasure's own bookkeeping is never a target.
+SELECT c.relname AS table_name, c.relkind = 'p' AS partitioned,
+       array_agg(a.attname::text ORDER BY a.attname) FILTER (
+         WHERE a.attname IN ('anon_id', 'session_id', 'user_id')) AS id_columns,
+       array_agg(a.attname::text) FILTER (WHERE a.attname IN ('props', 'metadata')
+         AND a.atttypid = 'jsonb'::regtype) AS json_columns
+FROM pg_class c
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relnamespace = current_schema()::regnamespace
+  AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND c.relname NOT LIKE 'erasure\_%'
+GROUP BY c.oid, c.relname, c.relkind
+HAVING bool_or(a.attname = 'shop_id')
+   AND bool_or(a.attname IN ('anon_id', 'session_id', 'user_id'))
+ORDER BY c.relname;
+
+-- name: erase_leaves
+-- The leaf partitions of partitioned table $1, attached now.
+SELECT c.relname AS name
+FROM pg_partition_tree($1::regclass) t JOIN pg_class c ON c.oid = t.relid
+WHERE t.isleaf AND c.relkind = 'r'
+ORDER BY c.relname;
+
+-- name: erase_sessions_of_anon
+-- The sessions of anonymous ids $2 of shop $1 (their behavior events carry no anon_id).
+SELECT DISTINCT session_id FROM events WHERE shop_id = $1 AND anon_id = ANY($2::text[]);
+
+-- name: erase_previous
+-- Earlier finished requests of shop $1 that named one of the same ids (HMACs $2).
+SELECT id FROM erasure_requests
+WHERE shop_id = $1 AND id_hashes && $2::bytea[] AND finished_at IS NOT NULL
+ORDER BY id;
+
+-- name: erase_record_request
+-- The request, before anything is deleted (who and when are set by its trigger).
+INSERT INTO erasure_requests (shop_id, shop_domain, id_kinds, id_hashes)
+VALUES ($1, $2, $3::text[], $4::bytea[])
+RETURNING id;
+
+-- name: erase_suppress
+-- The loaders drop events of these (shop, HMAC) from now on.
+INSERT INTO erasure_suppressions (shop_id, id_hash, request_id)
+SELECT $1, h, $3 FROM unnest($2::bytea[]) AS h
+ON CONFLICT DO NOTHING;
+
+-- name: erase_finish
+UPDATE erasure_requests SET rows_removed = $2::jsonb, finished_at = now() WHERE id = $1;
+
+-- name: erase_status
+-- `eventpipe erase status`: the latest $1 requests (no ids: they are not kept).
+SELECT id, requested_by, requested_at, shop_domain, id_kinds, rows_removed, finished_at
+FROM erasure_requests ORDER BY id DESC LIMIT $1;
+
+-- name: erase_salt
+SELECT erasure_salt();
+
+-- name: erase_dead_letter_span
+SELECT coalesce(min(id), 0) AS low, coalesce(max(id), -1) AS high FROM dead_letters;
+
+-- name: erase_dead_letters
+-- One window of dead letters (ids $5 <= id < $6): each record decoded (not a text
+-- search: eventpipe_try_jsonb, NULL when not UTF-8 JSON), each of its events matched on
+-- its shop ($1, text) and ids ($2 anon_ids, $3 session_ids, $4 user_ids). A record of the
+-- visitor alone is deleted; a batch holding others' events too keeps theirs only.
+-- $7: dry run (count, change nothing).
+WITH decoded AS (
+  SELECT id, j FROM (
+    SELECT id, eventpipe_try_jsonb(raw) AS j FROM dead_letters WHERE id >= $5 AND id < $6
+  ) s WHERE j IS NOT NULL
+), matched AS (
+  SELECT d.id, jsonb_typeof(d.j) = 'array' AS batched,
+         coalesce(jsonb_agg(x.e) FILTER (WHERE NOT x.hit), '[]'::jsonb) AS kept,
+         bool_or(x.hit) AS any_hit
+  FROM decoded d,
+       LATERAL (
+         SELECT e, coalesce(e ->> 'shop_id' = $1::text AND (
+                  e ->> 'anon_id' = ANY($2::text[])
+                  OR e ->> 'session_id' = ANY($3::text[])
+                  OR e ->> 'user_id' = ANY($4::text[])
+                  OR e -> 'props' ->> '$user_id' = ANY($4::text[])
+                  OR e -> 'metadata' ->> 'user_id' = ANY($4::text[])), false) AS hit
+         FROM jsonb_array_elements(
+           CASE jsonb_typeof(d.j) WHEN 'array' THEN d.j ELSE jsonb_build_array(d.j) END) AS e
+       ) x
+  GROUP BY d.id, d.j
+), removed AS (
+  DELETE FROM dead_letters t USING matched m
+  WHERE NOT $7::bool AND t.id = m.id AND m.any_hit
+    AND (NOT m.batched OR jsonb_array_length(m.kept) = 0)
+  RETURNING t.id
+), trimmed AS (
+  UPDATE dead_letters t SET raw = convert_to(m.kept::text, 'UTF8')
+  FROM matched m
+  WHERE NOT $7::bool AND t.id = m.id AND m.any_hit AND m.batched
+    AND jsonb_array_length(m.kept) > 0
+  RETURNING t.id
+)
+SELECT (SELECT count(*) FROM matched WHERE any_hit) AS matched,
+       (SELECT count(*) FROM removed) AS removed,
+       (SELECT count(*) FROM trimmed) AS trimmed;
+
+-- name: suppression_list
+-- The loaders' suppression list: (shop, HMAC of kind and id) of erased visitors.
+SELECT shop_id::text AS shop_id, id_hash FROM erasure_suppressions;

@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "ingest.rollups": {"ingest.core"},
     "consumers": {"ingest.core", "ingest.partitions"},
     "ingest.privacy": {"ingest.core", "ingest.partitions"},
+    "ingest.privacy": {"ingest.core", "ingest.partitions"},
     "ingest.cli": {"*"},
 }
 PUBLIC_ONLY = {

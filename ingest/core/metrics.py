@@ -101,6 +101,11 @@ CONSUMER_LAG = Gauge(
 DEAD_LETTERS = Counter(
     "eventpipe_dead_letters_total", "Records set aside in dead_letters", ["table", "reason"]
 )
+EVENTS_SUPPRESSED = Counter(
+    "eventpipe_events_suppressed_total",
+    "Events of erased visitors a loader dropped (erasure_suppressions; not dead letters)",
+    ["table"],
+)
 # Every reason a loader gives a dead letter (consumers.rows, copy_writer, loader).
 DEAD_LETTER_REASONS = ("decode_error", "invalid_record", "outside_window", "rejected_by_postgres")
 PARTITIONS_UNPOSITIONED = Gauge(
@@ -207,6 +212,7 @@ def init_loader(table: str, topic: str) -> None:
     for reason in PARTITION_REFUSAL_REASONS:
         PARTITION_REFUSED_MONTHS.labels(table, reason)
     ROWS_LOADED.labels(table)
+    EVENTS_SUPPRESSED.labels(table)
     BATCH_ROWS.labels(table)
     COPY_LATENCY.labels(table)
     PARTITIONS_UNPOSITIONED.labels(topic).set(0)

@@ -322,6 +322,16 @@ class Settings(BaseSettings):
         ge=1,
         description="rows per DELETE batch when enforcing a shop's shorter data_retention_days",
     )
+    erase_batch_rows: int = Field(
+        default=2000,
+        ge=1,
+        description="rows per DELETE batch (and per partition) of `eventpipe erase`",
+    )
+    suppression_refresh_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how often a loader re-reads the erased visitors it drops (erasure_suppressions)",
+    )
 
     @property
     def archive_path(self) -> Path:

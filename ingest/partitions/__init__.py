@@ -4,7 +4,13 @@ exports, never its modules: ``months`` (month math, names, bounds), ``model``
 (policies, partitions, actions, reports), ``ddl`` (all partition SQL text),
 ``manager`` (the orchestration), ``archive`` (archive files)."""
 
-from ingest.partitions.ddl import detach_statement
+from ingest.partitions.ddl import (
+    detach_statement,
+    lock_timeout,
+    visitor_count,
+    visitor_delete,
+    visitor_match,
+)
 from ingest.partitions.manager import PartitionManager
 from ingest.partitions.model import MODES, MaintenanceReport, Policy, StatusReport
 from ingest.partitions.months import (
@@ -25,8 +31,12 @@ __all__ = [
     "add_months",
     "bound_month",
     "detach_statement",
+    "lock_timeout",
     "month_bound",
     "month_start",
     "partition_name",
     "shift_months",
+    "visitor_count",
+    "visitor_delete",
+    "visitor_match",
 ]

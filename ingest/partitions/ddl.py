@@ -218,3 +218,41 @@ def rows_before(child: str, column: str) -> str:
 def count_capped(name: str, cap: int) -> str:
     """Rows of table ``name``, counted up to ``cap`` (status of a default partition)."""
     return f"SELECT count(*) FROM (SELECT 1 FROM {ident(name)} LIMIT {int(cap)}) s"
+
+
+# -- erasure of a visitor (ingest.privacy) --------------------------------------------------------
+
+
+def visitor_match(matches: Sequence[tuple[str, str | None]]) -> str:
+    """The condition matching a visitor's ids: ``$1`` is the shop (uuid); match ``i`` is
+    ``column = ANY($n)`` (a text[] of ids), or ``column ->> $n = ANY($n+1)`` when it
+    names a JSON key (the key a parameter too). Parameters are numbered in order."""
+    parts: list[str] = []
+    n = 2
+    for column, key in matches:
+        c = ident(column)
+        if key is None:
+            parts.append(f"{c} = ANY(${int(n)}::text[])")
+            n += 1
+        else:
+            parts.append(f"{c} ->> ${int(n)}::text = ANY(${int(n + 1)}::text[])")
+            n += 2
+    if not parts:
+        raise PartitionError("no column to match a visitor on")
+    joined = " OR ".join(parts)
+    return f"shop_id = $1::uuid AND ({joined})"
+
+
+def visitor_delete(table: str, match: str, batch_rows: int) -> str:
+    """One bounded batch deleting the rows of ``table`` (a plain table or a leaf
+    partition: ctids are per table) that ``match`` (``visitor_match``) selects."""
+    t = ident(table)
+    return (
+        f"DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {match} "
+        f"LIMIT {int(batch_rows)}))"
+    )
+
+
+def visitor_count(table: str, match: str) -> str:
+    """The rows of ``table`` that ``match`` selects (an erasure's dry run)."""
+    return f"SELECT count(*) FROM {ident(table)} WHERE {match}"
