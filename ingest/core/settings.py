@@ -330,7 +330,7 @@ class Settings(BaseSettings):
     suppression_refresh_s: float = Field(
         default=10.0,
         gt=0,
-        description="how often a loader re-reads the erased visitors it drops (erasure_suppressions)",
+        description="how often a loader re-reads the erased visitors it drops",
     )
 
     @property
