@@ -117,7 +117,7 @@ class Received:
         if sent_at is not None and abs(at - sent_at) > timedelta(seconds=settings.skew_min_s):
             # Only a clock that is really off is corrected, and by whole minutes:
             # a retry of the same body seconds later must keep the same event
-            # time, or (event_id, time) deduplication would store it twice.
+            # time, or (shop, event_id, time) deduplication would store it twice.
             skew = timedelta(minutes=round((at - sent_at) / timedelta(minutes=1)))
         latest = at + timedelta(seconds=settings.max_future_skew_s)
         return cls(at, skew, latest, context, {**context, **dict.fromkeys(_SESSION_FACTS)})
@@ -144,7 +144,7 @@ class AssignedTimes:
     """Event times the collector gave to client event ids that came without one.
 
     A client that retries such an event (after a 503 or a timeout) gets the
-    same time again, so the retry deduplicates on (event_id, time) even when
+    same time again, so the retry deduplicates on (shop, event_id, time) even when
     the first attempt reached Kafka after all. Per process and bounded: a
     retry that lands on another collector process may still be stored twice.
     """
