@@ -28,7 +28,6 @@ ALLOWED: dict[str, set[str]] = {
     "ingest.rollups": {"ingest.core"},
     "consumers": {"ingest.core", "ingest.partitions"},
     "ingest.privacy": {"ingest.core", "ingest.partitions"},
-    "ingest.privacy": {"ingest.core", "ingest.partitions"},
     "ingest.cli": {"*"},
 }
 PUBLIC_ONLY = {
