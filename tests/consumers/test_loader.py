@@ -562,7 +562,9 @@ async def test_the_per_shop_key_migration_keeps_rows_grants_and_policies(
         before = await conn.fetch(policies)
         applied = await migrate(dsn, sql_dir() / "migrations")
         assert 9 in [m.version for m in applied]
-        assert await conn.fetch(policies) == before
+        # Those of the tables there before (later migrations add tables with their own).
+        tables = {p["tablename"] for p in before}
+        assert [p for p in await conn.fetch(policies) if p["tablename"] in tables] == before
         for table, time in (("behavior_events", "timestamp"), ("events", "ts")):
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == len(ids)
             keys = await conn.fetch(
