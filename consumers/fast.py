@@ -141,6 +141,16 @@ class StorefrontEvent(msgspec.Struct, kw_only=True, gc=False):
     experiment_id: str | None = None
     variant: str | None = None
     received_at: _Aware
+    user_id: str | None = None
+
+
+# Storefront records of these types build ``identities``, not rows of events
+# (``consumers.identities``): the fast decoders leave a record holding one to
+# the checked path, which the loader splits. Each is tested by a chained
+# comparison first ("$" <= type < "%": begins with "$"), the cheapest test
+# that lets an ordinary type through.
+IDENTITY_TYPES = frozenset({"$identify", "$alias", "$group"})
+_IDENTITY_BYTES = frozenset(t.encode() for t in IDENTITY_TYPES)
 
 
 # The two loops share their shape on purpose: a per-stream row builder called
@@ -151,8 +161,8 @@ def storefront_fast(events: list[StorefrontEvent]) -> Rows | None:
     for e in events:
         if e.received_at != received[0]:
             received = (e.received_at, pg_time(e.received_at))
-        props = _object_text(e.props)
-        if not (_shops.ok(e.shop_id) and props):
+        props, kind = _object_text(e.props), e.event_type
+        if not (_shops.ok(e.shop_id) and props) or ("$" <= kind < "%" and kind in IDENTITY_TYPES):
             return None
         rows.append(
             (
@@ -160,13 +170,14 @@ def storefront_fast(events: list[StorefrontEvent]) -> Rows | None:
                 e.shop_id,
                 e.anon_id,
                 e.session_id,
-                e.event_type,
+                kind,
                 pg_time(e.ts),
                 props,
                 e.product_id,
                 e.experiment_id,
                 e.variant,
                 received[1],
+                e.user_id,
             )
         )
     return rows, []
@@ -210,7 +221,9 @@ def storefront_copy(events: list[StorefrontEvent], batched: bool) -> Encoded | N
         ts = (e.ts - _PG_EPOCH) // _MICROSECOND
         times.append(ts)
         anon, kind = e.anon_id.encode(), e.event_type.encode()
-        product, experiment, variant = e.product_id, e.experiment_id, e.variant
+        if b"$" <= kind < b"%" and kind in _IDENTITY_BYTES:
+            return None
+        product, experiment, variant, user = e.product_id, e.experiment_id, e.variant, e.user_id
         null = _COPY_NULL
         out.append(
             b"".join(
@@ -233,6 +246,7 @@ def storefront_copy(events: list[StorefrontEvent], batched: bool) -> Encoded | N
                     null if experiment is None else _LENGTHS[len(x := experiment.encode())] + x,
                     null if variant is None else _LENGTHS[len(v := variant.encode())] + v,
                     received_field,
+                    null if user is None else _LENGTHS[len(u := user.encode())] + u,
                 )
             )
         )

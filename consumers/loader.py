@@ -35,12 +35,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from consumers import dead_letters, sessions
+from consumers import dead_letters, identities, sessions
 from consumers.batch import Batch
 from consumers.copy_writer import CopyWriter, Decoded, NeedsCare, Rejected, Written
 from consumers.offsets import Fenced, OffsetStore, is_fenced
 from consumers.rows import TableSpec
-from consumers.values import as_datetime, use_datetimes, use_pg_times
+from consumers.values import Row, as_datetime, use_datetimes, use_pg_times
 from ingest.core import metrics
 from ingest.core.db import Database, inline, queries
 from ingest.core.errors import OutsideRetentionWindow
@@ -645,9 +645,14 @@ class Loader(Service):
     ) -> Written:
         """A batch's rows, the sessions they touch and its dead letters, in the
         caller's transaction."""
+        found: list[Row] = []
+        if self.spec.keeps_identities:  # identify/alias/group: identities, not rows
+            decoded, found = identities.split(decoded)
         written = await self.writer.write(conn, decoded, careful=careful)
         if self.spec.keeps_sessions:
             await sessions.upsert(conn, written.rows, written.contexts)
+        if found:
+            await identities.upsert(conn, found)
         await dead_letters.record(conn, self.group, rejected + written.rejected, self.log_ids)
         return written
 

@@ -135,6 +135,8 @@ class TableSpec:
     time_column: str = field(init=False)
     columns: tuple[str, ...] = field(init=False)
     keeps_sessions: bool = field(init=False)  # whether the loader folds rows into user_sessions
+    # Whether identify/alias/group records build identities (consumers.identities).
+    keeps_identities: bool = field(init=False)
     convert: Callable[[dict[str, Any]], Row] = field(init=False)  # the checked decoder
 
     def __post_init__(self) -> None:
@@ -145,6 +147,7 @@ class TableSpec:
             ("time_column", contract.time_column),
             ("columns", contract.column_names),
             ("keeps_sessions", contract.keeps_sessions),
+            ("keeps_identities", contract is streams.STOREFRONT),
             ("convert", checked_decoder(contract)),
         ):
             object.__setattr__(self, name, value)

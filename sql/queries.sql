@@ -374,6 +374,41 @@ INSERT INTO partition_restores (table_name, partition_name, month, file, sha256,
 VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id;
 
+-- name: upsert_identities
+-- One row per (shop, anonymous id) of a batch's identify/alias/group messages,
+-- folded in time order (consumers.identities), merged with the stored row by
+-- whether the batch is newer than its last seen: the newer side's user id,
+-- group and trait values win, the older side fills what the newer lacks.
+INSERT INTO identities AS i (
+  shop_id, anon_id, user_id, traits, group_id, group_traits, first_seen_at, last_seen_at
+)
+SELECT u.shop_id, u.anon_id, u.user_id, u.traits::jsonb, u.group_id, u.group_traits::jsonb,
+       u.first_seen_at, u.last_seen_at
+FROM unnest(
+  $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+  $7::timestamptz[], $8::timestamptz[]
+) AS u(shop_id, anon_id, user_id, traits, group_id, group_traits, first_seen_at, last_seen_at)
+ON CONFLICT (shop_id, anon_id) DO UPDATE SET
+  user_id = CASE WHEN EXCLUDED.last_seen_at >= i.last_seen_at
+                 THEN COALESCE(EXCLUDED.user_id, i.user_id)
+                 ELSE COALESCE(i.user_id, EXCLUDED.user_id) END,
+  traits = CASE WHEN EXCLUDED.last_seen_at >= i.last_seen_at
+                THEN i.traits || EXCLUDED.traits ELSE EXCLUDED.traits || i.traits END,
+  group_id = CASE WHEN EXCLUDED.last_seen_at >= i.last_seen_at
+                  THEN COALESCE(EXCLUDED.group_id, i.group_id)
+                  ELSE COALESCE(i.group_id, EXCLUDED.group_id) END,
+  group_traits = CASE
+    WHEN EXCLUDED.group_id IS NULL THEN i.group_traits
+    WHEN i.group_id IS NULL OR i.group_id = EXCLUDED.group_id THEN
+      CASE WHEN EXCLUDED.last_seen_at >= i.last_seen_at
+           THEN i.group_traits || EXCLUDED.group_traits
+           ELSE EXCLUDED.group_traits || i.group_traits END
+    WHEN EXCLUDED.last_seen_at >= i.last_seen_at THEN EXCLUDED.group_traits
+    ELSE i.group_traits END,
+  first_seen_at = LEAST(i.first_seen_at, EXCLUDED.first_seen_at),
+  last_seen_at = GREATEST(i.last_seen_at, EXCLUDED.last_seen_at),
+  updated_at = now();
+
 -- Rollups (issue 24, ingest/rollups): incremental refresh of the analysis tables.
 -- Days are UTC days of the event time. Every group is recomputed whole from its
 -- source rows (DELETE + INSERT in the refresh's transaction), so a late event of an

@@ -95,6 +95,7 @@ def storefront(**fields: Any) -> dict[str, Any]:
         "experiment_id": None,
         "variant": None,
         "received_at": NOW,
+        "user_id": "user-1",
     }
     return {**event, **fields}
 

@@ -205,6 +205,15 @@ async def _two_shops_rows(db: Database, table: str) -> dict[uuid.UUID, set[str]]
                     now,
                 )
                 keys.add(f"s{n}-{shop}")
+            elif table == "identities":
+                await db.pool.execute(
+                    "INSERT INTO identities (shop_id, anon_id, user_id, first_seen_at, "
+                    "last_seen_at) VALUES ($1, $2, 'u', $3, $3)",
+                    shop,
+                    f"a{n}-{shop}",
+                    now,
+                )
+                keys.add(f"a{n}-{shop}")
             elif table in _ROLLUP_ROWS:
                 key = f"{table}-{n}-{shop}"
                 await db.pool.execute(_ROLLUP_ROWS[table], shop, key, now)
@@ -263,6 +272,7 @@ _ANALYST_READS = {  # table -> the query of its keys an analyst runs
     "behavior_events": "SELECT event_id::text FROM behavior_events WHERE shop_id = ANY($1)",
     "events": "SELECT event_id::text FROM events WHERE shop_id = ANY($1)",
     "user_sessions": "SELECT session_id FROM user_sessions WHERE shop_id = ANY($1)",
+    "identities": "SELECT anon_id FROM identities WHERE shop_id = ANY($1)",
     "shops": "SELECT id::text FROM shops WHERE id = ANY($1)",
     "daily_friction_summary": (
         "SELECT element_path FROM daily_friction_summary WHERE shop_id = ANY($1)"

@@ -92,6 +92,7 @@ class StorefrontEvent(_Event):
     product_id: Annotated[str, Field(max_length=256)] | None = None
     experiment_id: Annotated[str, Field(max_length=256)] | None = None
     variant: Annotated[str, Field(max_length=256)] | None = None
+    user_id: Annotated[str, Field(max_length=256)] | None = None  # a known user's id
 
     def event_time(self) -> datetime | None:
         """The client's event time, if it sent one."""

@@ -59,7 +59,15 @@ STREAM = streams.STOREFRONT.name
 KIND = "segment"  # the stream label of this API's metrics
 TYPES = ("track", "page", "screen", "identify", "group", "alias")
 SHORT = {"t": "track", "p": "page", "s": "screen", "i": "identify", "g": "group", "a": "alias"}
-EVENT_TYPES = {"page": "page_view", "screen": "screen_view"}
+EVENT_TYPES = {
+    "page": "page_view",
+    "screen": "screen_view",
+    # Storefront records the loader folds into identities, not rows of events
+    # (consumers.identities reads them).
+    "identify": "$identify",
+    "alias": "$alias",
+    "group": "$group",
+}
 # Messages the events table takes; identify, group and alias build identities.
 EVENT_MESSAGES = frozenset({"track", "page", "screen"})
 
@@ -273,8 +281,6 @@ async def _deliver(
     for index, raw in enumerate(messages):
         try:
             message = _message(raw, shared, kind, settings.segment_max_message_bytes)
-            if message.type not in EVENT_MESSAGES:
-                raise _Rejected("unsupported", f"{message.type} messages are not stored yet")
             clock = None if historical else (message.sentAt or sent_at)
             if clock is not None and clock.tzinfo is None:
                 clock = clock.replace(tzinfo=UTC)
@@ -339,6 +345,10 @@ def _message(raw: Any, shared: dict[str, Any] | None, kind: str | None, max_byte
         raise _Rejected("invalid", "anonymousId or userId is required")
     if message.type == "track" and not message.event:
         raise _Rejected("invalid", "event: a track message needs its event name")
+    if message.type == "alias" and not (message.previousId and message.userId):
+        raise _Rejected("invalid", "previousId and userId: an alias links the one to the other")
+    if message.type == "group" and not message.groupId:
+        raise _Rejected("invalid", "groupId: a group message needs its group's id")
     return message
 
 
@@ -349,7 +359,10 @@ def _record(
     received: Received,
     times: Any,
 ) -> dict[str, Any]:
-    """The storefront record of a track, page or screen message."""
+    """The storefront record of a message: a track, page or screen message's event,
+    or an identify, alias or group message as the record ``consumers.identities``
+    reads (``anon_id`` the previousId for an alias, ``props.traits``, and
+    ``props.group_id`` for a group)."""
     identifier = event_id(shop, raw, message.messageId)
     client_time = message.client_time()
     assigned = None if client_time else times.time_for(shop, identifier, received.at)
@@ -357,8 +370,14 @@ def _record(
     properties = message.properties or {}
     context = message.context or {}
     anon = message.anonymousId or message.userId or ""
+    if message.type == "alias":
+        anon = message.previousId or ""
     session = _text(context.get("sessionId")) or f"{anon}/{at.astimezone(UTC).date().isoformat()}"
     props: dict[str, Any] = {**properties, "$context": context}
+    if message.type not in EVENT_MESSAGES:
+        props = {"traits": message.traits or {}, "$context": context}
+        if message.groupId:
+            props["group_id"] = message.groupId
     if message.messageId:
         props["$message_id"] = message.messageId
     if message.name:
@@ -376,6 +395,7 @@ def _record(
                 "product_id": _text(properties.get("product_id")),
                 "experiment_id": _text(properties.get("experiment_id")),
                 "variant": _text(variant if variant is not None else properties.get("variant")),
+                "user_id": message.userId,
             }
         )
         return storefront_record(event, shop, received, assigned)

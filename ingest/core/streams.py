@@ -157,6 +157,8 @@ STOREFRONT = Stream(
         Column("experiment_id", "optional_text"),
         Column("variant", "optional_text"),
         Column("received_at", "time"),
+        # Last: added by migration 0011 (ADD COLUMN appends). Segment's userId.
+        Column("user_id", "optional_text"),
     ),
     keeps_sessions=False,
 )
