@@ -44,8 +44,13 @@ async def test_loader_sigkilled_mid_batch_and_restarted(
     table = TABLES[stream]
     ids = await produce_many(settings, shop, 20_000, stream)
     proc = loader_process(settings, stream=stream)
+
+    async def started() -> bool:  # a cheap count (the shop's index), polled often
+        n = await db.pool.fetchval(f"SELECT count(*) FROM {table} WHERE shop_id = $1", shop.shop_id)
+        return bool(n >= 1500)
+
     try:
-        await wait_for(lambda: at_least(db, ids, 1500, table), timeout=60, interval=0.02)
+        await wait_for(started, timeout=60, interval=0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert await loaded(db, ids, table) < len(ids), "the loader finished before it was killed"
