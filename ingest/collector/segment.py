@@ -11,6 +11,11 @@ Jitsu's SDKs change one URL and one key to send here. What a message becomes:
   ``experiment_id`` and ``variant`` from the properties Segment's e-commerce
   and A/B specs name (``product_id``, ``experiment_id``, ``variation_id`` else
   ``variant``).
+* ``identify``, ``alias`` and ``group``: storefront records of event type
+  ``$identify``, ``$alias``, ``$group`` (``anon_id`` the previousId for an
+  alias, ``user_id`` the userId, ``props.traits``, ``props.group_id``) that the
+  loader folds into ``identities`` (``consumers.identities``), not ``events``.
+  Every record carries the ``userId`` as ``user_id``.
 * ``event_id``: a UUIDv5 of the ``messageId`` in the shop's namespace (the
   shop id), so a retried message is stored once whatever the id's format
   (analytics.js sends ``ajs-next-<ms>-<uuid>``); a message without one gets
