@@ -471,6 +471,12 @@ def to_event(
     for extra in ("$set", "$set_once"):
         if isinstance(raw.get(extra), dict):
             props[extra] = raw[extra]
+    identity = _identity(name, distinct, properties, raw)
+    if identity is not None:
+        return _model(
+            StorefrontEvent,
+            {"event_id": identifier, "session_id": session, "ts": at, **identity},
+        )
     variant = properties.get("variant")
     return _model(
         StorefrontEvent,
@@ -486,6 +492,41 @@ def to_event(
             "variant": _text(variant),
         },
     )
+
+
+def _identity(
+    name: str, distinct: str, properties: dict[str, Any], raw: dict[str, Any]
+) -> dict[str, Any] | None:
+    """PostHog's identity events as the records the loaders turn into ``identities``
+    (the shape ``ingest.collector.segment`` gives identify, alias and group), or None.
+
+    ``$identify``: the anonymous id (``$anon_distinct_id``) now known as the user
+    ``distinct_id``, traits from ``$set``/``$set_once``; ``$create_alias``: the
+    ``distinct_id`` so far now known as ``alias``. ``$groupidentify`` names a group,
+    not a visitor (posthog-python sends it as ``$<type>_<key>``): it stays an event.
+    """
+    if name == "$identify":
+        traits: dict[str, Any] = {}
+        for found in (raw.get("$set_once"), properties.get("$set"), raw.get("$set")):
+            if isinstance(found, dict):  # later ones win, as PostHog applies them
+                traits.update(found)
+        anon = _text(properties.get("$anon_distinct_id")) or distinct
+        return {
+            "event_type": "$identify",
+            "anon_id": anon,
+            "user_id": _text(distinct),
+            "props": {"traits": traits},
+        }
+    if name == "$create_alias" and _text(properties.get("alias")):
+        # posthog-python's alias(previous_id, distinct_id) and posthog-js's alias(alias)
+        # send the id known so far as distinct_id and the id it becomes as ``alias``
+        return {
+            "event_type": "$alias",
+            "anon_id": distinct,
+            "user_id": _text(properties.get("alias")),
+            "props": {"traits": {}},
+        }
+    return None
 
 
 def _model(

@@ -248,3 +248,55 @@ async def test_the_configuration_calls_answer_a_minimal_document(collector: str)
                 assert document["config"]["enable_collect_everything"] is True
         async with http.get(collector + "/array/phc_x/config.js") as answer:
             assert "_POSTHOG_REMOTE_CONFIG" in await answer.text()
+
+
+async def test_identify_and_alias_build_identities(
+    collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """posthog-python's alias, and an $identify as posthog-js sends it, become identities."""
+    errors: list[Exception] = []
+    client = Posthog(
+        shop.write_key,
+        host=collector,
+        sync_mode=True,
+        on_error=lambda error, _: errors.append(error),
+        enable_local_evaluation=False,
+    )
+
+    def send() -> None:
+        client.capture(
+            "$identify",
+            distinct_id="user-9",
+            properties={"$anon_distinct_id": "anon-9", "$set": {"plan": "pro"}},
+        )
+        client.alias(previous_id="anon-10", distinct_id="user-9")
+        client.flush()
+
+    await asyncio.to_thread(send)
+    assert errors == []
+
+    async def identities() -> list[Any]:
+        return list(
+            await db.pool.fetch(
+                "SELECT anon_id, user_id, traits FROM identities WHERE shop_id = $1 "
+                "ORDER BY anon_id",
+                shop.shop_id,
+            )
+        )
+
+    async with _loaders(settings, db):
+        await wait_for(lambda: _count(identities, 2), timeout=30)
+    rows = await identities()
+    assert [(r["anon_id"], r["user_id"]) for r in rows] == [
+        ("anon-10", "user-9"),
+        ("anon-9", "user-9"),
+    ]
+    assert orjson.loads(rows[1]["traits"])["plan"] == "pro"
+    stored = await db.pool.fetchval(
+        "SELECT count(*) FROM events WHERE shop_id = $1 AND event_type LIKE '$%'", shop.shop_id
+    )
+    assert stored == 0  # identity messages are not events
+
+
+async def _count(fetch: Any, n: int) -> bool:
+    return len(await fetch()) >= n
