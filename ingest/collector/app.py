@@ -315,7 +315,7 @@ def _valid_events(
     for index, raw in enumerate(envelope.events):
         try:
             valid.append((index, _validated(stream, raw, max_bytes)))
-        except _EventRejected as exc:
+        except EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(stream, exc.kind).inc()
     return valid
@@ -400,26 +400,40 @@ def _encode(
     return records.pack(key, encoded, limit)
 
 
-class _EventRejected(Exception):
+class EventRejected(Exception):
+    """One event refused on its own: ``kind`` labels the metric, ``reason`` the answer
+    (the native routes and every tracker protocol use it)."""
+
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
 
 
+def validated(
+    model: type[BehaviorEvent] | type[StorefrontEvent], values: dict[str, Any]
+) -> BehaviorEvent | StorefrontEvent:
+    """``values`` as the collector's ``model`` (EventRejected with the reason otherwise):
+    how the tracker protocols turn a mapped event into what the native routes build."""
+    try:
+        return model.model_validate(values)
+    except pydantic.ValidationError as exc:
+        raise EventRejected("invalid", _reason(exc)) from exc
+
+
 def _validated(stream: str, raw: Any, max_bytes: int) -> Valid:
-    """One raw event, checked on its own; _EventRejected with the reason when it is refused."""
+    """One raw event, checked on its own; EventRejected with the reason when it is refused."""
     try:
         encoded = orjson.dumps(raw)
         if len(encoded) > max_bytes:
-            raise _EventRejected("too_large", f"event larger than max_event_bytes={max_bytes}")
+            raise EventRejected("too_large", f"event larger than max_event_bytes={max_bytes}")
         if has_nul(encoded):
-            raise _EventRejected("invalid", "text must not contain NUL (\\u0000)")
+            raise EventRejected("invalid", "text must not contain NUL (\\u0000)")
         return STREAM_MODELS[stream].model_validate(raw)
     except pydantic.ValidationError as exc:
-        raise _EventRejected("invalid", _reason(exc)) from exc
+        raise EventRejected("invalid", _reason(exc)) from exc
     except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
-        raise _EventRejected("unencodable", f"event cannot be encoded: {exc}") from exc
+        raise EventRejected("unencodable", f"event cannot be encoded: {exc}") from exc
 
 
 async def post_behavior(request: web.Request) -> web.Response:

@@ -47,7 +47,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
-import pydantic
 from aiohttp import web
 
 from ingest.collector import app as collector
@@ -64,13 +63,6 @@ REMOTE_CONFIG_PATHS = ("/array/{token}/config", "/array/{token}/config.js")
 FORM = "application/x-www-form-urlencoded"
 GZIP_MAGIC = b"\x1f\x8b"
 AUTOCAPTURE = {"click": "click", "submit": "form_submit", "change": "form_start"}
-
-
-class _Rejected(Exception):
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
 
 
 class LzError(ValueError):
@@ -389,18 +381,18 @@ def _uuid(value: str) -> uuid.UUID | None:
 def to_event(
     shop: Shop, raw: dict[str, Any], sent_at: datetime | None, received_at: datetime
 ) -> BehaviorEvent | StorefrontEvent:
-    """The collector's event of one PostHog event (``_Rejected`` when it can't be one)."""
+    """The collector's event of one PostHog event (EventRejected when it can't be one)."""
     name = raw.get("event")
     if not isinstance(name, str) or not name:
-        raise _Rejected("invalid", "event: the event name is required")
+        raise collector.EventRejected("invalid", "event: the event name is required")
     properties = raw.get("properties")
     if properties is None:
         properties = {}
     if not isinstance(properties, dict):
-        raise _Rejected("invalid", "properties must be an object")
+        raise collector.EventRejected("invalid", "properties must be an object")
     distinct = _text(raw.get("distinct_id")) or _text(properties.get("distinct_id"))
     if not distinct:
-        raise _Rejected("invalid", "distinct_id is required")
+        raise collector.EventRejected("invalid", "distinct_id is required")
     at = _time(raw.get("timestamp"))
     offset = raw.get("offset")
     if (
@@ -454,7 +446,7 @@ def to_event(
             "anon_id": distinct,
             "event": name,
         }
-        return _model(
+        return collector.validated(
             BehaviorEvent,
             {
                 "event_id": identifier,
@@ -473,12 +465,12 @@ def to_event(
             props[extra] = raw[extra]
     identity = _identity(name, distinct, properties, raw)
     if identity is not None:
-        return _model(
+        return collector.validated(
             StorefrontEvent,
             {"event_id": identifier, "session_id": session, "ts": at, **identity},
         )
     variant = properties.get("variant")
-    return _model(
+    return collector.validated(
         StorefrontEvent,
         {
             "event_id": identifier,
@@ -529,15 +521,6 @@ def _identity(
     return None
 
 
-def _model(
-    model: type[BehaviorEvent] | type[StorefrontEvent], values: dict[str, Any]
-) -> BehaviorEvent | StorefrontEvent:
-    try:
-        return model.model_validate(values)
-    except pydantic.ValidationError as exc:
-        raise _Rejected("invalid", collector._reason(exc)) from exc
-
-
 async def _shop(request: web.Request, key: str | None, shops: dict[str, Shop]) -> Shop:
     given = key or ""
     if given not in shops:
@@ -586,15 +569,15 @@ async def _accept(request: web.Request) -> web.Response:
         for index, raw in enumerate(events):
             try:
                 if not isinstance(raw, dict):
-                    raise _Rejected("invalid", "event is not a JSON object")
+                    raise collector.EventRejected("invalid", "event is not a JSON object")
                 encoded = orjson.dumps(raw)
                 if len(encoded) > settings.max_event_bytes:
-                    raise _Rejected(
+                    raise collector.EventRejected(
                         "too_large", f"event larger than max_event_bytes={settings.max_event_bytes}"
                     )
                 if has_nul(encoded):
-                    raise _Rejected("invalid", "text must not contain NUL (\\u0000)")
-            except _Rejected as exc:
+                    raise collector.EventRejected("invalid", "text must not contain NUL (\\u0000)")
+            except collector.EventRejected as exc:
                 rejected.append({"index": index, "reason": exc.reason})
                 metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
                 continue
@@ -614,7 +597,7 @@ async def _accept(request: web.Request) -> web.Response:
             shop = shops[key or ""]
             try:
                 event = to_event(shop, raw, sent_at, received_at)
-            except _Rejected as exc:
+            except collector.EventRejected as exc:
                 rejected.append({"index": index, "reason": exc.reason})
                 metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
                 continue

@@ -138,13 +138,6 @@ class Batch(BaseModel):
     sentAt: Time = None
 
 
-class _Rejected(Exception):
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-
-
 def header_key(request: web.Request) -> str | None:
     """The write key of the headers: HTTP Basic's user name, else ``X-Write-Key``
     (Jitsu's ``key:secret`` form read as its key)."""
@@ -294,7 +287,7 @@ async def _deliver(
                 received = Received.of(request, settings, clock, received_at)
                 receipts[clock] = received
             record = _record(shop, raw, message, received, times)
-        except _Rejected as exc:
+        except collector.EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
@@ -327,15 +320,17 @@ async def _deliver(
 def _message(raw: Any, shared: dict[str, Any] | None, kind: str | None, max_bytes: int) -> Message:
     """One raw message checked on its own (the batch's context merged in)."""
     if not isinstance(raw, dict):
-        raise _Rejected("invalid", "message is not a JSON object")
+        raise collector.EventRejected("invalid", "message is not a JSON object")
     try:
         encoded = orjson.dumps(raw)
     except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
-        raise _Rejected("unencodable", f"message cannot be encoded: {exc}") from exc
+        raise collector.EventRejected("unencodable", f"message cannot be encoded: {exc}") from exc
     if len(encoded) > max_bytes:
-        raise _Rejected("too_large", f"message larger than segment_max_message_bytes={max_bytes}")
+        raise collector.EventRejected(
+            "too_large", f"message larger than segment_max_message_bytes={max_bytes}"
+        )
     if has_nul(encoded):
-        raise _Rejected("invalid", "text must not contain NUL (\\u0000)")
+        raise collector.EventRejected("invalid", "text must not contain NUL (\\u0000)")
     fields = dict(raw)
     if kind is not None:
         fields["type"] = kind  # the route names it
@@ -345,15 +340,17 @@ def _message(raw: Any, shared: dict[str, Any] | None, kind: str | None, max_byte
     try:
         message = Message.model_validate(fields)
     except pydantic.ValidationError as exc:
-        raise _Rejected("invalid", collector._reason(exc)) from exc
+        raise collector.EventRejected("invalid", collector._reason(exc)) from exc
     if message.anonymousId is None and message.userId is None:
-        raise _Rejected("invalid", "anonymousId or userId is required")
+        raise collector.EventRejected("invalid", "anonymousId or userId is required")
     if message.type == "track" and not message.event:
-        raise _Rejected("invalid", "event: a track message needs its event name")
+        raise collector.EventRejected("invalid", "event: a track message needs its event name")
     if message.type == "alias" and not (message.previousId and message.userId):
-        raise _Rejected("invalid", "previousId and userId: an alias links the one to the other")
+        raise collector.EventRejected(
+            "invalid", "previousId and userId: an alias links the one to the other"
+        )
     if message.type == "group" and not message.groupId:
-        raise _Rejected("invalid", "groupId: a group message needs its group's id")
+        raise collector.EventRejected("invalid", "groupId: a group message needs its group's id")
     return message
 
 
@@ -405,9 +402,9 @@ def _record(
         )
         return storefront_record(event, shop, received, assigned)
     except pydantic.ValidationError as exc:
-        raise _Rejected("invalid", collector._reason(exc)) from exc
+        raise collector.EventRejected("invalid", collector._reason(exc)) from exc
     except (OverflowError, ValueError) as exc:
-        raise _Rejected("unencodable", f"message cannot be stored: {exc}") from exc
+        raise collector.EventRejected("unencodable", f"message cannot be stored: {exc}") from exc
 
 
 def _cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:

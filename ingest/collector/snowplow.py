@@ -45,7 +45,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import pydantic
 from aiohttp import web
 
 from ingest.collector import app as collector
@@ -70,13 +69,6 @@ FORM_EVENTS = {
 }
 
 
-class _Rejected(Exception):
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-
-
 def _json_field(fields: Mapping[str, str], plain: str, encoded: str) -> Any:
     """A JSON field sent as JSON (``plain``) or base64url JSON (``encoded``); None if absent."""
     text = fields.get(plain)
@@ -86,13 +78,15 @@ def _json_field(fields: Mapping[str, str], plain: str, encoded: str) -> Any:
             coded = coded.strip().replace("-", "+").replace("_", "/")
             text = base64.b64decode(coded + "=" * (-len(coded) % 4), validate=True).decode()
         except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-            raise _Rejected("invalid", f"{encoded} is not base64 JSON") from exc
+            raise collector.EventRejected("invalid", f"{encoded} is not base64 JSON") from exc
     if text is None:
         return None
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise _Rejected("invalid", f"{plain if plain in fields else encoded} is not JSON") from exc
+        raise collector.EventRejected(
+            "invalid", f"{plain if plain in fields else encoded} is not JSON"
+        ) from exc
 
 
 def _self_describing(fields: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
@@ -100,7 +94,9 @@ def _self_describing(fields: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     envelope = _json_field(fields, "ue_pr", "ue_px")
     inner = envelope.get("data") if isinstance(envelope, dict) else None
     if not isinstance(inner, dict) or not isinstance(inner.get("schema"), str):
-        raise _Rejected("invalid", "ue_pr/ue_px: a self-describing event needs data.schema")
+        raise collector.EventRejected(
+            "invalid", "ue_pr/ue_px: a self-describing event needs data.schema"
+        )
     data = inner.get("data")
     return inner["schema"][:512], data if isinstance(data, dict) else {"value": data}
 
@@ -166,10 +162,12 @@ def _text(value: Any, limit: int = 4096) -> str | None:
 def _fields(raw: Any) -> dict[str, str]:
     """One event of a payload: an object of strings (the protocol sends every value as one)."""
     if not isinstance(raw, dict):
-        raise _Rejected("invalid", "event is not a JSON object")
+        raise collector.EventRejected("invalid", "event is not a JSON object")
     for name, value in raw.items():
         if not isinstance(value, str):
-            raise _Rejected("invalid", f"{str(name)[:50]}: every value must be a string")
+            raise collector.EventRejected(
+                "invalid", f"{str(name)[:50]}: every value must be a string"
+            )
     return raw
 
 
@@ -183,10 +181,10 @@ def event_id(shop: Shop, fields: Mapping[str, str]) -> uuid.UUID:
 
 
 def to_event(shop: Shop, fields: Mapping[str, str]) -> BehaviorEvent | StorefrontEvent:
-    """The collector's event of one tracker payload (a ``_Rejected`` when it can't be one)."""
+    """The collector's event of one tracker payload (EventRejected when it can't be one)."""
     kind = fields.get("e")
     if not kind:
-        raise _Rejected("invalid", "e: the event type is required")
+        raise collector.EventRejected("invalid", "e: the event type is required")
     at = _ms(fields.get("ttm")) or _ms(fields.get("dtm"))
     anon = fields.get("duid") or fields.get("uid") or fields.get("nuid") or fields.get("tnuid")
     anon = (anon or "anonymous")[:256]
@@ -271,7 +269,7 @@ def to_event(shop: Shop, fields: Mapping[str, str]) -> BehaviorEvent | Storefron
         return _storefront(identifier, name, anon, session, at, fields, contexts, ids, schema, data)
     if behavior is not None:
         viewport = _size(fields.get("vp"))
-        return _model(
+        return collector.validated(
             BehaviorEvent,
             {
                 "event_id": identifier,
@@ -344,7 +342,7 @@ def _storefront(
     if fields.get("url"):
         props["$url"] = fields["url"][:4096]
     sku = fields.get("ti_sk") if fields.get("e") == "ti" else None
-    event = _model(
+    event = collector.validated(
         StorefrontEvent,
         {
             "event_id": identifier,
@@ -358,15 +356,6 @@ def _storefront(
     )
     assert isinstance(event, StorefrontEvent)
     return event
-
-
-def _model(
-    model: type[BehaviorEvent] | type[StorefrontEvent], values: dict[str, Any]
-) -> BehaviorEvent | StorefrontEvent:
-    try:
-        return model.model_validate(values)
-    except pydantic.ValidationError as exc:
-        raise _Rejected("invalid", collector._reason(exc)) from exc
 
 
 async def _shop(request: web.Request, aid: str | None, shops: dict[str, Shop]) -> Shop:
@@ -399,12 +388,12 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
             fields = _fields(raw)
             encoded = orjson.dumps(fields)
             if len(encoded) > settings.max_event_bytes:
-                raise _Rejected(
+                raise collector.EventRejected(
                     "too_large", f"event larger than max_event_bytes={settings.max_event_bytes}"
                 )
             if has_nul(encoded):
-                raise _Rejected("invalid", "text must not contain NUL (\\u0000)")
-        except _Rejected as exc:
+                raise collector.EventRejected("invalid", "text must not contain NUL (\\u0000)")
+        except collector.EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
@@ -418,7 +407,7 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
     for index, fields in events:
         try:
             event = to_event(shops[fields.get("aid") or ""], fields)
-        except _Rejected as exc:
+        except collector.EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
