@@ -522,18 +522,13 @@ def _identity(
 
 
 async def _shop(request: web.Request, key: str | None, shops: dict[str, Shop]) -> Shop:
-    given = key or ""
-    if given not in shops:
-        try:
-            shops[given] = await collector._authenticate(request, key)
-        except collector.Refused as exc:
-            if exc.status != 401:
-                raise
-            metrics.EVENTS_REJECTED.labels(KIND, "unauthorized").inc()
-            raise collector.Refused(
-                401, "missing or unknown project key (api_key, token or properties.token)"
-            ) from None
-    return shops[given]
+    return await snowplow.shop_for(
+        request,
+        key,
+        shops,
+        kind=KIND,
+        refusal="missing or unknown project key (api_key, token or properties.token)",
+    )
 
 
 async def _accept(request: web.Request) -> web.Response:

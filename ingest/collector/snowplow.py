@@ -358,20 +358,32 @@ def _storefront(
     return event
 
 
-async def _shop(request: web.Request, aid: str | None, shops: dict[str, Shop]) -> Shop:
-    """The shop whose write key is ``aid`` (401 otherwise), looked up once per request."""
-    key = aid or ""
-    if key not in shops:
+async def shop_for(
+    request: web.Request, key: str | None, shops: dict[str, Shop], *, kind: str, refusal: str
+) -> Shop:
+    """The shop whose write key is ``key``, looked up once per request (``shops`` holds
+    the request's lookups); an unknown key is a 401 with ``refusal``, counted for ``kind``.
+    The tracker protocols carry their key in every event, not once per request."""
+    given = key or ""
+    if given not in shops:
         try:
-            shops[key] = await collector._authenticate(request, aid)
+            shops[given] = await collector._authenticate(request, key)
         except collector.Refused as exc:
             if exc.status != 401:
                 raise
-            metrics.EVENTS_REJECTED.labels(KIND, "unauthorized").inc()
-            raise collector.Refused(
-                401, "missing or unknown app id: set the tracker's appId to a write key"
-            ) from None
-    return shops[key]
+            metrics.EVENTS_REJECTED.labels(kind, "unauthorized").inc()
+            raise collector.Refused(401, refusal) from None
+    return shops[given]
+
+
+async def _shop(request: web.Request, aid: str | None, shops: dict[str, Shop]) -> Shop:
+    return await shop_for(
+        request,
+        aid,
+        shops,
+        kind=KIND,
+        refusal="missing or unknown app id: set the tracker's appId to a write key",
+    )
 
 
 async def accept(request: web.Request, payloads: list[Any], received_at: datetime) -> web.Response:
