@@ -7,10 +7,14 @@ dropped at the end.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -176,3 +180,66 @@ async def raw_request(
     status_line, _, rest = answer.partition(b"\r\n")
     _, _, payload = rest.partition(b"\r\n\r\n")
     return int(status_line.split()[1]), payload
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _install_chromium() -> str | None:
+    """Install Debian's chromium if it is missing; the reason it can't be, or None."""
+    if CHROMIUM.exists():
+        return None
+    if shutil.which("apt-get") is None:
+        return "no apt-get on this machine"
+    if os.geteuid() != 0:
+        return "not root, cannot apt-get install chromium"
+    for command, timeout in (
+        (["apt-get", "update", "-q"], 90),
+        (["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], 180),
+    ):
+        try:
+            subprocess.run(
+                command, env=APT_ENV, check=True, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.CalledProcessError as exc:
+            return f"{' '.join(command)} failed: {(exc.stderr or exc.stdout).strip()[-500:]}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(command)} failed: {exc}"
+    return None if CHROMIUM.exists() else f"{CHROMIUM} still missing after apt-get install"
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Any]:
+    """Headless Debian Chromium, driven by Playwright's async API.
+
+    Chromium is Debian's ``chromium`` package at ``/usr/bin/chromium`` with
+    Playwright for Python's bundled driver (no ``playwright install``: browsers
+    are never downloaded). When it is missing this installs it, as root, with
+    ``apt-get install chromium`` (CI runs as root, so ``make test`` does this on a
+    fresh machine), and skips with the reason only when that is impossible. Tests
+    take a fresh ``browser.new_context()`` each.
+    """
+    playwright_api = pytest.importorskip("playwright.async_api")
+    reason = await asyncio.to_thread(_install_chromium)
+    if reason is not None:
+        pytest.skip(f"chromium could not be installed: {reason}")
+    async with playwright_api.async_playwright() as pw:
+        # launch() gives each browser a fresh temporary user-data dir.
+        chromium = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()

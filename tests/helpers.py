@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -208,3 +209,72 @@ async def own_broker(
         )
         await ensure_topics(broker.bootstrap, [own.topic_behavior], partitions=own.topic_partitions)
         yield broker, own
+
+
+NPM_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "eventpipe-tests" / "npm"
+)
+
+
+def npm_package(spec: str) -> Path | str:
+    """Install the npm package ``spec`` (``name@version``) once into a cache folder.
+
+    Returns the package's folder (``.../node_modules/<name>``), or the reason it could
+    not be installed (no npm, no registry) for the caller to skip with. Real trackers'
+    browser bundles come from here: the test drives the vendor's own code.
+    """
+    name = spec.rsplit("@", 1)[0] if spec.rfind("@") > 0 else spec
+    prefix = NPM_CACHE / spec.replace("/", "+")
+    folder = prefix / "node_modules" / name
+    if (folder / "package.json").exists():
+        return folder
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm is not installed"
+    prefix.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(
+            [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--silent", spec],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.CalledProcessError as exc:
+        return f"npm install {spec} failed: {(exc.stderr or exc.stdout).strip()[-500:]}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"npm install {spec} failed: {exc}"
+    return folder if (folder / "package.json").exists() else f"npm install {spec} left no {folder}"
+
+
+@asynccontextmanager
+async def serve_pages(
+    pages: dict[str, str], files: dict[str, Path] | None = None
+) -> AsyncIterator[str]:
+    """Serve HTML ``pages`` (path -> text) and static ``files`` (path -> file) on
+    127.0.0.1, another origin than the collector's (as a real shop's site is).
+
+    Yields the base URL.
+    """
+    from aiohttp import web
+
+    app = web.Application()
+    for path, text in pages.items():
+
+        async def page(request: web.Request, text: str = text) -> web.Response:
+            return web.Response(text=text, content_type="text/html")
+
+        app.router.add_get(path, page)
+    for path, file in (files or {}).items():
+
+        async def static(request: web.Request, file: Path = file) -> web.FileResponse:
+            return web.FileResponse(file, headers={"Content-Type": "application/javascript"})
+
+        app.router.add_get(path, static)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

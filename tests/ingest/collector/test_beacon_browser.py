@@ -1,13 +1,7 @@
 """The beacon end to end: headless Chromium -> collector -> Kafka -> loader -> PostgreSQL.
 
-Chromium is Debian's ``chromium`` package at ``/usr/bin/chromium``, driven by
-Playwright for Python (its bundled driver, no ``playwright install``: browsers
-are never downloaded). When it is missing the test installs it, as root, with
-
-    apt-get update && apt-get install -y --no-install-recommends chromium
-
-(CI runs as root, so ``make test`` does this on a fresh machine), and skips with
-the reason only when that is impossible.
+Chromium is the ``browser`` fixture of ``tests/conftest.py`` (Debian's package,
+installed on demand, driven by Playwright).
 
 A test page is served from a second aiohttp server on 127.0.0.1 (another port
 than the collector: cross-origin, as on a real shop), with the README's snippet.
@@ -15,14 +9,9 @@ than the collector: cross-origin, as on a real shop), with the README's snippet.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,60 +27,7 @@ from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT = {"width": 1024, "height": 700}
-
-
-def _install_chromium() -> str | None:
-    """Install Debian's chromium if it is missing; the reason it can't be, or None."""
-    if CHROMIUM.exists():
-        return None
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install chromium"
-    for command, timeout in (
-        (["apt-get", "update", "-q"], 90),
-        (["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], 180),
-    ):
-        try:
-            subprocess.run(
-                command, env=APT_ENV, check=True, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.CalledProcessError as exc:
-            return f"{' '.join(command)} failed: {(exc.stderr or exc.stdout).strip()[-500:]}"
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{' '.join(command)} failed: {exc}"
-    return None if CHROMIUM.exists() else f"{CHROMIUM} still missing after apt-get install"
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    """Headless Debian Chromium (installed on demand), driven by Playwright's async API."""
-    playwright_api = pytest.importorskip("playwright.async_api")
-    reason = await asyncio.to_thread(_install_chromium)
-    if reason is not None:
-        pytest.skip(f"chromium could not be installed: {reason}")
-    async with playwright_api.async_playwright() as pw:
-        # launch() gives each browser a fresh temporary user-data dir.
-        chromium = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 def _page(collector: str, write_key: str, title: str, body: str, options: str = "") -> str:
