@@ -314,10 +314,17 @@ def _ping(fields: Mapping[str, str]) -> dict[str, Any]:
     """A page ping's scroll: the offsets, and the percentage of the document seen."""
     offsets = {key: _int(fields.get(key)) for key in ("pp_mix", "pp_max", "pp_miy", "pp_may")}
     data: dict[str, Any] = {k: v for k, v in offsets.items() if v is not None}
-    viewport, document = _size(fields.get("vp")), _size(fields.get("cd"))
+    # ``ds`` is the document's size (``cd`` is the screen's colour depth; an older
+    # reading of the protocol took ``cd`` as the size, which is kept when it is one).
+    viewport = _size(fields.get("vp"))
+    document = _size(fields.get("ds")) or _size(fields.get("cd"))
     if viewport and document and document[1] > 0:
         reached = max(offsets["pp_may"] or 0, 0) + viewport[1]
-        data["percentage"] = min(100, round(reached / document[1] * 100))
+        # The browser tracker reads ``ds`` once and refreshes it on resize: a document
+        # grown since then is reported smaller than the offset reached. Past a pixel of
+        # rounding that size is stale, and no percentage is better than a wrong 100.
+        if reached <= document[1] + 2:
+            data["percentage"] = min(100, round(reached / document[1] * 100))
     data["ping"] = True
     return data
 

@@ -1,0 +1,196 @@
+"""Snowplow's browser tracker (npm ``@snowplow/browser-tracker``, its UMD bundle) in
+headless Chromium -> the collector's tp2 and ``/i`` routes -> Kafka -> loaders -> PostgreSQL.
+
+The tracker is the vendor's own code, installed from npm by ``helpers.npm_package``
+(with its form tracking plugin); the pages are served on another origin than the
+collector (``helpers.serve_pages``), as on a shop's site. The tracker is set up as
+the README says: ``appId`` the write key, activity tracking on (page pings every
+second here), ``setUserId`` for a signed-in visitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumers.loader import Loader
+from consumers.rows import BEHAVIOR, STOREFRONT
+from ingest.core.db import Database
+from ingest.core.settings import Settings
+from ingest.core.shops import ShopCredentials
+from ingest.partitions import PartitionManager
+from tests.conftest import wait_for
+from tests.helpers import npm_package, serve_pages
+
+pytestmark = pytest.mark.slow
+
+TRACKER = "@snowplow/browser-tracker@4.10.1"
+# The form tracking plugin's newest release (its versions stop at 4.6.8; it works
+# with the 4.10 tracker through the plugin interface).
+FORMS = "@snowplow/browser-plugin-form-tracking@4.6.8"
+VIEWPORT = {"width": 1024, "height": 700}
+JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
+
+
+def _bundle(spec: str) -> Path:
+    folder = npm_package(spec)
+    if isinstance(folder, str):
+        pytest.skip(folder)
+    return folder / "dist" / "index.umd.min.js"
+
+
+def _page(collector: str, key: str, title: str, body: str, method: str) -> str:
+    """A page with the tracker in its head, set up as the README shows."""
+    settings = {"appId": key, "platform": "web", "eventMethod": method, "bufferSize": 1}
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
+<script src="/sp.js"></script><script src="/forms.js"></script>
+<script>
+  var sp = window.snowplowBrowserTracking;
+  sp.newTracker("sp", {json.dumps(collector)}, Object.assign({json.dumps(settings)},
+    {{plugins: [snowplowFormTracking.FormTrackingPlugin()]}}));
+  sp.setUserId("user-42");
+  sp.enableActivityTracking({{minimumVisitLength: 1, heartbeatDelay: 1}});
+  sp.trackPageView();
+  snowplowFormTracking.enableFormTracking();
+</script></head><body>{body}</body></html>"""
+
+
+PAGE_1 = """
+<div id="main">
+  <form id="newsletter" class="signup wide" action="/thanks">
+    <input id="email" name="email" type="email"> <button id="go" type="submit">Sign up</button>
+  </form>
+  <div style="height: 4000px">a long page</div>
+</div>
+"""
+PAGE_2 = '<div id="main"><h1>Thanks</h1></div>'
+
+
+@contextlib.asynccontextmanager
+async def _site(collector: str, shop: ShopCredentials, method: str) -> AsyncIterator[str]:
+    async with serve_pages(
+        {
+            "/page1": _page(collector, shop.write_key, "Page one", PAGE_1, method),
+            "/thanks": _page(collector, shop.write_key, "Thanks", PAGE_2, method),
+        },
+        {"/sp.js": _bundle(TRACKER), "/forms.js": _bundle(FORMS)},
+    ) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
+    async with (
+        Loader(settings, BEHAVIOR, db, PartitionManager(db)),
+        Loader(settings, STOREFRONT, db, PartitionManager(db)),
+    ):
+        yield
+
+
+async def _events(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
+    rows = await db.pool.fetch(
+        "SELECT * FROM behavior_events WHERE shop_id = $1 ORDER BY timestamp, event_type",
+        shop.shop_id,
+    )
+    out = [dict(r) for r in rows]
+    for event in out:
+        for name in JSON_COLUMNS:
+            if isinstance(event[name], str):
+                event[name] = json.loads(event[name])
+    return out
+
+
+def _of(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event_type"] == event_type]
+
+
+@pytest.mark.parametrize("method", ["post", "get"])
+async def test_page_views_pings_and_forms_of_the_browser_tracker(
+    browser: Any,
+    collector: str,
+    settings: Settings,
+    db: Database,
+    shop: ShopCredentials,
+    method: str,
+) -> None:
+    """Page view, scrolling with page pings, a form filled and submitted, the next
+    page: rows in behavior_events and one session in user_sessions."""
+    posted: list[str] = []
+    async with _site(collector, shop, method) as site, _loaders(settings, db):
+        page_1, thanks = f"{site}/page1", f"{site}/thanks?email=ada%40example.com"
+        context = await browser.new_context(viewport=VIEWPORT)
+        context.on("request", lambda r: posted.append(r.url) if collector in r.url else None)
+        page = await context.new_page()
+        await page.goto(page_1)
+
+        async def pinged() -> bool:
+            # Activity (the scroll) in each 1 s heartbeat sends a ping; once the page
+            # is scrolled to the bottom, a ping carries the offset reached.
+            await page.mouse.wheel(0, 1500)
+            return (
+                len([e for e in await _events(db, shop) if e["event_type"] == "scroll_depth"]) >= 2
+            )
+
+        await page.mouse.move(100, 100)
+        await wait_for(pinged, interval=0.5)
+        await page.evaluate("window.scrollTo(0, 0)")
+        await page.locator("#email").press_sequentially("ada@example.com")
+        await page.click("#go")  # change_form (blur), submit_form, then /thanks
+        await page.wait_for_url(thanks)
+
+        async def landed() -> bool:
+            events = await _events(db, shop)
+            return (
+                len(_of(events, "page_view")) == 2
+                and bool(_of(events, "form_submit"))
+                and bool(_of(events, "form_start"))
+            )
+
+        await wait_for(landed)
+        await context.close()
+
+    events = await _events(db, shop)
+    sessions = {e["session_id"] for e in events}
+    assert len(sessions) == 1, "one Snowplow session (sid) across both pages"
+    views = _of(events, "page_view")
+    assert [v["page_url"] for v in views] == [page_1, thanks]
+    assert views[0]["metadata"]["title"] == "Page one"
+    assert views[1]["metadata"]["referrer"] == page_1
+    assert views[0]["viewport_size"] == VIEWPORT
+    meta = views[0]["metadata"]
+    assert meta["user_id"] == "user-42"
+    assert meta["tracker"] == "js-4.10.1" and meta["app_id"] == shop.write_key
+    assert len({v["metadata"]["anon_id"] for v in views}) == 1  # duid, the same visitor
+
+    pings = _of(events, "scroll_depth")
+    assert all(p["event_data"]["ping"] for p in pings)
+    # The document is ~4 000 px high, the viewport 700: the pings' offsets and the
+    # document size (ds) give the share seen, up to the bottom.
+    reached = [p["event_data"].get("percentage") for p in pings]
+    assert max(r or 0 for r in reached) == 100, pings
+    assert all(r is None or 0 < r <= 100 for r in reached), pings
+
+    starts = _of(events, "form_start")
+    assert {s["component_id"] for s in starts} == {"newsletter"}
+    assert starts[0]["element_path"] == "form#newsletter"
+    assert {s["event_data"]["field"] for s in starts} == {"email"}
+    assert all("ada" not in json.dumps(s["event_data"]) for s in starts), "never a value"
+    (submit,) = _of(events, "form_submit")
+    assert submit["element_path"] == "form#newsletter.signup.wide"
+    assert "ada" not in json.dumps(submit["event_data"])
+    assert {e["page_url"] for e in events if e["event_type"] != "page_view"} == {page_1}
+
+    session = await db.pool.fetchrow("SELECT * FROM user_sessions WHERE shop_id = $1", shop.shop_id)
+    assert session is not None
+    assert session["session_id"] == sessions.pop()
+    assert (session["landing_page"], session["exit_page"]) == (page_1, thanks)
+    assert session["page_count"] == 2
+    assert session["first_seen_at"] < session["last_seen_at"]
+    assert session["screen_resolution"] and session["language"] == "en-US"
+    path = "/com.snowplowanalytics.snowplow/tp2" if method == "post" else "/i?"
+    assert posted and all(path in url for url in posted), posted
