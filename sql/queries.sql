@@ -19,12 +19,12 @@ SELECT version, name, checksum FROM schema_migrations ORDER BY version;
 INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
 
 -- name: shop_by_write_key
-SELECT s.id, s.domain, s.allowed_origins
+SELECT s.id, s.domain, s.allowed_origins, s.settings
 FROM shop_write_keys k JOIN shops s ON s.id = k.shop_id
 WHERE k.write_key = $1 AND k.revoked_at IS NULL AND s.uninstalled_at IS NULL;
 
 -- name: shop_by_domain
-SELECT id, domain, allowed_origins, webhook_secret FROM shops
+SELECT id, domain, allowed_origins, settings, webhook_secret FROM shops
 WHERE domain = $1 AND uninstalled_at IS NULL;
 
 -- name: upsert_shop
@@ -419,13 +419,23 @@ ON CONFLICT (shop_id, anon_id) DO UPDATE SET
 SELECT pg_advisory_xact_lock(hashtext('eventpipe:rollup:' || $1));
 
 -- name: rollup_claim
--- The rollup's watermark and how far this refresh goes: rows received up to
--- now - $2 seconds (loaders' transactions in flight commit within that margin).
-SELECT watermark, greatest(watermark, now() - make_interval(secs => $2::float8)) AS upto
+-- The rollup's watermark (the load_xid from which rows are new; NULL: never
+-- refreshed since migration 0014) and this refresh's: the oldest transaction
+-- still running now, every older one's rows visible from here on (migration 0014
+-- explains why). upto_at: the statement's start, before that snapshot: every row
+-- committed before it is in.
+SELECT watermark, watermark_xid,
+       pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS upto_xid,
+       greatest(watermark, statement_timestamp()) AS upto_at
 FROM rollup_state WHERE rollup = $1 FOR UPDATE;
 
+-- name: rollup_watermark_xid
+-- Another rollup's watermark (component_performance reads conversion_funnels: it
+-- never goes past the funnels' refresh).
+SELECT watermark_xid, watermark FROM rollup_state WHERE rollup = $1;
+
 -- name: rollup_advance
-UPDATE rollup_state SET watermark = $2, last_refresh_at = now(),
+UPDATE rollup_state SET watermark = $2, watermark_xid = $6, last_refresh_at = now(),
   last_full_at = CASE WHEN $3::bool THEN now() ELSE last_full_at END,
   last_groups = $4, last_duration_ms = $5
 WHERE rollup = $1;
@@ -437,20 +447,55 @@ SELECT rollup, watermark, last_refresh_at, last_full_at, last_groups, last_durat
          WHEN 'daily_friction_summary' THEN (SELECT count(*) FROM daily_friction_summary)
          WHEN 'component_performance' THEN (SELECT count(*) FROM component_performance)
          WHEN 'results_aggregates' THEN (SELECT count(*) FROM results_aggregates)
+         WHEN 'conversion_funnels' THEN (SELECT count(*) FROM conversion_funnels)
        END AS row_count
 FROM rollup_state ORDER BY rollup;
 
 -- name: rollup_behavior_days
--- (shop, day) groups of behavior events received in ($1, $2] (BRIN on received_at).
+-- (shop, day) groups of behavior events loaded by transactions from $1 on (BRIN on
+-- load_xid): a late event of an old day names that old day, whenever it was received.
 SELECT shop_id, ("timestamp" AT TIME ZONE 'UTC')::date AS day
-FROM behavior_events WHERE received_at > $1 AND received_at <= $2
+FROM behavior_events WHERE load_xid >= $1
 GROUP BY 1, 2;
 
+-- name: rollup_behavior_days_all
+SELECT shop_id, ("timestamp" AT TIME ZONE 'UTC')::date AS day
+FROM behavior_events WHERE "timestamp" >= (SELECT retention_start('behavior_events'))
+GROUP BY 1, 2;
+
+-- name: rollup_behavior_days_shop
+-- Shop $1's days ($2, or all when NULL) that have behavior events or friction rows.
+SELECT $1::uuid AS shop_id, day FROM (
+  SELECT ("timestamp" AT TIME ZONE 'UTC')::date AS day FROM behavior_events
+  WHERE shop_id = $1 AND "timestamp" >= (SELECT retention_start('behavior_events'))
+  UNION SELECT date FROM daily_friction_summary WHERE shop_id = $1
+  UNION SELECT date FROM component_performance WHERE shop_id = $1
+) d WHERE $2::date[] IS NULL OR day = ANY($2::date[]);
+
 -- name: rollup_behavior_component_days
+-- component_performance's groups: days of component events loaded from $1 on, and
+-- every component day of a session whose funnels may have changed (new events of
+-- the session since $1, or its shop's lead_capture funnel defined since $1):
+-- conversions count the sessions in lead_capture.
+WITH touched AS (
+  SELECT shop_id, session_id FROM behavior_events WHERE load_xid >= $1
+  UNION SELECT shop_id, session_id FROM events WHERE load_xid >= $1
+)
 SELECT shop_id, ("timestamp" AT TIME ZONE 'UTC')::date AS day
 FROM behavior_events
-WHERE received_at > $1 AND received_at <= $2 AND component_id IS NOT NULL
-GROUP BY 1, 2;
+WHERE load_xid >= $1 AND component_id IS NOT NULL
+GROUP BY 1, 2
+UNION
+SELECT be.shop_id, (be."timestamp" AT TIME ZONE 'UTC')::date
+FROM touched t
+JOIN funnels f ON f.shop_id = t.shop_id AND f.name = 'lead_capture'
+JOIN behavior_events be ON be.session_id = t.session_id AND be.shop_id = t.shop_id
+WHERE be.component_id IS NOT NULL
+UNION
+SELECT be.shop_id, (be."timestamp" AT TIME ZONE 'UTC')::date
+FROM funnels f JOIN behavior_events be ON be.shop_id = f.shop_id
+WHERE f.name = 'lead_capture' AND f.defined_xid >= $1 AND be.component_id IS NOT NULL
+  AND be."timestamp" >= (SELECT retention_start('behavior_events'));
 
 -- name: rollup_friction_delete
 DELETE FROM daily_friction_summary d USING unnest($1::uuid[], $2::date[]) g(shop_id, day)
@@ -531,16 +576,39 @@ WITH gone AS (
                   FROM shops s WHERE s.id = c.shop_id
                     AND jsonb_typeof(s.settings->'data_retention_days') = 'number')
   RETURNING 1
+), gone3 AS (
+  DELETE FROM conversion_funnels c
+  WHERE c.entered_at < retention_start('behavior_events')
+     OR c.entered_at < (SELECT now() - make_interval(
+                                days => floor((s.settings->>'data_retention_days')::numeric)::int)
+                        FROM shops s WHERE s.id = c.shop_id
+                          AND jsonb_typeof(s.settings->'data_retention_days') = 'number')
+  RETURNING 1
 )
-SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM gone2);
+SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM gone2) + (SELECT count(*) FROM gone3);
 
 -- name: rollup_experiment_groups
--- (shop, experiment) groups of storefront events received in ($1, $2].
+-- (shop, experiment) groups of storefront events loaded by transactions from $1 on.
 SELECT shop_id, experiment_id AS key
 FROM events
-WHERE received_at > $1 AND received_at <= $2
-  AND experiment_id IS NOT NULL AND variant IS NOT NULL
+WHERE load_xid >= $1 AND experiment_id IS NOT NULL AND variant IS NOT NULL
 GROUP BY 1, 2;
+
+-- name: rollup_experiment_groups_all
+SELECT shop_id, experiment_id AS key
+FROM events
+WHERE experiment_id IS NOT NULL AND variant IS NOT NULL
+  AND ts >= (SELECT retention_start('events'))
+GROUP BY 1, 2;
+
+-- name: rollup_experiment_groups_shop
+-- Shop $1's experiments, in its events or in its results rows.
+SELECT $1::uuid AS shop_id, key FROM (
+  SELECT experiment_id AS key FROM events
+  WHERE shop_id = $1 AND experiment_id IS NOT NULL AND variant IS NOT NULL
+    AND ts >= (SELECT retention_start('events'))
+  UNION SELECT experiment_id FROM results_aggregates WHERE shop_id = $1
+) x;
 
 -- name: rollup_results_delete
 DELETE FROM results_aggregates r USING unnest($1::uuid[], $2::text[]) g(shop_id, experiment_id)
@@ -570,6 +638,184 @@ JOIN events e ON e.shop_id = g.shop_id AND e.experiment_id = g.experiment_id
 LEFT JOIN user_sessions us ON us.shop_id = e.shop_id AND us.session_id = e.session_id
 WHERE e.variant IS NOT NULL AND e.ts >= (SELECT retention_start('events'))
 GROUP BY e.shop_id, e.experiment_id, e.variant, coalesce(us.device_type, 'unknown');
+
+-- name: rollup_funnel_sessions
+-- conversion_funnels' groups: (shop, session) of the shops with funnels whose behavior
+-- or storefront events were loaded from $1 on, and every session of a shop whose
+-- funnels were (re)defined since $1.
+SELECT shop_id, session_id AS key FROM behavior_events
+WHERE load_xid >= $1 AND shop_id IN (SELECT shop_id FROM funnels)
+UNION
+SELECT shop_id, session_id FROM events
+WHERE load_xid >= $1 AND shop_id IN (SELECT shop_id FROM funnels)
+UNION
+SELECT be.shop_id, be.session_id FROM behavior_events be
+WHERE be.shop_id IN (SELECT shop_id FROM funnels WHERE defined_xid >= $1)
+  AND be."timestamp" >= (SELECT retention_start('behavior_events'))
+UNION
+SELECT e.shop_id, e.session_id FROM events e
+WHERE e.shop_id IN (SELECT shop_id FROM funnels WHERE defined_xid >= $1)
+  AND e.ts >= (SELECT retention_start('events'));
+
+-- name: rollup_funnel_sessions_all
+SELECT be.shop_id, be.session_id AS key FROM behavior_events be
+WHERE be.shop_id IN (SELECT shop_id FROM funnels)
+  AND be."timestamp" >= (SELECT retention_start('behavior_events'))
+UNION
+SELECT e.shop_id, e.session_id FROM events e
+WHERE e.shop_id IN (SELECT shop_id FROM funnels)
+  AND e.ts >= (SELECT retention_start('events'));
+
+-- name: rollup_funnel_sessions_shop
+-- Shop $1's sessions: those with events, and those with funnel rows (erased ones).
+SELECT $1::uuid AS shop_id, key FROM (
+  SELECT session_id AS key FROM behavior_events
+  WHERE shop_id = $1 AND "timestamp" >= (SELECT retention_start('behavior_events'))
+  UNION SELECT session_id FROM events
+  WHERE shop_id = $1 AND ts >= (SELECT retention_start('events'))
+  UNION SELECT session_id FROM conversion_funnels WHERE shop_id = $1
+) s;
+
+-- name: rollup_funnel_delete
+DELETE FROM conversion_funnels c USING unnest($1::uuid[], $2::text[]) g(shop_id, session_id)
+WHERE c.shop_id = g.shop_id AND c.session_id = g.session_id;
+
+-- name: rollup_funnel_delete_all
+DELETE FROM conversion_funnels;
+
+-- name: rollup_funnel_stage
+-- The events of the sessions being recomputed, behavior (src 0) and storefront (src 1)
+-- alike, in one temporary table the funnel walk reads step by step.
+CREATE TEMP TABLE IF NOT EXISTS _funnel_events (
+  shop_id UUID NOT NULL, session_id TEXT NOT NULL, at TIMESTAMPTZ NOT NULL,
+  src SMALLINT NOT NULL, event_id UUID NOT NULL, event_type TEXT NOT NULL, page_url TEXT,
+  element_path TEXT, component_id TEXT
+) ON COMMIT DROP;
+
+-- name: rollup_funnel_stage_fill
+-- A storefront event's page: props.url (Segment page), $url (Snowplow), $current_url
+-- (PostHog).
+INSERT INTO _funnel_events
+SELECT be.shop_id, be.session_id, be."timestamp", 0, be.event_id, be.event_type, be.page_url,
+  be.element_path, be.component_id
+FROM unnest($1::uuid[], $2::text[]) g(shop_id, session_id)
+JOIN behavior_events be ON be.session_id = g.session_id AND be.shop_id = g.shop_id
+WHERE be."timestamp" >= (SELECT retention_start('behavior_events'))
+UNION ALL
+SELECT e.shop_id, e.session_id, e.ts, 1, e.event_id, e.event_type,
+  coalesce(e.props->>'url', e.props->>'$url', e.props->>'$current_url'), NULL, NULL
+FROM unnest($1::uuid[], $2::text[]) g(shop_id, session_id)
+JOIN events e ON e.shop_id = g.shop_id AND e.session_id = g.session_id
+WHERE e.ts >= (SELECT retention_start('events'));
+
+-- name: rollup_funnel_stage_index
+CREATE INDEX IF NOT EXISTS _funnel_events_order ON _funnel_events (shop_id, session_id, at, src, event_id);
+
+-- name: rollup_funnel_stage_analyze
+ANALYZE _funnel_events;
+
+-- name: rollup_funnel_insert
+-- 002's conversion_funnels for the sessions ($1[i], $2[i]) staged in _funnel_events.
+-- A session enters a funnel's step 1 at its first event matching it, and step k at
+-- its first event matching step k after the one that entered step k-1 (events in
+-- (time, behavior before storefront, event id) order; one event enters one step).
+-- A step matches an event when every criterion it gives does: event_type, page_url
+-- (glob), element_path, component_id. exited_at: when the next step was entered; a
+-- funnel's last step is left as it is entered (metadata.completed); the last step a
+-- session reached short of the end is left at the session's last event, with a
+-- dropoff_reason: its latest friction event (form_abandon, error, rage_click) after
+-- entering the step, else the session's exit_reason, else 'session_ended'.
+-- component_id: that of the event that entered the step.
+WITH RECURSIVE steps AS (
+  SELECT f.shop_id, f.name, s.ord::int AS step_order,
+         jsonb_array_length(f.steps) AS n_steps,
+         coalesce(s.step->>'name', 'step ' || s.ord) AS step_name,
+         s.step->>'event_type' AS event_type,
+         eventpipe_glob_like(s.step->>'page_url') AS url_like,
+         s.step->>'element_path' AS element_path,
+         s.step->>'component_id' AS component_id
+  FROM funnels f CROSS JOIN LATERAL jsonb_array_elements(f.steps) WITH ORDINALITY s(step, ord)
+  WHERE f.shop_id = ANY($1::uuid[])
+), sessions AS (
+  SELECT DISTINCT shop_id, session_id FROM unnest($1::uuid[], $2::text[]) g(shop_id, session_id)
+), walk AS (
+  SELECT st.shop_id, st.name, st.step_order, st.n_steps, st.step_name, ss.session_id,
+         m.at, m.src, m.event_id, m.component_id, m.page_url
+  FROM sessions ss
+  JOIN steps st ON st.shop_id = ss.shop_id AND st.step_order = 1
+  CROSS JOIN LATERAL (
+    SELECT e.at, e.src, e.event_id, e.component_id, e.page_url FROM _funnel_events e
+    WHERE e.shop_id = ss.shop_id AND e.session_id = ss.session_id
+      AND (st.event_type IS NULL OR e.event_type = st.event_type)
+      AND (st.url_like IS NULL OR e.page_url LIKE st.url_like)
+      AND (st.element_path IS NULL OR e.element_path = st.element_path)
+      AND (st.component_id IS NULL OR e.component_id = st.component_id)
+    ORDER BY e.at, e.src, e.event_id LIMIT 1) m
+  UNION ALL
+  SELECT st.shop_id, st.name, st.step_order, st.n_steps, st.step_name, w.session_id,
+         m.at, m.src, m.event_id, m.component_id, m.page_url
+  FROM walk w
+  JOIN steps st ON st.shop_id = w.shop_id AND st.name = w.name AND st.step_order = w.step_order + 1
+  CROSS JOIN LATERAL (
+    SELECT e.at, e.src, e.event_id, e.component_id, e.page_url FROM _funnel_events e
+    WHERE e.shop_id = w.shop_id AND e.session_id = w.session_id
+      AND (e.at, e.src, e.event_id) > (w.at, w.src, w.event_id)
+      AND (st.event_type IS NULL OR e.event_type = st.event_type)
+      AND (st.url_like IS NULL OR e.page_url LIKE st.url_like)
+      AND (st.element_path IS NULL OR e.element_path = st.element_path)
+      AND (st.component_id IS NULL OR e.component_id = st.component_id)
+    ORDER BY e.at, e.src, e.event_id LIMIT 1) m
+), placed AS (
+  SELECT w.*, nx.at AS next_at,
+         (SELECT max(e.at) FROM _funnel_events e
+          WHERE e.shop_id = w.shop_id AND e.session_id = w.session_id) AS last_at
+  FROM walk w
+  LEFT JOIN walk nx ON nx.shop_id = w.shop_id AND nx.name = w.name
+    AND nx.session_id = w.session_id AND nx.step_order = w.step_order + 1
+), left_at AS (
+  SELECT p.*, CASE WHEN p.next_at IS NOT NULL THEN p.next_at
+                   WHEN p.step_order = p.n_steps THEN p.at
+                   ELSE p.last_at END AS exited_at,
+         p.next_at IS NULL AND p.step_order < p.n_steps AS dropped
+  FROM placed p
+)
+INSERT INTO conversion_funnels (shop_id, funnel_name, step_name, step_order, session_id,
+  component_id, entered_at, exited_at, duration_seconds, dropoff_reason, metadata)
+SELECT l.shop_id, l.name, l.step_name, l.step_order, l.session_id, l.component_id, l.at,
+  l.exited_at, floor(extract(epoch FROM l.exited_at - l.at))::int,
+  CASE WHEN l.dropped THEN coalesce(
+    (SELECT e.event_type FROM _funnel_events e
+     WHERE e.shop_id = l.shop_id AND e.session_id = l.session_id AND e.src = 0
+       AND e.event_type IN ('form_abandon', 'error', 'rage_click')
+       AND (e.at, e.src, e.event_id) > (l.at, l.src, l.event_id)
+     ORDER BY e.at DESC, e.src DESC, e.event_id DESC LIMIT 1),
+    (SELECT us.exit_reason FROM user_sessions us
+     WHERE us.shop_id = l.shop_id AND us.session_id = l.session_id),
+    'session_ended') END,
+  jsonb_build_object('source', CASE l.src WHEN 0 THEN 'behavior' ELSE 'storefront' END,
+                     'event_id', l.event_id, 'page_url', l.page_url,
+                     'completed', l.step_order = l.n_steps)
+FROM left_at l;
+
+-- name: funnel_define
+-- `eventpipe funnels define`: a new funnel or new steps for one (refreshed again).
+INSERT INTO funnels (shop_id, name, steps) VALUES ($1, $2, $3::jsonb)
+ON CONFLICT (shop_id, name) DO UPDATE SET steps = EXCLUDED.steps,
+  defined_xid = EXCLUDED.defined_xid, updated_at = now()
+RETURNING (xmax = 0) AS created;
+
+-- name: funnel_list
+SELECT f.name, f.steps, f.created_at, f.updated_at,
+       (SELECT count(DISTINCT c.session_id) FROM conversion_funnels c
+        WHERE c.shop_id = f.shop_id AND c.funnel_name = f.name) AS sessions
+FROM funnels f WHERE f.shop_id = $1 ORDER BY f.name;
+
+-- name: funnel_drop
+-- `eventpipe funnels drop`: the funnel and its conversion_funnels rows.
+WITH gone AS (DELETE FROM funnels WHERE shop_id = $1 AND name = $2 RETURNING name)
+, rows AS (DELETE FROM conversion_funnels c USING gone
+           WHERE c.shop_id = $1 AND c.funnel_name = gone.name RETURNING 1)
+SELECT (SELECT count(*) FROM gone) AS funnels, (SELECT count(*) FROM rows) AS rows;
 
 -- name: erase_shop
 -- `eventpipe erase`: the shop of a domain.
@@ -683,3 +929,102 @@ SELECT (SELECT count(*) FROM matched WHERE any_hit) AS matched,
 -- name: suppression_list
 -- The loaders' suppression list: (shop, HMAC of kind and id) of erased visitors.
 SELECT shop_id::text AS shop_id, id_hash FROM erasure_suppressions;
+
+-- name: pm_uninstalled_shops
+-- Uninstalled shops (source document 004): when their rows are due to go ($1: days kept
+-- when settings hold no data_retention_days), what happens to them ($2: delete or
+-- anonymize, unless settings.uninstalled_data says; a purge begun keeps its mode), and
+-- the purge of that uninstall, if begun.
+SELECT s.id, s.uninstalled_at, s.uninstalled_at + make_interval(days => d.days) AS due_at,
+       coalesce(p.mode, m.mode) AS mode, p.finished_at, coalesce(p.rows, '{}')::text AS rows
+FROM shops s
+CROSS JOIN LATERAL (
+  SELECT CASE WHEN jsonb_typeof(s.settings->'data_retention_days') = 'number'
+                   AND (s.settings->>'data_retention_days')::numeric >= 0
+              THEN floor((s.settings->>'data_retention_days')::numeric)::int
+              ELSE $1::int END AS days) d
+CROSS JOIN LATERAL (
+  SELECT CASE WHEN s.settings->>'uninstalled_data' IN ('delete', 'anonymize')
+              THEN s.settings->>'uninstalled_data' ELSE $2::text END AS mode) m
+LEFT JOIN shop_purges p ON p.shop_id = s.id AND p.uninstalled_at = s.uninstalled_at
+WHERE s.uninstalled_at IS NOT NULL
+ORDER BY s.uninstalled_at, s.id;
+
+-- name: pm_shop_tables
+-- Every table holding a shop's rows (a shop_id column), partitioned parents with their
+-- leaves reached through erase_leaves, detached months as the plain tables they are;
+-- not the shop itself, its keys and grants, the erasure records or this purge's own.
+SELECT c.relname::text AS table_name, c.relkind = 'p' AS partitioned,
+       array_agg(a.attname::text ORDER BY a.attnum) AS columns
+FROM pg_class c
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relnamespace = current_schema()::regnamespace
+  AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND c.relname NOT IN ('shops', 'shop_write_keys', 'analyst_shops', 'shop_purges', 'dead_letters')
+  AND c.relname NOT LIKE 'erasure\_%'
+GROUP BY c.oid, c.relname, c.relkind
+HAVING bool_or(a.attname = 'shop_id')
+ORDER BY c.relname;
+
+-- name: pm_shop_purge_start
+-- The purge of shop $1's uninstall at $3 begins in mode $2 (again after a reinstall).
+INSERT INTO shop_purges (shop_id, mode, uninstalled_at) VALUES ($1, $2, $3)
+ON CONFLICT (shop_id) DO UPDATE
+  SET mode = EXCLUDED.mode, uninstalled_at = EXCLUDED.uninstalled_at, started_at = now(),
+      finished_at = NULL, rows = '{}'
+  WHERE shop_purges.uninstalled_at IS DISTINCT FROM EXCLUDED.uninstalled_at;
+
+-- name: pm_shop_purge_rows
+-- $3 more rows of table $2 deleted or anonymised for shop $1.
+UPDATE shop_purges
+SET rows = rows || jsonb_build_object($2::text, coalesce((rows->>$2::text)::bigint, 0) + $3::bigint)
+WHERE shop_id = $1;
+
+-- name: pm_shop_purge_finish
+UPDATE shop_purges SET finished_at = now() WHERE shop_id = $1;
+
+-- name: pm_uninstalled_dead_letters
+-- One window of dead letters (ids $2 <= id < $3) purged of shop $1's events (text uuid):
+-- each record decoded (eventpipe_try_jsonb, as erase does), a record of that shop alone
+-- deleted, a batch holding other shops' events keeping theirs. Returns records touched.
+WITH decoded AS (
+  SELECT id, j FROM (
+    SELECT id, eventpipe_try_jsonb(raw) AS j FROM dead_letters WHERE id >= $2 AND id < $3
+  ) s WHERE j IS NOT NULL
+), matched AS (
+  SELECT d.id, jsonb_typeof(d.j) = 'array' AS batched,
+         coalesce(jsonb_agg(x.e) FILTER (WHERE NOT x.hit), '[]'::jsonb) AS kept,
+         bool_or(x.hit) AS any_hit
+  FROM decoded d,
+       LATERAL (
+         SELECT e, coalesce(e ->> 'shop_id' = $1::text, false) AS hit
+         FROM jsonb_array_elements(
+           CASE jsonb_typeof(d.j) WHEN 'array' THEN d.j ELSE jsonb_build_array(d.j) END) AS e
+       ) x
+  GROUP BY d.id, d.j
+), removed AS (
+  DELETE FROM dead_letters t USING matched m
+  WHERE t.id = m.id AND m.any_hit AND (NOT m.batched OR jsonb_array_length(m.kept) = 0)
+  RETURNING t.id
+), trimmed AS (
+  UPDATE dead_letters t SET raw = convert_to(m.kept::text, 'UTF8')
+  FROM matched m
+  WHERE t.id = m.id AND m.any_hit AND m.batched AND jsonb_array_length(m.kept) > 0
+  RETURNING t.id
+)
+SELECT (SELECT count(*) FROM removed) + (SELECT count(*) FROM trimmed) AS touched;
+
+-- name: shop_uninstall
+-- `eventpipe shops uninstall`: uninstalled now (an earlier uninstall's time kept) and every
+-- live key revoked; returns the uninstall time and the keys revoked. NULL: no such shop.
+WITH s AS (
+  UPDATE shops SET uninstalled_at = coalesce(uninstalled_at, now()), updated_at = now()
+  WHERE domain = $1
+  RETURNING id, uninstalled_at
+), k AS (
+  UPDATE shop_write_keys SET revoked_at = now()
+  WHERE shop_id = (SELECT id FROM s) AND revoked_at IS NULL
+  RETURNING write_key
+)
+SELECT (SELECT uninstalled_at FROM s) AS uninstalled_at, (SELECT count(*) FROM k) AS revoked,
+       (SELECT id FROM s) AS id;

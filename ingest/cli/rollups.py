@@ -61,7 +61,6 @@ async def refresh_command(settings: Settings, args: argparse.Namespace, console:
             tables=args.table,
             full=args.full,
             dry_run=args.dry_run,
-            margin_s=settings.rollup_margin_s,
         )
     if args.json:
         _print_json([r.as_dict() for r in results])
@@ -71,7 +70,7 @@ async def refresh_command(settings: Settings, args: argparse.Namespace, console:
         rows = "" if args.dry_run else f", {r.rows} row(s)"
         console.print(
             f"[bold]{r.rollup}[/] {verb} {r.groups} group(s){rows} "
-            f"({'full' if r.full else f'received after {r.since:%Y-%m-%d %H:%M:%S}'}) "
+            f"({'full' if r.full else f'loaded after {r.since:%Y-%m-%d %H:%M:%S}'}) "
             f"in {r.duration_s:.3f}s",
             highlight=False,
         )

@@ -225,7 +225,32 @@ class Settings(BaseSettings):
         default=False, description="keep client IPs whole (default: /24 and /48 truncated)"
     )
     country_header: str | None = Field(
-        default=None, description="header carrying the client's country (e.g. CF-IPCountry)"
+        default=None,
+        description="header carrying the client's country (e.g. CF-IPCountry): the fallback "
+        "when geoip_db is unset or has no country for the address",
+    )
+    ip_policy: Literal["keep", "truncate", "remove"] = Field(
+        default="truncate",
+        description="what a record keeps of the client's IP, for shops whose settings name "
+        "no ip_policy: keep it whole, truncate it to /24 (IPv4) or /48 (IPv6), or remove it "
+        "(keep_full_ip true turns the default truncate into keep)",
+    )
+    consent_required: bool = Field(
+        default=False,
+        description="the beacon sends nothing until eventpipe.consent() is called, for shops "
+        "whose settings name no consent_required",
+    )
+    bot_policy: Literal["drop", "flag", "keep"] = Field(
+        default="drop",
+        description="requests from crawlers, headless browsers and monitors, for shops whose "
+        "settings name no bot_policy: drop (answered 2xx, not stored, counted), flag (stored "
+        "with metadata.bot / props.bot true) or keep",
+    )
+    geoip_db: Path | None = Field(
+        default=None,
+        description="a MaxMind-format (.mmdb) country or city database: user_sessions."
+        "country_code from the client's whole address, before any truncation; unset: "
+        "country_header only",
     )
     produce_timeout_s: float = Field(
         default=2.0, gt=0, description="wait for the broker's ack before spooling a batch"
@@ -287,12 +312,6 @@ class Settings(BaseSettings):
     rollup_interval_s: float = Field(
         default=300.0, gt=0, description="how often `up` refreshes the rollup tables"
     )
-    rollup_margin_s: float = Field(
-        default=60.0,
-        ge=0,
-        description="a refresh takes rows received up to now minus this: a loader's "
-        "transaction in flight commits within it",
-    )
     rollup_max_lag_s: float = Field(
         default=3600.0,
         gt=0,
@@ -327,11 +346,31 @@ class Settings(BaseSettings):
         ge=1,
         description="rows per DELETE batch (and per partition) of `eventpipe erase`",
     )
+    uninstalled_retention_days: int = Field(
+        default=30,
+        ge=0,
+        description="days an uninstalled shop's rows are kept before `partitions maintain` "
+        "deletes or anonymises them, when the shop's settings name no data_retention_days",
+    )
+    uninstalled_data: Literal["delete", "anonymize"] = Field(
+        default="delete",
+        description="what `partitions maintain` does to an uninstalled shop's rows once "
+        "retained long enough: delete them, or anonymise them (ids replaced by keyed "
+        "pseudonyms, free text cleared); a shop's settings.uninstalled_data overrides it",
+    )
     suppression_refresh_s: float = Field(
         default=10.0,
         gt=0,
         description="how often a loader re-reads the erased visitors it drops",
     )
+
+    @property
+    def default_ip_policy(self) -> Literal["keep", "truncate", "remove"]:
+        """The IP policy of shops naming none: ``ip_policy``, with the older
+        ``keep_full_ip`` turning its default (truncate) into keep."""
+        if self.keep_full_ip and self.ip_policy == "truncate":
+            return "keep"
+        return self.ip_policy
 
     @property
     def archive_path(self) -> Path:

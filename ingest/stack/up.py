@@ -140,7 +140,7 @@ async def _rollups(db: Database, settings: Settings) -> None:
     while True:
         await asyncio.sleep(settings.rollup_interval_s)
         try:
-            await refresh_rollups(db, margin_s=settings.rollup_margin_s)
+            await refresh_rollups(db)
         except Exception as exc:  # keep the timer alive; the next run retries
             log.error("rollup refresh failed", error=str(exc))
 
