@@ -5,23 +5,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import os
+import signal
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from segment.analytics import Client
 from segment.analytics.request import APIError, post
 
 from consumers.loader import Loader
 from consumers.rows import STOREFRONT
+from ingest.collector.server import serving
 from ingest.core.db import Database
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials
+from ingest.core.topics import ensure_topics
 from ingest.partitions import PartitionManager
 from tests.conftest import wait_for
+from tests.helpers import own_broker
 
 
 async def _rows(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
@@ -271,3 +278,147 @@ async def test_the_sdks_configuration_calls_and_preflights(collector: str) -> No
                 assert r.headers["Access-Control-Allow-Headers"] == asked, path
                 assert r.headers["Access-Control-Allow-Origin"] == "https://shop.example"
                 assert "Access-Control-Allow-Credentials" not in r.headers
+
+
+def _answered(endpoint: str, status: int) -> float:
+    """How many requests of ``endpoint`` the collector answered with ``status`` (its
+    own counter: the collector runs in this process)."""
+    value = REGISTRY.get_sample_value(
+        "eventpipe_http_requests_total", {"endpoint": endpoint, "status": str(status)}
+    )
+    return value or 0.0
+
+
+def _sdk(key: str, host: str, errors: list[tuple[Exception, list[Any]]], **options: Any) -> Client:
+    """segment-analytics-python's client with its own retries and backoff (few
+    retries, so a test ends; on_error records what the SDK gave up on)."""
+    return Client(
+        key,
+        host=host,
+        upload_interval=0.05,
+        max_retries=3,
+        on_error=lambda error, batch: errors.append((error, batch)),
+        **options,
+    )
+
+
+async def _send(client: Client) -> None:
+    await _in_thread(client.flush)  # returns once every batch is answered or given up
+    client.join()
+
+
+async def _message_ids(db: Database, shop: ShopCredentials) -> list[str]:
+    rows = await db.pool.fetch(
+        "SELECT props->>'$message_id' AS id FROM events WHERE shop_id = $1", shop.shop_id
+    )
+    return sorted(r["id"] for r in rows)
+
+
+async def test_the_sdk_drops_a_refused_batch_once_and_keeps_good_messages(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """The SDK's own client (its retries on) against the collector's 4xx answers:
+    a bad key and an oversize batch are given up at once (one request each, the
+    SDK's on_error told), one bad message costs only itself."""
+    small = settings.model_copy(update={"segment_max_batch_bytes": 8192})
+    async with Database(settings.dsn) as database, serving(small, database) as (server, _):
+        errors: list[tuple[Exception, list[Any]]] = []
+        before = _answered("/v1/batch", 401)
+        client = _sdk("wk_unknown", server.url, errors)
+        for i in range(3):
+            client.track(anonymous_id="a", event="e", message_id=f"bad-key-{i}")
+        await _send(client)
+        assert _answered("/v1/batch", 401) - before == 1, "a 401 is never retried"
+        assert [(type(e), getattr(e, "status", None), len(b)) for e, b in errors] == [
+            (APIError, 401, 3)
+        ]
+
+        errors.clear()
+        before = _answered("/v1/batch", 413)
+        client = _sdk(shop.write_key, server.url, errors, upload_size=10)
+        for i in range(4):  # 4 messages of 3 KB: over the collector's 8 KB batch
+            client.track(
+                anonymous_id="a", event="big", properties={"x": "y" * 3000}, message_id=f"big-{i}"
+            )
+        await _send(client)
+        assert _answered("/v1/batch", 413) - before == 1, "a 413 is never retried"
+        assert [(getattr(e, "status", None), len(b)) for e, b in errors] == [(413, 4)]
+
+        errors.clear()
+        before = _answered("/v1/batch", 200)
+        client = _sdk(shop.write_key, server.url, errors, upload_size=10)
+        client.track(anonymous_id="a", event="good", message_id="good-1")
+        client.track(anonymous_id="a", event="x" * 300, message_id="too-long-a-name")
+        client.track(anonymous_id="a", event="good", message_id="good-2")
+        await _send(client)
+        assert errors == []
+        assert _answered("/v1/batch", 200) - before == 1  # one batch, answered 200
+    async with Loader(settings, STOREFRONT, db, PartitionManager(db)):
+        await _loaded(db, shop, 2)
+        # Only what the collector took: the good messages once, the bad one alone refused
+        # (its reason in the 200's "rejected"), nothing of the batches given up.
+        assert await _message_ids(db, shop) == ["good-1", "good-2"]
+
+
+async def test_the_sdk_retries_a_429_after_its_retry_after_and_stores_each_once(
+    settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """The collector's own rate limit (1 request/s per key and client, no burst):
+    the SDK's batches beyond it get 429 with Retry-After, the SDK waits and sends
+    them again; nothing lost, nothing twice."""
+    limited = settings.model_copy(
+        update={"rate_limit_client_per_s": 1.0, "rate_limit_client_burst": 1}
+    )
+    async with Database(settings.dsn) as database, serving(limited, database) as (server, _):
+        errors: list[tuple[Exception, list[Any]]] = []
+        before, ok = _answered("/v1/batch", 429), _answered("/v1/batch", 200)
+        client = _sdk(shop.write_key, server.url, errors, upload_size=2)
+        sent = [f"rl-{i}" for i in range(4)]
+        for mid in sent:  # 2 batches of 2, sent back to back
+            client.track(anonymous_id="a", event="e", message_id=mid)
+        await _send(client)
+        assert errors == [], errors
+        assert _answered("/v1/batch", 429) - before >= 1, "the rate limit answered"
+        assert _answered("/v1/batch", 200) - ok == 2, "each batch taken once, in the end"
+    async with Loader(settings, STOREFRONT, db, PartitionManager(db)):
+        await _loaded(db, shop, len(sent))
+        assert await _message_ids(db, shop) == sorted(sent)
+
+
+@pytest.mark.slow
+async def test_the_sdk_retries_a_503_when_neither_broker_nor_spool_can_take_it(
+    tmp_path: Path, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """The broker stopped (SIGSTOP) and no spool: the collector answers 503 with
+    Retry-After; the SDK waits it out and sends the batch again once the broker is
+    back. The first attempt's records may reach Kafka late (the producer had them
+    in flight): each message is still one row."""
+    async with own_broker(tmp_path, settings) as (broker, own):
+        own = own.model_copy(update={"spool_enabled": False})
+        await ensure_topics(
+            broker.bootstrap, [own.topic_storefront], partitions=own.topic_partitions
+        )
+        assert broker.pid is not None
+        async with Database(own.dsn) as database, serving(own, database) as (server, _):
+            errors: list[tuple[Exception, list[Any]]] = []
+            before, ok = _answered("/v1/batch", 503), _answered("/v1/batch", 200)
+            client = _sdk(shop.write_key, server.url, errors, upload_size=10)
+            sent = [f"down-{i}" for i in range(5)]
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                for mid in sent:
+                    client.track(anonymous_id="a", event="e", message_id=mid)
+                sending = asyncio.create_task(_send(client))
+
+                async def refused() -> bool:
+                    return _answered("/v1/batch", 503) > before
+
+                await wait_for(refused)
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            await sending
+            assert errors == [], errors
+            assert _answered("/v1/batch", 200) - ok == 1, "the SDK sent the batch again"
+        async with Loader(own, STOREFRONT, db, PartitionManager(db)):
+            await _loaded(db, shop, len(sent))
+            assert await _message_ids(db, shop) == sorted(sent)
