@@ -19,6 +19,7 @@ from ingest.cli import analysts as analysts_cli
 from ingest.cli import bench as bench_cli
 from ingest.cli import deadletters as dead_letters_cli
 from ingest.cli import erase as erase_cli
+from ingest.cli import funnels as funnels_cli
 from ingest.cli import keys as keys_cli
 from ingest.cli import partitions as partitions_cli
 from ingest.cli import rollups as rollups_cli
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     partitions_cli.add_parser(sub, common)
     rollups_cli.add_parser(sub, common)
+    funnels_cli.add_parser(sub, common)
     dead_letters_cli.add_parser(sub, common)
     erase_cli.add_parser(sub, common)
     keys_cli.add_parser(sub, common)

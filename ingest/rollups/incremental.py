@@ -256,18 +256,25 @@ _BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 async def recompute(
-    db: Database, shop_id: uuid.UUID, days: Sequence[date] | None = None
+    db: Database,
+    shop_id: uuid.UUID,
+    days: Sequence[date] | None = None,
+    *,
+    tables: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Recompute shop ``shop_id``'s rollup rows (its ``days``, or all when None).
 
     For deletions no watermark sees: after an erasure removed a visitor's rows, its
     funnel rows go (every session of the shop is walked again: a session whose events
     are gone gets none), the days' friction and component rows and the shop's
-    experiments are recomputed. Watermarks are left alone; each rollup is done in its
-    own transaction under the refresh's lock. Returns the rows inserted per rollup.
+    experiments are recomputed (``tables``: only those rollups). Watermarks are left
+    alone; each rollup is done in its own transaction under the refresh's lock.
+    Returns the rows inserted per rollup.
     """
     out: dict[str, int] = {}
     for rollup in ROLLUPS.values():
+        if tables is not None and rollup.name not in tables:
+            continue
         async with db.pool.acquire() as conn, conn.transaction():
             await queries.execute(conn, "rollup_lock", rollup.name)
             if rollup.by_day:
