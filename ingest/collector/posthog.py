@@ -427,6 +427,12 @@ def to_event(
         }
     elif name == "$rageclick":
         behavior = {"event_type": "rage_click", **_element_fields(_elements(properties))}
+    elif name == "$pageleave":
+        # No behavior type is "left the page"; the beacon sends the page's final scroll
+        # depth when it is left, and posthog-js's leave carries the same (the share of
+        # the page scrolled): a leave is that row, so user_sessions' exit page and last
+        # seen are the page left and when (the sessions upsert takes the latest row).
+        behavior = {"event_type": "scroll_depth", "event_data": _leave(properties)}
     elif name == "$exception":
         exceptions = properties.get("$exception_list")
         first = exceptions[0] if isinstance(exceptions, list) and exceptions else {}
@@ -484,6 +490,26 @@ def to_event(
             "variant": _text(variant),
         },
     )
+
+
+def _leave(properties: dict[str, Any]) -> dict[str, Any]:
+    """A ``$pageleave``'s scroll depth: ``percentage`` the most of the page seen
+    (``$prev_pageview_max_scroll_percentage``, a fraction), ``duration_ms`` the time
+    on the page (``$prev_pageview_duration``, seconds), ``final`` as the beacon's."""
+    data: dict[str, Any] = {"final": True, "left": True}
+    seen = _fraction(properties.get("$prev_pageview_max_scroll_percentage"))
+    if seen is not None:
+        data["percentage"] = round(seen * 100)
+    duration = properties.get("$prev_pageview_duration")
+    if isinstance(duration, int | float) and not isinstance(duration, bool) and 0 <= duration < 1e9:
+        data["duration_ms"] = round(duration * 1000)
+    return data
+
+
+def _fraction(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    return None
 
 
 def _identity(

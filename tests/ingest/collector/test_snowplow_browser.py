@@ -37,6 +37,13 @@ VIEWPORT = {"width": 1024, "height": 700}
 JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
 
 
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Headless Chromium's user agent is a bot's to the collector (bot_policy drop by
+    default): these tests keep its events, as a shop would set bot_policy keep."""
+    return settings.model_copy(update={"bot_policy": "keep"})
+
+
 def _bundle(spec: str) -> Path:
     folder = npm_package(spec)
     if isinstance(folder, str):
