@@ -1,9 +1,13 @@
-"""``eventpipe shops add|list|show|set``: onboard a shop and change what it may do.
+"""``eventpipe shops add|list|show|set|uninstall``: onboard a shop, change what it may do,
+and uninstall it.
 
 ``add`` prints the shop's first write key (public: it goes in the storefront's
 pages) and its webhook secret (private: it goes in the Shopify app's settings).
 ``show`` never prints the secret unless asked with ``--show-secret``. Keys are
-rotated and revoked with ``eventpipe keys``.
+rotated and revoked with ``eventpipe keys``. ``uninstall`` sets ``uninstalled_at``
+and revokes every live key (collectors refuse them within
+``EVENTPIPE_WRITE_KEY_CACHE_SECONDS``); ``partitions maintain`` deletes or
+anonymises the shop's rows once its retention has passed (source document 004).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Column, Table
 
-from ingest.core.db import Database
+from ingest.core.db import Database, queries
+from ingest.core.errors import ConfigError
 from ingest.core.settings import Settings
 from ingest.core.shops import (
     ShopInfo,
@@ -25,6 +30,7 @@ from ingest.core.shops import (
     shop_secret,
     show_shop,
     update_shop,
+    valid_domain,
 )
 
 
@@ -66,6 +72,15 @@ def add_parser(
     _retention(change)
     change.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     change.set_defaults(func=set_command)
+
+    gone = ssub.add_parser(
+        "uninstall",
+        parents=[common],
+        help="mark a shop uninstalled and revoke its keys; its rows go after its retention",
+    )
+    gone.add_argument("domain")
+    gone.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    gone.set_defaults(func=uninstall_command)
 
 
 def _origins(parser: argparse.ArgumentParser, extra: str = "") -> None:
@@ -168,6 +183,34 @@ async def set_command(settings: Settings, args: argparse.Namespace, console: Con
             retention_days=args.retention_days,
         )
     _print_shop(console, shop, args.json, None)
+    return 0
+
+
+async def uninstall_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    """Set ``uninstalled_at`` (kept from an earlier uninstall) and revoke every live key."""
+    domain = valid_domain(args.domain)
+    async with Database(_dsn(settings), max_size=1) as db:
+        row = await queries.fetchrow(db.pool, "shop_uninstall", domain)
+    if row is None or row["id"] is None:
+        raise ConfigError(f"no shop {domain}", hint="see the shops with `eventpipe shops list`")
+    days = settings.uninstalled_retention_days
+    done = {
+        "domain": domain,
+        "shop_id": str(row["id"]),
+        "uninstalled_at": row["uninstalled_at"].isoformat(timespec="seconds"),
+        "keys_revoked": int(row["revoked"]),
+        "data": settings.uninstalled_data,
+    }
+    if args.json:
+        _print_json(console, done)
+        return 0
+    console.print(
+        f"uninstalled {domain} at {done['uninstalled_at']}; {done['keys_revoked']} key(s) "
+        f"revoked (collectors refuse them within {settings.write_key_cache_seconds:g} s)\n"
+        f"  its rows: {settings.uninstalled_data} by `partitions maintain` once its "
+        f"data_retention_days (else {days} days) have passed",
+        highlight=False,
+    )
     return 0
 
 

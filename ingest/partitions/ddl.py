@@ -3,9 +3,10 @@
 Every statement the manager sends that is not a named query of
 ``sql/queries.sql`` is built here: CREATE / ALTER / ATTACH / DETACH / DROP,
 GRANT and CREATE POLICY copied from the parent, LOCK, COPY, the shop purge's
-DELETE, the ``lock_timeout`` settings, and the few catalog-free reads whose
-table is a partition. Names go through ``ident()`` (checked, then quoted) or,
-for names read from the catalog, ``quote()``; bounds are UTC literals made
+DELETE, an uninstalled shop's DELETE or anonymising UPDATE, the ``lock_timeout``
+settings, and the few catalog-free reads whose table is a partition. Names go
+through ``ident()`` (checked, then quoted) or, for names read from the catalog,
+``quote()``; bounds are UTC literals made
 here from ``date``/``datetime``; numbers through ``int()``. Policy expressions
 are the parent's own, as the server deparses them.
 
@@ -15,6 +16,7 @@ Each builder is used both to plan (the dry run prints its output) and to run
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
@@ -29,6 +31,7 @@ from ingest.partitions.model import (
     Policy,
     PurgeStep,
     RowPolicy,
+    ShopStep,
 )
 from ingest.partitions.months import add_months, partition_name
 
@@ -256,3 +259,115 @@ def visitor_delete(table: str, match: str, batch_rows: int) -> str:
 def visitor_count(table: str, match: str) -> str:
     """The rows of ``table`` that ``match`` selects (an erasure's dry run)."""
     return f"SELECT count(*) FROM {ident(table)} WHERE {match}"
+
+
+# -- uninstalled shops (source document 004: "hard-delete or anonymize after retention") -------
+
+# Ids replaced by their pseudonym (migration 0015: eventpipe_pseudonym), where a table has them.
+PSEUDONYMOUS = ("anon_id", "session_id", "user_id", "group_id")
+# Free text, and how it is cleared: text that may name or locate a person goes, JSON keeps
+# its numbers and booleans (eventpipe_scrub), a URL keeps its origin and path (a query
+# string or fragment often carries an email, a token, a search).
+_STRIP_URL = r"regexp_replace({c}, '[?#].*$', '')"
+FREE_TEXT = {
+    "element_text": "NULL",
+    "user_agent": "NULL",
+    "referrer": "NULL",
+    "page_url": _STRIP_URL,
+    "landing_page": _STRIP_URL,
+    "exit_page": _STRIP_URL,
+    "props": "eventpipe_scrub({c})",
+    "event_data": "eventpipe_scrub({c})",
+    "metadata": "eventpipe_scrub({c})",
+    "traits": "'{{}}'::jsonb",
+    "group_traits": "'{{}}'::jsonb",
+}
+
+
+def _shop(shop_id: object) -> str:
+    # A shop id read from shops.id, checked by its own round trip through UUID.
+    return f"'{uuid.UUID(str(shop_id))}'::uuid"
+
+
+def anonymizable(columns: Sequence[str]) -> bool:
+    """Whether a table of these columns holds ids to pseudonymise (else it is left as it
+    is when a shop is anonymised: aggregates name nobody)."""
+    return any(c in PSEUDONYMOUS for c in columns)
+
+
+def _guard(columns: Sequence[str]) -> str:
+    """Rows not anonymised yet: the first id column that is always set is not a pseudonym
+    (an UPDATE moves a row, possibly into a block range still to come)."""
+    column = next(c for c in ("session_id", "anon_id", "user_id", "group_id") if c in columns)
+    return f"NOT coalesce(eventpipe_is_pseudonym({ident(column)}), false)"
+
+
+def uninstalled_delete(table: str, shop_id: object, batch_rows: int) -> str:
+    """One bounded batch deleting rows of uninstalled shop ``shop_id`` from ``table``
+    (a leaf partition, a detached month or a plain table: ctids are per table)."""
+    t, shop = ident(table), _shop(shop_id)
+    return (
+        f"DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} "
+        f"WHERE shop_id = {shop} LIMIT {int(batch_rows)}))"
+    )
+
+
+def uninstalled_anonymize(table: str, columns: Sequence[str], shop_id: object) -> str:
+    """One batch anonymising the rows of shop ``shop_id`` in ``table`` whose ctid lies in
+    ``[$1, $2)`` (tids: a TID range scan reads those blocks only): ids become
+    pseudonyms, free text is cleared."""
+    sets = [
+        f"{quote(c)} = eventpipe_pseudonym(shop_id, {quote(c)})"
+        for c in columns
+        if c in PSEUDONYMOUS
+    ]
+    sets += [f"{quote(c)} = " + FREE_TEXT[c].format(c=quote(c)) for c in columns if c in FREE_TEXT]
+    if not sets or not anonymizable(columns):
+        raise PartitionError(f"{table}: no id column to anonymise")
+    t, shop, guard = ident(table), _shop(shop_id), _guard(columns)
+    return (
+        f"UPDATE {t} SET {', '.join(sets)} WHERE ctid >= $1::tid AND ctid < $2::tid "
+        f"AND shop_id = {shop} AND {guard}"
+    )
+
+
+def uninstalled_step(
+    table: str,
+    columns: Sequence[str],
+    shop_id: object,
+    mode: str,
+    *,
+    batch_rows: int,
+    lock_timeout_ms: int,
+) -> ShopStep:
+    """The removal (``mode`` delete) or anonymisation of shop ``shop_id``'s rows of
+    ``table``, batch after batch under a session lock_timeout."""
+    if mode == "delete":
+        batch, blocks = uninstalled_delete(table, shop_id, batch_rows), 0
+    elif mode == "anonymize":
+        # About batch_rows rows per batch: a heap block holds some 30 to 100 event rows.
+        batch, blocks = uninstalled_anonymize(table, columns, shop_id), max(1, batch_rows // 50)
+    else:
+        raise PartitionError(f"unknown uninstalled-shop mode {mode!r}")
+    return ShopStep(lock_timeout(lock_timeout_ms, local=False), batch, RESET_LOCK_TIMEOUT, blocks)
+
+
+def dead_letters_step(lock_timeout_ms: int) -> ShopStep:
+    """An uninstalled shop's dead letters (decoded by a named query, window by window)."""
+    return ShopStep(lock_timeout(lock_timeout_ms, local=False), None, RESET_LOCK_TIMEOUT)
+
+
+def shop_rows_left(table: str, columns: Sequence[str], mode: str) -> str:
+    """Whether ``table`` holds rows of shop ``$1`` still to delete or anonymise."""
+    t, guard = ident(table), _guard(columns) if mode == "anonymize" else "true"
+    extra = f" AND {guard}"
+    return f"SELECT EXISTS (SELECT 1 FROM {t} WHERE shop_id = $1{extra})"
+
+
+def table_blocks(table: str) -> str:
+    """The heap blocks of ``table`` now (an anonymisation's block ranges end there)."""
+    name = ident(table)
+    return (
+        f"SELECT (pg_relation_size('{name}'::regclass) / "
+        "current_setting('block_size')::bigint)::bigint"
+    )

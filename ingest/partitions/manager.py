@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
+import orjson
 import structlog
 
 from ingest.core import metrics
@@ -52,9 +54,11 @@ from ingest.partitions.model import (
     Policy,
     PurgeStep,
     Restored,
+    ShopStep,
     StatusReport,
     Step,
     TableStatus,
+    UninstalledShop,
 )
 from ingest.partitions.months import (
     add_months,
@@ -87,8 +91,12 @@ class PartitionManager(Catalog):
         archive_dir: Path | None = None,
         batch_rows: int = 5000,
         role: str | None = None,
+        uninstalled_days: int = 30,
+        uninstalled_mode: str = "delete",
     ) -> None:
         super().__init__(db)
+        self.uninstalled_days = uninstalled_days
+        self.uninstalled_mode = uninstalled_mode
         self.role = role
         self.lock_timeout_ms = lock_timeout_ms
         self.lock_retries = lock_retries
@@ -111,6 +119,8 @@ class PartitionManager(Catalog):
             archive_dir=settings.archive_path,
             batch_rows=settings.retention_batch_rows,
             role=role,
+            uninstalled_days=settings.uninstalled_retention_days,
+            uninstalled_mode=settings.uninstalled_data,
         )
 
     # -- on demand (loaders) ----------------------------------------------------------------
@@ -188,11 +198,13 @@ class PartitionManager(Catalog):
         if dry_run:
             for policy in await self.policies(table):
                 await self._plan_into(report, policy, now)
+            await self._uninstalled(report, now, table, dry_run=True)
             return report
         async with self._maintenance_lock():
             for policy in await self.policies(table):
                 for action in await self._plan_into(report, policy, now):
                     await self._apply(policy, action)
+            await self._uninstalled(report, now, table, dry_run=False)
         return report
 
     async def _plan_into(
@@ -422,6 +434,161 @@ class PartitionManager(Catalog):
             if deleted < self.batch_rows:
                 return total
 
+    # -- uninstalled shops ------------------------------------------------------------------
+
+    async def uninstalled_shops(self) -> list[UninstalledShop]:
+        """Every uninstalled shop: when its rows are due to go, how, and whether they went."""
+        rows = await queries.fetch(
+            self.db.pool, "pm_uninstalled_shops", self.uninstalled_days, self.uninstalled_mode
+        )
+        return [
+            UninstalledShop(
+                str(r["id"]),
+                r["uninstalled_at"],
+                r["due_at"],
+                r["mode"],
+                r["finished_at"],
+                {k: int(v) for k, v in orjson.loads(r["rows"]).items()},
+            )
+            for r in rows
+        ]
+
+    async def _uninstalled(
+        self, report: MaintenanceReport, now: datetime, table: str | None, *, dry_run: bool
+    ) -> None:
+        """Delete or anonymise the rows of every shop uninstalled longer ago than its
+        retention (source document 004), table by table, leaf by leaf, in bounded
+        batches; the purge is recorded in ``shop_purges`` (finished once every table is
+        done, so a run for one ``table`` never finishes it)."""
+        # A dry run plans after retention that did not happen: leave out what it retires.
+        gone = {a.partition for a in report.actions if a.kind in ("drop", "archive")}
+        for shop in await self.uninstalled_shops():
+            if shop.state(now) != "overdue":
+                continue
+            actions = await self._plan_uninstalled(shop, table, gone)
+            report.actions += actions
+            if dry_run:
+                continue
+            shop_id = _uuid(shop.shop_id)
+            await queries.execute(
+                self.db.pool, "pm_shop_purge_start", shop_id, shop.mode, shop.uninstalled_at
+            )
+            for action in actions:
+                action.rows = await self._apply_shop(action, shop)
+                await queries.execute(
+                    self.db.pool, "pm_shop_purge_rows", shop_id, action.table, action.rows
+                )
+                metrics.PARTITION_ACTIONS.labels(action.table, action.kind).inc()
+                log.info(
+                    "uninstalled shop",
+                    shop=shop.shop_id,
+                    kind=action.kind,
+                    partition=action.partition,
+                    rows=action.rows,
+                )
+            if table is None:
+                await queries.execute(self.db.pool, "pm_shop_purge_finish", shop_id)
+
+    async def _plan_uninstalled(
+        self, shop: UninstalledShop, table: str | None, gone: set[str]
+    ) -> list[Action]:
+        pool, shop_id = self.db.pool, _uuid(shop.shop_id)
+        kind = f"{shop.mode}_uninstalled"
+        note = f"shop {shop.shop_id}: uninstalled {shop.uninstalled_at:%Y-%m-%d}"
+        actions: list[Action] = []
+        for t in await queries.fetch(pool, "pm_shop_tables"):
+            name, columns = t["table_name"], list(t["columns"])
+            if table is not None and name != table:
+                continue
+            if shop.mode == "anonymize" and not ddl.anonymizable(columns):
+                continue  # aggregates: no id to pseudonymise, nobody named
+            leaves = (
+                [r["name"] for r in await queries.fetch(pool, "erase_leaves", name)]
+                if t["partitioned"]
+                else [name]
+            )
+            for leaf in leaves:
+                if leaf in gone or not await pool.fetchval(
+                    ddl.shop_rows_left(leaf, columns, shop.mode), shop_id
+                ):
+                    continue
+                step = ddl.uninstalled_step(
+                    leaf,
+                    columns,
+                    shop_id,
+                    shop.mode,
+                    batch_rows=self.batch_rows,
+                    lock_timeout_ms=self.lock_timeout_ms,
+                )
+                actions.append(Action(name, kind, name_month(leaf), [step], leaf, note=note))
+        if table in (None, "dead_letters"):
+            # Dead letters go in both modes: raw records cannot be anonymised in place.
+            step = ddl.dead_letters_step(self.lock_timeout_ms)
+            actions.append(
+                Action(
+                    "dead_letters", "delete_uninstalled", None, [step], "dead_letters", note=note
+                )
+            )
+        return actions
+
+    async def _apply_shop(self, action: Action, shop: UninstalledShop) -> int:
+        """Run an uninstalled shop's step on one session, batch after batch (each its own
+        transaction, a lock wait retried); returns the rows deleted or anonymised."""
+        step = action.steps[0]
+        assert isinstance(step, ShopStep)
+        total = 0
+        async with self.db.pool.acquire() as conn:
+            await conn.execute(step.lock_timeout)
+            try:
+                if step.batch is None:
+                    span = await queries.fetchrow(conn, "erase_dead_letter_span")
+                    assert span is not None
+                    low, high = int(span["low"]), int(span["high"])
+                    for start in range(low, high + 1, self.batch_rows):
+                        total += await self._shop_batch(
+                            conn,
+                            "pm_uninstalled_dead_letters",
+                            shop.shop_id,
+                            start,
+                            start + self.batch_rows,
+                        )
+                elif step.blocks:
+                    blocks = int(await conn.fetchval(ddl.table_blocks(action.partition)))
+                    for start in range(0, blocks, step.blocks):
+                        total += await self._shop_batch(
+                            conn, step.batch, (start, 0), (start + step.blocks, 0)
+                        )
+                else:
+                    while (deleted := await self._shop_batch(conn, step.batch)) > 0:
+                        total += deleted
+                        if deleted < self.batch_rows:
+                            break
+            finally:
+                await conn.execute(step.reset)
+        return total
+
+    async def _shop_batch(self, conn: asyncpg.Connection, sql: str, *args: object) -> int:
+        """One batch (a statement, or a named query returning ``touched``), retried with
+        backoff when its lock is not granted within the session's lock_timeout."""
+        for n in range(self.lock_retries):
+            try:
+                if not args:
+                    status = await conn.execute(sql)
+                    return int(status.split()[-1])
+                if sql.startswith("pm_"):
+                    return int(await queries.fetchval(conn, sql, *args))
+                status = await conn.execute(sql, *args)
+                return int(status.split()[-1])
+            except asyncpg.LockNotAvailableError:
+                log.warning("uninstalled shop batch waited too long for a lock", attempt=n + 1)
+                await asyncio.sleep(min(0.1 * 2**n, 2.0))
+        raise PartitionError(
+            f"uninstalled shop: lock not granted within {self.lock_timeout_ms} ms, "
+            f"{self.lock_retries} tries",
+            hint="a long transaction holds a lock on the table; maintain again later "
+            "(what was done stays done)",
+        )
+
     # -- restore ----------------------------------------------------------------------------
 
     async def restore(self, path: Path) -> Restored:
@@ -527,7 +694,7 @@ class PartitionManager(Catalog):
         for t in tables:
             metrics.PARTITIONS_MISSING_AHEAD.labels(t.policy.table).set(t.missing_ahead)
             metrics.RETENTION_OVERDUE.labels(t.policy.table).set(t.retention_overdue)
-        return StatusReport(tables)
+        return StatusReport(tables, await self.uninstalled_shops(), now)
 
     async def _table_status(self, policy: Policy, now: datetime) -> TableStatus:
         parent = await self.parent(policy.table)
@@ -620,6 +787,10 @@ class PartitionManager(Catalog):
                 yield
             finally:
                 await queries.fetchval(conn, "pm_maintenance_unlock")
+
+
+def _uuid(value: str) -> uuid.UUID:
+    return uuid.UUID(value)
 
 
 def _outside(data: Path, month: date, column: str) -> PartitionError:

@@ -209,7 +209,27 @@ class PurgeStep:
         return (self.delete,)
 
 
-Step = CreateStep | DetachStep | DropStep | ArchiveStep | PurgeStep
+@dataclass(frozen=True)
+class ShopStep:
+    """An uninstalled shop's rows of one table, removed or anonymised batch after batch
+    on one session under a session ``lock_timeout`` (each batch its own transaction):
+    a bounded DELETE sent until a batch is short, or (``blocks``) an UPDATE of the
+    block range ``$1 <= ctid < $2``, range after range up to the table's size when
+    the step began. ``batch`` is None for the dead letters: their named query, window
+    by window of ids, decodes each record to find the shop's events."""
+
+    lock_timeout: str
+    batch: str | None
+    reset: str
+    blocks: int = 0  # blocks per UPDATE batch; 0: a DELETE batch
+
+    @property
+    def statements(self) -> tuple[str, ...]:
+        """In the order they are sent (the batch as many times as it takes)."""
+        return (self.lock_timeout, *((self.batch,) if self.batch else ()), self.reset)
+
+
+Step = CreateStep | DetachStep | DropStep | ArchiveStep | PurgeStep | ShopStep
 
 
 @dataclass
@@ -223,7 +243,8 @@ class Action:
     """
 
     table: str
-    kind: str  # create | detach | drop | archive | purge_shop
+    # create | detach | drop | archive | purge_shop | delete_uninstalled | anonymize_uninstalled
+    kind: str
     month: date | None
     steps: list[Step]
     partition: str = ""
@@ -296,15 +317,56 @@ class TableStatus:
 
 
 @dataclass
+class UninstalledShop:
+    """An uninstalled shop as ``status`` reports it: when its rows are due to go (or be
+    anonymised) and whether that is done."""
+
+    shop_id: str
+    uninstalled_at: datetime
+    due_at: datetime
+    mode: str
+    finished_at: datetime | None
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def state(self, now: datetime) -> str:
+        """``purged`` (done), ``overdue`` (due and not done) or ``retained`` (not due)."""
+        if self.finished_at is not None:
+            return "purged"
+        return "overdue" if self.due_at <= now else "retained"
+
+    def as_dict(self, now: datetime) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "shop_id": self.shop_id,
+            "uninstalled_at": self.uninstalled_at.isoformat(),
+            "due_at": self.due_at.isoformat(),
+            "mode": self.mode,
+            "state": self.state(now),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "rows": self.rows,
+        }
+
+
+@dataclass
 class StatusReport:
-    """``partitions status``: healthy when no table has a warning."""
+    """``partitions status``: healthy when no table has a warning and no uninstalled
+    shop's purge is overdue."""
 
     tables: list[TableStatus]
+    uninstalled: list[UninstalledShop] = field(default_factory=list)
+    now: datetime | None = None
 
     @property
     def warnings(self) -> list[str]:
-        """Every warning, prefixed with its table."""
-        return [f"{t.policy.table}: {w}" for t in self.tables for w in t.warnings]
+        """Every warning, prefixed with its table (or the uninstalled shop)."""
+        out = [f"{t.policy.table}: {w}" for t in self.tables for w in t.warnings]
+        if self.now is not None:
+            out += [
+                f"uninstalled shop {u.shop_id}: {u.mode} overdue since {u.due_at:%Y-%m-%d %H:%M}"
+                for u in self.uninstalled
+                if u.state(self.now) == "overdue"
+            ]
+        return out
 
     @property
     def healthy(self) -> bool:
@@ -317,6 +379,9 @@ class StatusReport:
             "healthy": self.healthy,
             "warnings": self.warnings,
             "tables": [t.as_dict() for t in self.tables],
+            "uninstalled_shops": [
+                u.as_dict(self.now) for u in self.uninstalled if self.now is not None
+            ],
         }
 
 

@@ -174,3 +174,59 @@ async def test_bad_input_is_one_clear_line_and_a_nonzero_exit(
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (args, err)
         assert await db.pool.fetchval("SELECT count(*) FROM shops WHERE domain = $1", fresh) == 0
+
+
+async def test_uninstall_revokes_the_keys_the_collector_then_refuses(
+    run: Run, settings: Settings, db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`shops uninstall`: uninstalled_at set, every live key revoked; a real collector with
+    a 1 s key cache takes the key before and refuses it within that interval after."""
+    import aiohttp
+
+    domain = _domain()
+    assert await run("shops", "add", domain, "--json") == 0
+    key = json.loads(capsys.readouterr().out)["write_key"]
+    assert await run("keys", "rotate", "--shop", domain) == 0  # two live keys
+    capsys.readouterr()
+    body = b'[{"event_type":"page_view","session_id":"s-un","page_url":"https://shop.example/"}]'
+    cache_s = 1.0
+    async with (
+        serving(settings, db, key_cache_s=cache_s) as (server, _),
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def post() -> int:
+            async with http.post(
+                f"{server.url}/v1/behavior?k={key}",
+                data=body,
+                headers={"Content-Type": "text/plain"},
+            ) as resp:
+                return resp.status
+
+        assert await post() == 200  # the key is in the collector's cache now
+        assert await run("shops", "uninstall", domain, "--json") == 0
+        done = json.loads(capsys.readouterr().out)
+        assert done["keys_revoked"] == 2 and done["domain"] == domain
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while (status := await post()) == 200:
+            assert loop.time() - start < cache_s + 1.0, "revoked key still taken"
+            await asyncio.sleep(0.05)
+        assert status in (401, 403)
+    row = await db.pool.fetchrow(
+        "SELECT uninstalled_at, (SELECT count(*) FROM shop_write_keys k WHERE k.shop_id = s.id "
+        "AND k.revoked_at IS NULL) AS live FROM shops s WHERE domain = $1",
+        domain,
+    )
+    assert row["uninstalled_at"] is not None and row["live"] == 0
+    assert row["uninstalled_at"].isoformat(timespec="seconds") == done["uninstalled_at"]
+    # Again: the first uninstall's time stays (its retention counts from then), nothing revoked.
+    assert await run("shops", "uninstall", domain, "--json") == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["uninstalled_at"] == done["uninstalled_at"] and again["keys_revoked"] == 0
+    assert await run("shops", "show", domain, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["uninstalled_at"] == done["uninstalled_at"] and shown["live_keys"] == 0
+    assert await run("shops", "uninstall", _domain()) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "no shop" in err[0]

@@ -568,6 +568,13 @@ async def test_dry_run_reports_exactly_the_statements_the_run_executes(
     await manager.create(await manager.policy("behavior_events"), date(2026, 11, 1))
     for hours in (30, 40, 50, 60, 70):
         await _insert(fresh, NOW - timedelta(hours=hours), shop)
+    gone = await fresh.pool.fetchval(
+        "INSERT INTO shops (domain, webhook_secret, uninstalled_at) "
+        "VALUES ('gone.myshopify.com', 's', $1) RETURNING id",
+        NOW - timedelta(days=31),
+    )
+    for hours in (30, 40, 50):
+        await _insert(fresh, NOW - timedelta(hours=hours), gone)
     await _set_mode(fresh, mode, tmp_path / "archive")
     named = _named_queries()
     sent: list[str] = []
@@ -592,7 +599,263 @@ async def test_dry_run_reports_exactly_the_statements_the_run_executes(
     monkeypatch.undo()
     executed = [s for i, s in enumerate(sent) if not (s.startswith("DELETE") and s == sent[i - 1])]
     kinds = {a.kind for a in planned.actions}
-    assert kinds == {"create", mode, "purge_shop"}
+    assert kinds == {"create", mode, "purge_shop", "delete_uninstalled"}
     assert len(executed) < len(sent)  # purge batches did repeat, and were collapsed
     assert [s for a in planned.actions for s in a.statements] == executed
     assert [a.statements for a in report.actions] == [a.statements for a in planned.actions]
+
+
+# -- uninstalled shops (source document 004: hard-delete or anonymize after retention) ----------
+
+_TABLES = ("behavior_events", "events", "user_sessions", "identities")
+
+
+async def _shop_rows(db: Database, shop: uuid.UUID, tag: str, *, offset: int = 0) -> None:
+    """Rows of ``shop`` in every table: 3 months of events and behavior events (2 sessions),
+    its 2 sessions and 2 identities; ``tag`` makes its ids its own."""
+    for n, month in enumerate((date(2026, 9, 1), date(2026, 10, 1), date(2026, 11, 1))):
+        for i in range(3):
+            at = month_bound(month) + timedelta(days=i + offset, hours=2)
+            session = f"{tag}-s{i % 2}"
+            await db.pool.execute(
+                "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, "
+                'page_url, "timestamp", received_at, element_text, metadata) VALUES '
+                "($1, $2, $3, 'click', $4, $5, $5, 'Dear Ann Smith', $6)",
+                uuid.uuid4(),
+                shop,
+                session,
+                f"https://shop.example/p/{n}?email=ann%40example.com#x",
+                at,
+                json.dumps({"user_id": f"{tag}-u", "depth": 3}),
+            )
+            await db.pool.execute(
+                "INSERT INTO events (event_id, shop_id, anon_id, session_id, user_id, event_type, "
+                "ts, received_at, props) VALUES ($1, $2, $3, $4, $5, 'purchase', $6, $6, $7)",
+                uuid.uuid4(),
+                shop,
+                f"{tag}-a",
+                session,
+                f"{tag}-u" if i else None,
+                at,
+                json.dumps({"value": 12.5, "paid": True, "customer": {"email": "ann@x"}}),
+            )
+    for i in range(2):
+        await db.pool.execute(
+            "INSERT INTO user_sessions (shop_id, session_id, user_agent, referrer, landing_page, "
+            "first_seen_at, last_seen_at) VALUES ($1, $2, 'Mozilla/5.0 (Ann)', "
+            "'https://mail.example/?q=ann', 'https://shop.example/?token=t', now(), now())",
+            shop,
+            f"{tag}-s{i}",
+        )
+        await db.pool.execute(
+            "INSERT INTO identities (shop_id, anon_id, user_id, traits, group_id, first_seen_at, "
+            "last_seen_at) VALUES ($1, $2, $3, '{\"email\": \"ann@x\"}', 'g1', now(), now())",
+            shop,
+            f"{tag}-a{i}",
+            f"{tag}-u",
+        )
+
+
+async def _dead_letter(db: Database, raw: bytes) -> int:
+    return int(
+        await db.pool.fetchval(
+            "INSERT INTO dead_letters (consumer_group, topic, kafka_partition, kafka_offset, raw, "
+            "reason, error) VALUES ('g', 't', 0, "
+            "(SELECT coalesce(max(kafka_offset), 0) + 1 FROM dead_letters), $1, 'x', 'x') "
+            "RETURNING id",
+            raw,
+        )
+    )
+
+
+async def _counts(db: Database, shop: uuid.UUID) -> dict[str, int]:
+    return {
+        t: int(await db.pool.fetchval(f"SELECT count(*) FROM {t} WHERE shop_id = $1", shop))
+        for t in _TABLES
+    }
+
+
+async def _three_shops(db: Database, manager: PartitionManager) -> dict[str, uuid.UUID]:
+    """Partitions made, then 4 shops with rows in every table, then uninstalled: gone 40
+    days before NOW (default 30 days kept: due); recent 5 days before (kept); own 50 days
+    before but keeps 90 (its data_retention_days); live never."""
+    await db.pool.execute(
+        "INSERT INTO partition_policies (table_name, partition_column, retention) "
+        "VALUES ('events', 'ts', INTERVAL '2 years')"
+    )
+    await manager.maintain(NOW)
+    rows = await db.pool.fetch(
+        "INSERT INTO shops (domain, webhook_secret, settings) VALUES "
+        "('gone.myshopify.com', 's', '{}'), ('recent.myshopify.com', 's', '{}'), "
+        "('own.myshopify.com', 's', '{\"data_retention_days\": 90}'), "
+        "('live.myshopify.com', 's', '{}') RETURNING id, domain"
+    )
+    shops = {r["domain"].split(".")[0]: r["id"] for r in rows}
+    for name, shop in shops.items():
+        await _shop_rows(db, shop, name)
+    for name, days in (("gone", 40), ("recent", 5), ("own", 50)):
+        await db.pool.execute(
+            "UPDATE shops SET uninstalled_at = $2 WHERE id = $1",
+            shops[name],
+            NOW - timedelta(days=days),
+        )
+    return shops
+
+
+async def test_uninstalled_shop_rows_are_deleted_after_retention_in_batches(
+    fresh: Database,
+) -> None:
+    manager = PartitionManager(fresh, batch_rows=2)
+    shops = await _three_shops(fresh, manager)
+    gone = str(shops["gone"])
+    alone = await _dead_letter(fresh, json.dumps([{"shop_id": gone, "session_id": "x"}]).encode())
+    mixed = await _dead_letter(
+        fresh,
+        json.dumps(
+            [{"shop_id": gone, "session_id": "y"}, {"shop_id": str(shops["live"]), "n": 1}]
+        ).encode(),
+    )
+    other = await _dead_letter(fresh, json.dumps({"shop_id": str(shops["live"])}).encode())
+    junk = await _dead_letter(fresh, b"\xff not json " + gone.encode())
+    full = {"behavior_events": 9, "events": 9, "user_sessions": 2, "identities": 2}
+    assert all([await _counts(fresh, s) == full for s in shops.values()])
+
+    status = await manager.status(NOW)
+    states = {u.shop_id: u.state(NOW) for u in status.uninstalled}
+    assert states == {
+        gone: "overdue",
+        str(shops["recent"]): "retained",
+        str(shops["own"]): "retained",
+    }
+    assert not status.healthy and any("uninstalled shop " + gone in w for w in status.warnings)
+
+    planned = await manager.maintain(NOW, dry_run=True)
+    assert await _counts(fresh, shops["gone"]) == full  # a dry run changes nothing
+    report = await manager.maintain(NOW)
+    assert [a.as_dict() | {"rows": 0} for a in report.actions] == [
+        a.as_dict() for a in planned.actions
+    ]
+    purged = [a for a in report.actions if a.kind == "delete_uninstalled"]
+    assert {a.partition for a in purged} == {
+        "behavior_events_p2026_09",
+        "behavior_events_p2026_10",
+        "behavior_events_p2026_11",
+        "events_p2026_09",
+        "events_p2026_10",
+        "events_p2026_11",
+        "user_sessions",
+        "identities",
+        "dead_letters",
+    }
+    assert all(
+        "LIMIT 2" in s for a in purged if a.table != "dead_letters" for s in a.statements[1:2]
+    )
+    assert {a.table: 0 for a in purged} | {
+        t: sum(a.rows for a in purged if a.table == t) for t in {a.table for a in purged}
+    } == {**full, "dead_letters": 2}
+    assert await _counts(fresh, shops["gone"]) == dict.fromkeys(_TABLES, 0)
+    for name in ("recent", "own", "live"):
+        assert await _counts(fresh, shops[name]) == full, name
+    letters = {
+        r["id"]: bytes(r["raw"]) for r in await fresh.pool.fetch("SELECT id, raw FROM dead_letters")
+    }
+    assert alone not in letters and {other, junk, mixed} <= set(letters)
+    assert json.loads(letters[mixed]) == [{"shop_id": str(shops["live"]), "n": 1}]
+
+    done = await fresh.pool.fetchrow("SELECT * FROM shop_purges WHERE shop_id = $1", shops["gone"])
+    assert done["mode"] == "delete" and done["finished_at"] is not None
+    assert json.loads(done["rows"]) == {**full, "dead_letters": 2}
+    status = await manager.status(NOW)
+    assert status.healthy, status.warnings
+    assert {u.shop_id: u.state(NOW) for u in status.uninstalled}[gone] == "purged"
+    listed = {u["shop_id"]: u for u in status.as_dict()["uninstalled_shops"]}
+    assert listed[gone]["state"] == "purged" and listed[gone]["rows"]["events"] == 9
+    assert (await manager.maintain(NOW)).actions == []
+    # 41 days on, 'recent' (30 days from its uninstall) and 'own' (90) are due too.
+    later = NOW + timedelta(days=41)
+    report = await manager.maintain(later)
+    assert {a.note.split(":")[0] for a in report.actions if a.kind.endswith("uninstalled")} == {
+        f"shop {shops['own']}",
+        f"shop {shops['recent']}",
+    }
+    assert await _counts(fresh, shops["own"]) == dict.fromkeys(_TABLES, 0)
+    assert await _counts(fresh, shops["recent"]) == dict.fromkeys(_TABLES, 0)
+    assert await _counts(fresh, shops["live"]) == full
+
+
+async def test_uninstalled_shop_rows_are_anonymised_when_so_set(fresh: Database) -> None:
+    manager = PartitionManager(fresh, batch_rows=50, uninstalled_mode="anonymize")
+    shops = await _three_shops(fresh, manager)
+    gone = shops["gone"]
+    # An id a client sent that looks like a pseudonym is still an id: it is replaced too.
+    fake = "p:" + "ab" * 40
+    await fresh.pool.execute(
+        "UPDATE events SET session_id = $2 WHERE shop_id = $1 AND ts < '2026-10-01'", gone, fake
+    )
+    before = await _counts(fresh, gone)
+    pseudonym = "SELECT eventpipe_pseudonym($1, $2)"
+
+    # A run for events alone (an interrupted purge, in effect) then the whole run: every
+    # row anonymised once, never a pseudonym of a pseudonym.
+    await manager.maintain(NOW, table="events")
+    assert (
+        await fresh.pool.fetchval("SELECT finished_at FROM shop_purges WHERE shop_id = $1", gone)
+        is None
+    )
+    report = await manager.maintain(NOW)
+    kinds = {a.kind for a in report.actions}
+    assert kinds == {"anonymize_uninstalled", "delete_uninstalled"}  # dead letters go
+    assert "events" not in {a.table for a in report.actions}  # done by the first run
+    assert await _counts(fresh, gone) == before  # rows stay, anonymised
+    p_a = await fresh.pool.fetchval(pseudonym, gone, "gone-a")
+    p_s0 = await fresh.pool.fetchval(pseudonym, gone, "gone-s0")
+    p_u = await fresh.pool.fetchval(pseudonym, gone, "gone-u")
+    p_fake = await fresh.pool.fetchval(pseudonym, gone, fake)
+    assert p_a != await fresh.pool.fetchval(pseudonym, shops["live"], "gone-a")  # per shop
+    events = await fresh.pool.fetch(
+        "SELECT anon_id, session_id, user_id, props FROM events WHERE shop_id = $1 ORDER BY ts",
+        gone,
+    )
+    assert {e["anon_id"] for e in events} == {p_a}
+    assert {e["user_id"] for e in events} == {p_u, None}
+    assert [e["session_id"] for e in events][:3] == [p_fake] * 3
+    assert p_s0 in {e["session_id"] for e in events}
+    assert {e["props"] for e in events} == {json.dumps({"paid": True, "value": 12.5})}
+    behavior = await fresh.pool.fetch(
+        "SELECT session_id, page_url, element_text, metadata FROM behavior_events "
+        "WHERE shop_id = $1",
+        gone,
+    )
+    assert p_s0 in {b["session_id"] for b in behavior}  # the same pseudonym: joins survive
+    assert all(b["session_id"].startswith("p:") for b in behavior)
+    assert {b["element_text"] for b in behavior} == {None}
+    assert all("?" not in b["page_url"] and "#" not in b["page_url"] for b in behavior)
+    assert {b["metadata"] for b in behavior} == {json.dumps({"depth": 3})}
+    sessions = await fresh.pool.fetch(
+        "SELECT session_id, user_agent, referrer, landing_page FROM user_sessions "
+        "WHERE shop_id = $1",
+        gone,
+    )
+    assert p_s0 in {s["session_id"] for s in sessions}
+    assert {(s["user_agent"], s["referrer"], s["landing_page"]) for s in sessions} == {
+        (None, None, "https://shop.example/")
+    }
+    ids = await fresh.pool.fetch("SELECT * FROM identities WHERE shop_id = $1", gone)
+    assert {i["user_id"] for i in ids} == {p_u} and {i["traits"] for i in ids} == {"{}"}
+    assert all(i["anon_id"].startswith("p:") and i["group_id"].startswith("p:") for i in ids)
+    text = ""
+    for t in _TABLES:
+        text += str(await fresh.pool.fetch(f"SELECT * FROM {t} WHERE shop_id = $1", gone))
+    for clear in ("gone-", "Ann", "ann@", "email", fake):
+        assert clear not in text, clear
+    for name in ("recent", "own", "live"):
+        assert (
+            await fresh.pool.fetchval(
+                "SELECT count(*) FROM events WHERE shop_id = $1 AND anon_id = $2",
+                shops[name],
+                f"{name}-a",
+            )
+            == 9
+        )
+    assert (await manager.maintain(NOW)).actions == []
+    assert (await manager.status(NOW)).healthy
