@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import loader_bench, partitions_bench
+from benchmarks import collector_bench, loader_bench, partitions_bench, wrk
 from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
 from consumers.rows import STOREFRONT
 from consumers.values import pg_times
@@ -116,6 +116,7 @@ class Suite:
         self.tmp = tmp
         self.load_s = 6.0 if quick else 12.0
         self.connections = 16
+        self.mode = "quick" if quick else "full"
         self.results: dict[str, Any] = {}
         self._seed = 0
         self.runs: dict[str, Result] = {}
@@ -184,7 +185,70 @@ class Suite:
         return go()
 
     async def collector_section(self) -> None:
-        console.rule("1. collector vs bare aiohttp handler (20-event beacons)")
+        console.rule("1. collector vs bare aiohttp handler, under wrk, per protocol")
+        missing = await asyncio.to_thread(wrk.ensure_wrk)
+        if missing:
+            console.print(f"[yellow]{missing}: the Python generator measures the maximum[/]")
+            await self._collector_section_python(missing)
+            return
+        seconds = 5.0 if self.quick else 10.0
+        settings = self.settings()
+        shop = await self.shop()
+        target = Target("", shop.write_key, shop.webhook_secret, shop.domain)
+        sets = collector_bench.bodies(target, self.seed())
+        port = free_port()
+        bare = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "benchmarks.bare_server", str(port)]
+        async with process("bare", argv, {}, self.tmp, f"{bare}/healthz") as proc:
+            bare_run = await collector_bench.measure(
+                bare, sets["native"], self.tmp, {"bare": proc.pid}, seconds
+            )
+        protocols: dict[str, Any] = {}
+        broker_pid = self.stack.pids.get("broker")
+        async with self.collector(settings) as url:
+            servers = {"collector": self._collector_pid}
+            if broker_pid:
+                servers["broker"] = broker_pid
+            for requests in sets.values():
+                await collector_bench.check_accepted(url, requests)
+            with RssPeak(self._collector_pid) as rss:
+                for name, requests in sets.items():
+                    protocols[name] = await collector_bench.measure(
+                        url, requests, self.tmp, servers, seconds
+                    )
+            # latency at half the maximum: open loop, from the intended send time
+            max_rps = protocols["native"]["requests_per_s"]
+            target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+            half = await self.load("collector_half", target, mix=BEACONS, rate=max_rps / 2)
+        native, h = protocols["native"], half.summary()
+        self._bodies, self._wrk_s = sets, seconds
+        for name, figures in protocols.items():
+            base = protocols["native_storefront" if name == "segment" else "native"]
+            figures["events_vs_native"] = round(figures["events_per_s"] / base["events_per_s"], 3)
+        self.results["collector"] = {
+            "generator": "wrk",
+            "mode": self.mode,
+            "seconds_per_run": seconds,
+            "bodies_per_protocol": len(sets["native"]),
+            "bare": bare_run,
+            "bare_requests_per_s": bare_run["requests_per_s"],
+            # a baseline whose generator used more CPU than the server measured wrk
+            "bare_baseline_valid": bare_run["generator_below_server"],
+            "requests_per_s": native["requests_per_s"],
+            "events_per_s": native["events_per_s"],
+            "ratio_vs_bare": round(native["requests_per_s"] / bare_run["requests_per_s"], 3),
+            "protocols": protocols,
+            "half_rate_requests_per_s": round(max_rps / 2, 1),
+            "p50_ms": h["latency_ms"]["p50"],
+            "p99_ms": h["latency_ms"]["p99"],
+            "half_rate_errors": h["errors"],
+            "half_rate_generator_saturated": h["generator_saturated"],
+            "rss_mb": round(rss.peak_mb, 1),
+        }
+
+    async def _collector_section_python(self, why: str) -> None:
+        """The collector figures from the Python generator, when wrk cannot be had
+        (marked: its maximum is the generator's as much as the server's)."""
         port = free_port()
         bare = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "benchmarks.bare_server", str(port)]
@@ -194,31 +258,26 @@ class Suite:
         shop = await self.shop()
         async with self.collector(settings) as url:
             target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
-            cpu = CpuMeter({**self.stack.pids, "collector": self._collector_pid})
             with RssPeak(self._collector_pid) as rss:
-                cpu.start()
                 max_run = await self.load("collector_max", target, mix=BEACONS)
-                cpu_seconds = cpu.stop()
                 max_rps = max_run.summary()["max_requests_per_s"]
                 half = await self.load("collector_half", target, mix=BEACONS, rate=max_rps / 2)
         b, m, h = bare_run.summary(), max_run.summary(), half.summary()
         self.results["collector"] = {
+            "generator": f"python (no wrk: {why})",
+            "mode": self.mode,
             "bare_requests_per_s": b["max_requests_per_s"],
+            "bare_baseline_valid": not b["generator_saturated"],
             "requests_per_s": m["max_requests_per_s"],
             "events_per_s": m["max_events_per_s"],
             "ratio_vs_bare": round(m["max_requests_per_s"] / b["max_requests_per_s"], 3),
+            "protocols": {},
             "half_rate_requests_per_s": round(max_rps / 2, 1),
             "p50_ms": h["latency_ms"]["p50"],
             "p99_ms": h["latency_ms"]["p99"],
             "half_rate_errors": h["errors"],
+            "half_rate_generator_saturated": h["generator_saturated"],
             "rss_mb": round(rss.peak_mb, 1),
-            # where the 2 cores went during the max ramp ("python" is the generator)
-            "cpu_seconds_max_ramp": cpu_seconds,
-            "max_ramp_seconds": round(max_run.seconds, 1),
-            "ramp_bare": b["steps"],
-            "ramp_collector": m["steps"],
-            "generator_cpu_percent": m["generator_cpu_percent"],
-            "generator_saturated": m["generator_saturated"] or h["generator_saturated"],
         }
 
     async def loader_section(self) -> None:
@@ -310,14 +369,49 @@ class Suite:
         console.rule("4. scaling: 2 collector workers, 2 loader processes")
         settings = self.settings()
         shop = await self.shop()
-        async with self.collector(settings, workers=2) as url:
-            target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
-            run = await self.load("collector_2w_max", target, mix=BEACONS)
+        figures: dict[str, Any] = {}
+        if getattr(self, "_bodies", None):  # wrk, with the collector section's bodies
+            native = self._bodies["native"]
+            port = free_port()
+            bare = f"http://127.0.0.1:{port}"
+            argv = [sys.executable, "-m", "benchmarks.bare_server", str(port), "--reuse-port"]
+            async with contextlib.AsyncExitStack() as stack:
+                procs = [
+                    await stack.enter_async_context(
+                        process(f"bare-{i}", argv, {}, self.tmp, f"{bare}/healthz")
+                    )
+                    for i in range(2)
+                ]
+                servers = {"bare": procs[0].pid, "bare-2": procs[1].pid}
+                bare_2 = await collector_bench.measure(bare, native, self.tmp, servers, self._wrk_s)
+            async with self.collector(settings, workers=2) as url:
+                collector_2 = await collector_bench.measure(
+                    url, native, self.tmp, {"collector": self._collector_pid}, self._wrk_s
+                )
+            figures = {
+                "generator": "wrk",
+                "bare_2_workers_requests_per_s": bare_2["requests_per_s"],
+                "bare_2_vs_1": round(
+                    bare_2["requests_per_s"] / self.results["collector"]["bare_requests_per_s"], 3
+                ),
+                "collector_2_workers_vs_bare_2": round(
+                    collector_2["requests_per_s"] / bare_2["requests_per_s"], 3
+                ),
+                "collector_2_workers": collector_2,
+                "bare_2_workers": bare_2,
+            }
+            two = collector_2["requests_per_s"]
+        else:
+            async with self.collector(settings, workers=2) as url:
+                target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+                run = await self.load("collector_2w_max", target, mix=BEACONS)
+            two = run.summary()["max_requests_per_s"]
+            figures["generator"] = "python"
         one = self.results["collector"]["requests_per_s"]
-        two = run.summary()["max_requests_per_s"]
         rows = 30_000 if self.quick else 100_000
         loader = {p: await self._loader_processes(rows, p) for p in (1, 2)}
         self.results["scaling"] = {
+            **figures,
             "collector_1_worker_requests_per_s": one,
             "collector_2_workers_requests_per_s": two,
             "collector_2_vs_1": round(two / one, 3),
