@@ -45,6 +45,10 @@ BODIES = st.one_of(
     st.fixed_dictionaries({"events": st.lists(EVENTISH, max_size=5)}).map(
         lambda v: json.dumps(v).encode()
     ),
+    st.fixed_dictionaries({"batch": st.lists(EVENTISH, max_size=5)}).map(  # a Segment batch
+        lambda v: json.dumps(v).encode()
+    ),
+    st.just(b'{"batch": [{"type": "track", "event": "e", "anonymousId": "a"}], "context": 1}'),
     st.just(b"[" * 5000 + b"]" * 5000),  # deep nesting
     st.just(b'{"events": [{"event_type": "click", "event_type": "scroll"}]}'),  # duplicate keys
     st.just(b'{"events": [{"page_url": "\\u0000"}], "sent_at": 1e400}'),
@@ -59,6 +63,15 @@ PATHS = [
     "/readyz",
     "/v1/beacon.js",
     "/nope",
+    # The Segment API (ingest.collector.segment): a batch, one message, the dialects'
+    # routes and the SDKs' configuration calls.
+    "/v1/batch",
+    "/v1/t",
+    "/v1/import",
+    "/beacon/v1/batch",
+    "/api/s/track",
+    "/v1/projects/wk_x/settings",
+    "/sourceConfig",
 ]
 CONTENT_TYPES = ["application/json", "text/plain;charset=UTF-8", "image/png", "", "text/plain; x"]
 ENCODINGS = ["", "gzip", "deflate", "gzip, br", "GZIP"]
@@ -75,6 +88,8 @@ HEADERS = [
     "Content-Type",
     "Content-Encoding",
     "CF-IPCountry",
+    "Authorization",  # the Segment API's HTTP Basic write key
+    "Access-Control-Request-Headers",
 ]
 # Header values as the bytes on the wire: printable ASCII, any Unicode as UTF-8, and
 # arbitrary bytes (undecodable ones reach the handlers as lone surrogates). CR and LF
@@ -107,7 +122,9 @@ async def test_no_request_gets_a_5xx(collector: str, shop: ShopCredentials) -> N
     @given(
         method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "OPTIONS"]),
         path=st.sampled_from(PATHS),
-        key=st.sampled_from(["", "?k=" + shop.write_key, "?k=wk_bad", "?k=%00"]),
+        key=st.sampled_from(
+            ["", "?k=" + shop.write_key, "?k=wk_bad", "?k=%00", "?writeKey=" + shop.write_key]
+        ),
         body=BODIES,
         content_type=st.sampled_from(CONTENT_TYPES),
         encoding=st.sampled_from(ENCODINGS),
@@ -143,17 +160,27 @@ async def test_no_header_value_gets_a_5xx(collector: str, shop: ShopCredentials)
     headers replaced by arbitrary bytes: a 4xx or a 2xx, never a 5xx."""
     beacon = {"event_type": "click", "session_id": "hdr", "page_url": "https://x/"}
     batch = json.dumps({"events": [beacon], "write_key": shop.write_key}).encode()
+    message = {"type": "track", "event": "e", "anonymousId": "a"}
+    segment_batch = json.dumps({"batch": [message], "writeKey": shop.write_key}).encode()
     order = json.dumps({"id": 1, "created_at": "2026-11-20T10:00:00Z"}).encode()
 
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
-        path=st.sampled_from(["/v1/behavior", "/v1/storefront", "/v1/webhooks/shopify"]),
+        path=st.sampled_from(
+            ["/v1/behavior", "/v1/storefront", "/v1/webhooks/shopify", "/v1/batch", "/v1/t"]
+        ),
         key_in_query=st.booleans(),
         replaced=st.dictionaries(st.sampled_from(HEADERS), HEADER_VALUES, min_size=1, max_size=3),
     )
     def check(path: str, key_in_query: bool, replaced: dict[str, bytes]) -> None:
         headers: dict[str, str | bytes] = {"Content-Type": "text/plain"}
         body = batch
+        if path in ("/v1/batch", "/v1/t"):  # the Segment API: key in the body too
+            body = (
+                segment_batch
+                if path == "/v1/batch"
+                else json.dumps({**message, "writeKey": shop.write_key}).encode()
+            )
         if path.startswith("/v1/webhooks/"):
             body = order
             headers.update(

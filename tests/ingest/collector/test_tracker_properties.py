@@ -1,4 +1,5 @@
-"""Property-based: Snowplow's and PostHog's routes never answer a 5xx, whatever is sent."""
+"""Property-based: Snowplow's, PostHog's and the Segment API's routes never answer a 5xx,
+whatever is sent."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import json
 from urllib.parse import urlencode, urlsplit
 
 import lzstring  # type: ignore[import-untyped]
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ingest.collector import posthog, snowplow
+from ingest.collector import posthog, segment, snowplow
 from ingest.core.shops import ShopCredentials
 
 SNOWPLOW_FIELDS = [
@@ -37,11 +38,18 @@ VALUES = st.one_of(
 
 
 def _exchange(base: str, method: str, path: str, body: bytes = b"", ctype: str = "") -> int:
+    return _answer(base, method, path, body, {"Content-Type": ctype} if ctype else {})[0]
+
+
+def _answer(
+    base: str, method: str, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes]:
     parts = urlsplit(base)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=15)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": ctype} if ctype else {})
-        return conn.getresponse().status
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
     finally:
         conn.close()
 
@@ -105,6 +113,99 @@ async def test_posthog_never_a_5xx(collector: str, shop: ShopCredentials) -> Non
         assert status < 500, (body[:100], path, compression, form, status)
         query = urlencode({"data": body.decode("latin-1"), "compression": compression})
         assert _exchange(collector, "GET", f"{path}?{query}") < 500
+
+    await asyncio.to_thread(check)
+
+
+SEGMENT_FIELDS = [
+    "type", "event", "name", "properties", "traits", "context", "anonymousId", "userId",
+    "groupId", "previousId", "messageId", "timestamp", "originalTimestamp", "sentAt",
+    "integrations", "writeKey",
+]  # fmt: skip
+SEGMENT_VALUES = st.one_of(
+    JSON,
+    st.sampled_from([*segment.TYPES, "", "2026-11-30T10:00:00Z", "not a time", 10**30]),
+)
+SEGMENT_MESSAGE = st.dictionaries(st.sampled_from(SEGMENT_FIELDS), SEGMENT_VALUES, max_size=8)
+
+
+async def test_segment_never_a_5xx_and_counts_every_message(
+    collector: str, shop: ShopCredentials
+) -> None:
+    """Any body on any route of the Segment API, keyed any of its ways: never a 5xx; a
+    200 accounts for every message of the batch (accepted or rejected with its index),
+    and a good message in it is accepted whatever its neighbours are."""
+    basic = "Basic " + base64.b64encode(f"{shop.write_key}:".encode()).decode()
+    keys = {
+        "basic": ({"Authorization": basic}, ""),
+        "header": ({"X-Write-Key": f"{shop.write_key}:secret"}, ""),
+        "query": ({}, f"?writeKey={shop.write_key}"),
+        "body": ({}, ""),
+        "bad": ({"Authorization": "Basic " + base64.b64encode(b"wk_bad:").decode()}, ""),
+        "garbled": ({"Authorization": "Basic %%%"}, ""),
+    }
+    batch_paths = [*segment.BATCH_PATHS, segment.IMPORT_PATH]
+    message_paths = [*segment.message_paths(), "/api/s/track", "/api/s/s2s/page", "/api/s/x"]
+    good = {"type": "track", "event": "good", "anonymousId": "a"}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        batched=st.booleans(),
+        data=st.data(),
+        messages=st.lists(st.one_of(SEGMENT_MESSAGE, JSON), max_size=5),
+        with_good=st.booleans(),
+        shared=st.one_of(st.none(), JSON),
+        key=st.sampled_from(list(keys)),  # good keys first: hypothesis favours them
+        compress=st.booleans(),
+        ctype=st.sampled_from(["application/json", "text/plain", ""]),
+        raw=st.none() | st.binary(max_size=200),  # mostly JSON, sometimes any bytes
+    )
+    def check(
+        batched: bool,
+        data: st.DataObject,
+        messages: list[object],
+        with_good: bool,
+        shared: object,
+        key: str,
+        compress: bool,
+        ctype: str,
+        raw: bytes | None,
+    ) -> None:
+        headers, query = keys[key]
+        messages = list(messages)
+        if with_good:
+            messages.append(good)
+        if batched:
+            path = data.draw(st.sampled_from(batch_paths))
+            document: object = {"batch": messages, "context": shared}
+        else:
+            path = data.draw(st.sampled_from(message_paths))
+            document = messages[-1] if messages else shared
+        if key == "body" and isinstance(document, dict):
+            document = {**document, "writeKey": shop.write_key}
+        body = json.dumps(document).encode() if raw is None else raw
+        sent = {**headers, **({"Content-Type": ctype} if ctype else {})}
+        if compress:
+            body = gzip.compress(body)
+            sent["Content-Encoding"] = "gzip"
+        status, answer = _answer(collector, "POST", path + query, body, sent)
+        assert status < 500, (path, document, status)
+        event(f"{'batch' if batched else 'message'} {status}")
+        if not batched or status not in (200, 400, 413):
+            return
+        result = json.loads(answer)
+        if "rejected" not in result:  # refused whole: not JSON, not a batch
+            assert status != 200 and "error" in result, (status, result)
+            return
+        # Every message accounted for: accepted, or rejected with its index and reason.
+        assert result["success"] is (status == 200)
+        indexes = [r["index"] for r in result["rejected"]]
+        assert result["accepted"] + len(indexes) == len(messages), (messages, result)
+        assert indexes == sorted(set(indexes))
+        assert all(r["reason"] for r in result["rejected"])
+        assert (status == 200) == (result["accepted"] > 0 or not indexes)
+        if with_good:  # a good message is taken whatever its neighbours are
+            assert len(messages) - 1 not in indexes, (messages, shared, result)
 
     await asyncio.to_thread(check)
 
