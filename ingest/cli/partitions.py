@@ -152,6 +152,23 @@ def _print_status(console: Console, report: StatusReport) -> None:
         console.print(table)
         for warning in st.warnings:
             console.print(f"[yellow]warning[/] {p.table}: {warning}", soft_wrap=True)
+    if report.uninstalled and report.now is not None:
+        shops = Table(title="uninstalled shops", title_justify="left")
+        for column in ("shop id", "uninstalled", "rows go at", "how", "state", "rows"):
+            shops.add_column(column, no_wrap=column == "shop id")
+        for u in report.uninstalled:
+            shops.add_row(
+                u.shop_id,
+                f"{u.uninstalled_at:%Y-%m-%d %H:%M}",
+                f"{u.due_at:%Y-%m-%d %H:%M}",
+                u.mode,
+                u.state(report.now),
+                str(sum(u.rows.values())) if u.rows else "",
+            )
+        console.print(shops)
+        for warning in report.warnings:
+            if warning.startswith("uninstalled shop "):
+                console.print(f"[yellow]warning[/] {warning}", soft_wrap=True)
     console.print("[green]healthy[/]" if report.healthy else "[red]unhealthy[/]")
 
 

@@ -859,3 +859,39 @@ async def test_uninstalled_shop_rows_are_anonymised_when_so_set(fresh: Database)
         )
     assert (await manager.maintain(NOW)).actions == []
     assert (await manager.status(NOW)).healthy
+
+
+async def test_cli_status_lists_uninstalled_shops(
+    fresh: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`partitions status` shows an uninstalled shop past its retention as a warning (exit
+    1) until `maintain` has purged it; --json lists it with its state."""
+    saved = structlog.get_config()
+    try:
+        common = ["--postgres-dsn", fresh.dsn]
+        run = functools.partial(asyncio.to_thread, main)
+        assert await run(["partitions", "maintain", *common]) == 0
+        shop = await fresh.pool.fetchval(
+            "INSERT INTO shops (domain, webhook_secret, uninstalled_at) "
+            "VALUES ('gone.myshopify.com', 's', now() - interval '31 days') RETURNING id"
+        )
+        await _insert(fresh, datetime.now(UTC), shop)
+        capsys.readouterr()
+        assert await run(["partitions", "status", *common]) == 1
+        out = capsys.readouterr().out
+        assert "uninstalled shops" in out and f"uninstalled shop {shop}: delete overdue" in out
+        assert await run(["partitions", "maintain", *common]) == 0
+        capsys.readouterr()
+        assert await run(["partitions", "status", "--json", *common]) == 0
+        listed = json.loads(capsys.readouterr().out)["uninstalled_shops"]
+        assert [(u["shop_id"], u["state"], u["rows"]) for u in listed] == [
+            (str(shop), "purged", {"behavior_events": 1, "dead_letters": 0})
+        ]
+        assert (
+            await fresh.pool.fetchval(
+                "SELECT count(*) FROM behavior_events WHERE shop_id = $1", shop
+            )
+            == 0
+        )
+    finally:
+        structlog.configure(**saved)
