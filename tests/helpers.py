@@ -278,3 +278,30 @@ async def serve_pages(
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def topic_events(
+    settings: Settings, topic: str, done: Any, timeout: float = 15.0
+) -> list[dict[str, Any]]:
+    """The events of ``topic``'s records, read from the start until ``done(events)``
+    is true (AssertionError after ``timeout`` seconds)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    events: list[dict[str, Any]] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done(events):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{topic}: not there after {timeout} s: {events}")
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                events += [e for r in records for e in orjson.loads(r.value)]
+    finally:
+        await consumer.stop()
+    return events

@@ -15,14 +15,16 @@ import pydantic
 import structlog
 from aiohttp import web
 
-from ingest.collector import beacon, openapi, webhooks
+from ingest.collector import beacon, bots, openapi, webhooks
 from ingest.collector.delivery import Delivery, Unavailable
 from ingest.collector.enrich import (
     AssignedTimes,
     Received,
     behavior_record,
-    client_ip,
+    client_address,
+    geoip_reader,
     storefront_record,
+    user_agent,
 )
 from ingest.collector.models import (
     BATCH_MODELS,
@@ -49,7 +51,6 @@ SHOPS = web.AppKey("shops", ShopDirectory)
 LIMITER = web.AppKey("limiter", RateLimiter)
 TIMES = web.AppKey("times", AssignedTimes)
 DECODE_SLOTS = web.AppKey("decode_slots", asyncio.Semaphore)
-FULL_IP_SETTINGS = web.AppKey("full_ip_settings", Settings)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTED_TYPES = {"", "application/json", "text/plain", "application/octet-stream"}
@@ -66,6 +67,27 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.headers = headers or {}
+
+
+class Dropped(Refused):
+    """A request from a bot for a shop whose bot_policy is ``drop``: answered 200 (a bot
+    that is refused retries, or learns to look like a browser), nothing stored."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(200, f"not stored: the client is a bot ({reason}), bot_policy drop")
+        self.why = reason
+
+
+def _screen(request: web.Request, shop: Shop) -> None:
+    """Dropped when the request's User-Agent is a bot's and ``shop`` drops bots (counted
+    by reason in ``eventpipe_bot_requests_dropped_total``)."""
+    privacy = shop.privacy
+    if (privacy.bot_policy or request.app[SETTINGS].bot_policy) != "drop":
+        return
+    why = bots.reason(user_agent(request), privacy.bot_deny_list)
+    if why is not None:
+        metrics.BOT_REQUESTS_DROPPED.labels(why).inc()
+        raise Dropped(why)
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -179,7 +201,12 @@ def _given_key(request: web.Request) -> str | None:
 
 
 async def _authenticate(request: web.Request, key: str | None) -> Shop:
-    """The shop of ``key`` (401 otherwise), its Origin checked (403)."""
+    """The shop of ``key`` (401 otherwise), its Origin checked (403), the request
+    screened for bots by the shop's bot_policy (``Dropped``).
+
+    Every ingest route (native, Segment, Snowplow, PostHog) finds its shops here, so
+    the screen covers them all; Shopify's webhooks (server to server) find theirs
+    by domain and are never screened."""
     # A key that is not printable ASCII (an undecodable header byte arrives as a lone
     # surrogate) cannot be a write key: a 401 without a database lookup.
     key = printable_ascii(key)
@@ -194,19 +221,19 @@ async def _authenticate(request: web.Request, key: str | None) -> Shop:
         raise Refused(400, "Origin header is not an origin (printable ASCII)")
     if origin and shop.allowed_origins is not None and origin not in shop.allowed_origins:
         raise Refused(403, f"origin {origin} is not allowed for this write key")
+    _screen(request, shop)
     return shop
 
 
 def client_identity(request: web.Request) -> str:
     """Whom the per-client rate limit counts: the client's whole IPv4 address or IPv6
     /64 (what one subscriber gets), the forwarded one behind ``trusted_proxies``."""
-    address = client_ip(request, request.app[FULL_IP_SETTINGS])
+    address = client_address(request, request.app[SETTINGS])
     if address is None:
         return "unknown"
-    parsed = ipaddress.ip_address(address)
-    if parsed.version == 6:
-        return str(ipaddress.ip_network(f"{parsed}/64", strict=False).network_address)
-    return address
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False).network_address)
+    return str(address)
 
 
 def _limited(wait: float) -> Refused:
@@ -500,7 +527,7 @@ async def post_shopify_webhook(request: web.Request) -> web.Response:
         body=body,
         shopify_event_id=(printable_ascii(headers.get("X-Shopify-Event-Id")) or "")[:200],
     )
-    received = Received.of(request, settings, None, received_at)
+    received = Received.of(request, settings, None, received_at, screen_bots=False)
     try:
         event = StorefrontEvent.model_validate(fields)
         record = storefront_record(event, shop, received)
@@ -573,6 +600,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn refusals into JSON answers, count every answer, add CORS headers."""
     try:
         response = await handler(request)
+    except Dropped as exc:
+        response = _json({"accepted": 0, "rejected": [], "dropped": exc.reason})
     except Refused as exc:
         response = _json({"error": exc.reason}, exc.status, exc.headers)
         if exc.status == 503:
@@ -623,8 +652,8 @@ def create_app(settings: Settings, delivery: Delivery, shops: ShopDirectory) -> 
         settings.rate_limit_client_burst,
     )
     app[DECODE_SLOTS] = asyncio.Semaphore(settings.decode_concurrency)
-    # The rate limit counts whole client addresses, whatever is stored of them.
-    app[FULL_IP_SETTINGS] = settings.model_copy(update={"keep_full_ip": True})
+    if settings.geoip_db is not None:
+        geoip_reader(settings.geoip_db)  # a database that can't be read: refused at start
     app[TIMES] = AssignedTimes()
     app.router.add_post("/v1/behavior", post_behavior)
     app.router.add_post("/v1/storefront", post_storefront)

@@ -1,4 +1,5 @@
-"""Server-side enrichment: ids, receive time, clock-skew correction, device, IP, country."""
+"""Server-side enrichment: ids, receive time, clock-skew correction, device, IP, country,
+and what a shop's privacy settings keep of them (IP policy, anonymous requests, bot flags)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import ipaddress
 import re
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from uuid import UUID
 
+import maxminddb
 from aiohttp import web
 
+from ingest.collector import bots
 from ingest.collector.models import BehaviorEvent, StorefrontEvent
+from ingest.core.errors import ConfigError
 from ingest.core.headers import valid_text
 from ingest.core.settings import Settings
 from ingest.core.shops import Shop
@@ -22,6 +28,9 @@ from ingest.core.streams import BEHAVIOR, CONTEXT, STOREFRONT, Stream
 _TABLET = re.compile(r"iPad|Tablet|PlayBook|Silk|Kindle|(Android(?!.*Mobile))", re.I)
 _MOBILE = re.compile(r"Mobi|iPhone|iPod|Android|Windows Phone|BlackBerry|Opera Mini", re.I)
 _SESSION_FACTS = ("referrer", "language", "screen_resolution")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Jitsu's X-IP-Policy values asking for no IP at all (its "keep" and "comfort" keep some).
+_ANONYMOUS_IP_POLICIES = frozenset({"strict", "remove"})
 
 
 @functools.lru_cache(maxsize=1024)  # a site's traffic comes from few distinct agents
@@ -42,10 +51,15 @@ def _networks(cidrs: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.
 
 
 def client_ip(request: web.Request, settings: Settings) -> str | None:
-    """The client's address: the peer, or X-Forwarded-For when the peer is a trusted proxy.
+    """The client's address as ``settings``' default IP policy keeps it (see
+    ``client_address``): whole, truncated to /24 (IPv4) or /48 (IPv6), or None."""
+    return kept_ip(client_address(request, settings), settings.default_ip_policy)
 
-    Truncated to /24 (IPv4) or /48 (IPv6) unless ``keep_full_ip`` is set.
-    """
+
+def client_address(request: web.Request, settings: Settings) -> IPAddress | None:
+    """The client's whole address: the peer, or X-Forwarded-For when the peer is a
+    trusted proxy. What the rate limit counts and the country is looked up from; what
+    a record keeps of it is ``kept_ip``'s."""
     trusted = _networks(tuple(settings.trusted_proxies))
     address = _parse(request.remote)
     # Every line, in order: a proxy may append its own line instead of extending the
@@ -60,19 +74,25 @@ def client_ip(request: web.Request, settings: Settings) -> str | None:
             address = parsed
             if not any(parsed in n for n in trusted):
                 break
-    if address is None:
+    return address
+
+
+def kept_ip(address: IPAddress | None, policy: str) -> str | None:
+    """What an IP policy keeps of ``address``: ``keep`` all of it, ``truncate`` its
+    /24 (IPv4) or /48 (IPv6) network, ``remove`` nothing."""
+    if address is None or policy == "remove":
         return None
-    return str(address) if settings.keep_full_ip else _truncated(address)
+    return str(address) if policy == "keep" else _truncated(address)
 
 
 @functools.lru_cache(maxsize=4096)
-def _truncated(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+def _truncated(address: IPAddress) -> str:
     """The /24 (IPv4) or /48 (IPv6) network of an address: what is stored by default."""
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
 
 
-def _parse(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _parse(value: str | None) -> IPAddress | None:
     try:
         address = ipaddress.ip_address(value) if value else None
     except ValueError:
@@ -84,6 +104,91 @@ def _parse(value: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
     return address
 
 
+def user_agent(request: web.Request) -> str | None:
+    """The request's User-Agent as stored: valid UTF-8 (an undecodable byte becomes
+    U+FFFD), at most 1024 characters; None when there is none."""
+    agent = request.headers.get("User-Agent")
+    return valid_text(agent)[:1024] if agent else None
+
+
+def anonymous(request: web.Request) -> bool:
+    """Whether the request asks to be collected anonymously: Snowplow's ``SP-Anonymous``
+    header (any value, as its collector reads it), Jitsu's ``X-IP-Policy: strict`` or
+    ``remove``, or the query's ``anonymous=1`` (the beacon's: ``sendBeacon`` can set no
+    header). Its records then keep no IP, no country, and no session facts (referrer,
+    language, screen resolution: neither in the record's context nor in a behavior
+    event's metadata); user agent and device type stay (bot screening and device
+    counts need them, and they are what any request carries)."""
+    headers = request.headers
+    if "SP-Anonymous" in headers:
+        return True
+    policy = headers.get("X-IP-Policy")
+    if policy and policy.strip().lower() in _ANONYMOUS_IP_POLICIES:
+        return True
+    return request.query.get("anonymous") == "1"
+
+
+@functools.lru_cache(maxsize=4)
+def geoip_reader(path: Path) -> maxminddb.Reader:
+    """The MaxMind-format database at ``path``, opened once per process (memory-mapped
+    by the C reader when there is one); ConfigError when it cannot be read."""
+    try:
+        return maxminddb.open_database(str(path))
+    except (OSError, ValueError) as exc:  # InvalidDatabaseError is a RuntimeError
+        raise ConfigError(
+            f"geoip_db {path} cannot be read: {exc}",
+            hint="set EVENTPIPE_GEOIP_DB to a MaxMind-format (.mmdb) country or city database",
+        ) from exc
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"geoip_db {path} is not a MaxMind database: {exc}",
+            hint="set EVENTPIPE_GEOIP_DB to a MaxMind-format (.mmdb) country or city database",
+        ) from exc
+
+
+@functools.lru_cache(maxsize=16_384)
+def country_of(path: Path, address: IPAddress) -> str | None:
+    """The ISO country code of ``address`` in the database at ``path`` (its ``country``,
+    else its ``registered_country``, as GeoIP2/GeoLite2 Country and City hold them)."""
+    try:
+        found = geoip_reader(path).get(address)
+    except ValueError:  # an IPv6 address in an IPv4-only database
+        return None
+    if not isinstance(found, dict):
+        return None
+    for key in ("country", "registered_country"):
+        place = found.get(key)
+        code = place.get("iso_code") if isinstance(place, dict) else None
+        if isinstance(code, str) and len(code) == 2 and code.isascii() and code.isalpha():
+            return code.upper()
+    return None
+
+
+def _country(request: web.Request, settings: Settings, address: IPAddress | None) -> str | None:
+    """The client's country: from ``geoip_db`` by its whole address (never a truncated
+    one), else from ``country_header``."""
+    if settings.geoip_db is not None and address is not None:
+        found = country_of(settings.geoip_db, address)
+        if found is not None:
+            return found
+    country = request.headers.get(settings.country_header) if settings.country_header else None
+    if country and len(country) == 2 and country.isascii() and country.isalpha():
+        return country.upper()
+    return None
+
+
+@dataclass(frozen=True)
+class ShopView:
+    """What a request's records keep for one shop, by its settings (``Received.of_shop``)."""
+
+    context: dict[str, str | None]
+    # The context of a behavior event whose metadata names no session fact (and of
+    # every behavior event of an anonymous request): one dict for all, never changed.
+    behavior_context: dict[str, str | None]
+    bot: bool  # the shop flags bots and this is one: metadata.bot / props.bot true
+    anonymous: bool
+
+
 @dataclass(frozen=True)
 class Received:
     """What the collector knows about one request, shared by its events."""
@@ -91,27 +196,36 @@ class Received:
     at: datetime
     skew: timedelta
     latest: datetime  # the latest event time accepted as it is; later ones become ``at``
+    # The context by the collector's defaults (a shop's settings: ``of_shop``).
     context: dict[str, str | None]
-    # The context of a behavior event whose metadata names no session fact:
-    # one dict for all of them, never changed.
     behavior_context: dict[str, str | None]
+    address: IPAddress | None = None  # whole: the shop's IP policy decides what is kept
+    anonymous: bool = False
+    agent: str | None = None  # the User-Agent screened for bots (None: not screened)
+    ip_policy: str = "truncate"  # the defaults of shops whose settings name none
+    bot_policy: str = "drop"
+    _shops: dict[UUID, ShopView] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
-        cls, request: web.Request, settings: Settings, sent_at: datetime | None, at: datetime
+        cls,
+        request: web.Request,
+        settings: Settings,
+        sent_at: datetime | None,
+        at: datetime,
+        *,
+        screen_bots: bool = True,
     ) -> Received:
-        """Build from the request; ``sent_at`` is the client's clock when it sent the batch."""
-        agent = request.headers.get("User-Agent")
-        # Stored as sent, but as valid UTF-8: an undecodable byte becomes U+FFFD.
-        agent = valid_text(agent) if agent else None
-        country = request.headers.get(settings.country_header) if settings.country_header else None
+        """Build from the request; ``sent_at`` is the client's clock when it sent the batch.
+        ``screen_bots`` False: its records are never flagged as a bot's (Shopify's webhooks)."""
+        agent = user_agent(request)
+        address = client_address(request, settings)
+        hidden = anonymous(request)
         context: dict[str, str | None] = {
-            "user_agent": agent[:1024] if agent else None,
+            "user_agent": agent,
             "device_type": device_type(agent),
-            "client_ip": client_ip(request, settings),
-            "country_code": country.upper()
-            if country and len(country) == 2 and country.isascii() and country.isalpha()
-            else None,
+            "client_ip": None if hidden else kept_ip(address, settings.default_ip_policy),
+            "country_code": None if hidden else _country(request, settings, address),
         }
         skew = timedelta(0)
         if sent_at is not None and abs(at - sent_at) > timedelta(seconds=settings.skew_min_s):
@@ -120,7 +234,43 @@ class Received:
             # time, or (shop, event_id, time) deduplication would store it twice.
             skew = timedelta(minutes=round((at - sent_at) / timedelta(minutes=1)))
         latest = at + timedelta(seconds=settings.max_future_skew_s)
-        return cls(at, skew, latest, context, {**context, **dict.fromkeys(_SESSION_FACTS)})
+        return cls(
+            at,
+            skew,
+            latest,
+            context,
+            {**context, **dict.fromkeys(_SESSION_FACTS)},
+            address,
+            hidden,
+            agent if screen_bots else None,
+            settings.default_ip_policy,
+            settings.bot_policy,
+        )
+
+    def of_shop(self, shop: Shop) -> ShopView:
+        """What this request's records keep for ``shop`` (its IP and bot policies),
+        worked out once per shop."""
+        view = self._shops.get(shop.id)
+        if view is not None:
+            return view
+        settings = shop.privacy
+        context = self.context
+        policy = settings.ip_policy or self.ip_policy
+        if policy != self.ip_policy and not self.anonymous:
+            context = {**context, "client_ip": kept_ip(self.address, policy)}
+        bot = (settings.bot_policy or self.bot_policy) == "flag" and (
+            bots.reason(self.agent, settings.bot_deny_list) is not None
+        )
+        view = ShopView(
+            context,
+            {**context, **dict.fromkeys(_SESSION_FACTS)}
+            if context is not self.context
+            else self.behavior_context,
+            bot,
+            self.anonymous,
+        )
+        self._shops[shop.id] = view
+        return view
 
     def event_time(
         self, client_time: datetime | None, assigned: datetime | None = None
@@ -173,6 +323,7 @@ def _record(
     received: Received,
     assigned: datetime | None,
     stream: Stream,
+    view: ShopView,
 ) -> dict[str, Any]:
     """Fields plus server facts; a corrected or clamped time keeps the client's in the
     stream's ``extra_column``."""
@@ -190,6 +341,8 @@ def _record(
             **record[extra_field],
             stream.original_time_key: original.isoformat(),
         }
+    if view.bot:
+        record[extra_field] = {**(record[extra_field] or {}), "bot": True}
     return record
 
 
@@ -197,16 +350,23 @@ def behavior_record(
     event: BehaviorEvent, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a behavior event: its fields, server facts, and session context."""
-    record = _record(event, shop, received, assigned, BEHAVIOR)
+    view = received.of_shop(shop)
+    record = _record(event, shop, received, assigned, BEHAVIOR, view)
     metadata = event.metadata
     if metadata and any(fact in metadata for fact in _SESSION_FACTS):
-        context = dict(received.context)
+        if view.anonymous:  # no session fact kept, in the context or the metadata
+            record["metadata"] = {
+                k: v for k, v in record["metadata"].items() if k not in _SESSION_FACTS
+            }
+            record[CONTEXT] = view.behavior_context
+            return record
+        context = dict(view.context)
         for fact in _SESSION_FACTS:
             value = metadata.get(fact)
             context[fact] = value[:1024] if isinstance(value, str) else None
         record[CONTEXT] = context
     else:
-        record[CONTEXT] = received.behavior_context
+        record[CONTEXT] = view.behavior_context
     return record
 
 
@@ -214,6 +374,7 @@ def storefront_record(
     event: StorefrontEvent, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a storefront event."""
-    record = _record(event, shop, received, assigned, STOREFRONT)
-    record[CONTEXT] = received.context
+    view = received.of_shop(shop)
+    record = _record(event, shop, received, assigned, STOREFRONT, view)
+    record[CONTEXT] = view.context
     return record

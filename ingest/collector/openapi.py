@@ -321,6 +321,21 @@ def document() -> dict[str, Any]:
             },
             "/v1/openapi.json": _get("This document"),
             "/v1/beacon.js": _get("The browser beacon script", "application/javascript"),
+            "/v1/beacon/config": {
+                "get": {
+                    "summary": "What the beacon of a write key must know first (consent_required)",
+                    "parameters": [
+                        {"name": "k", "in": "query", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the shop's beacon configuration",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_errors(401),
+                    },
+                }
+            },
             "/healthz": _get("The process is alive"),
             "/readyz": _get("Broker reachable and spool below its high-water mark"),
             "/metrics": _get("Prometheus metrics", "text/plain"),

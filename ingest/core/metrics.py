@@ -27,6 +27,12 @@ EVENTS_ACCEPTED = Counter(
 EVENTS_REJECTED = Counter(
     "eventpipe_events_rejected_total", "Events refused by the collector", ["stream", "reason"]
 )
+BOT_REQUESTS_DROPPED = Counter(
+    "eventpipe_bot_requests_dropped_total",
+    "Requests from bots answered 2xx and not stored (bot_policy drop), by reason: crawler "
+    "(the crawler list) or deny_list (the shop's own)",
+    ["reason"],
+)
 PRODUCE_LATENCY = Histogram(
     "eventpipe_produce_latency_seconds",
     "Time from handing a batch to the producer to the broker's acknowledgement",
@@ -154,6 +160,19 @@ PARTITION_ACTIONS = Counter(
     ["table", "kind"],
 )
 
+# Rollups (issue 24): read from rollup_state by whoever calls ingest.rollups.status()
+# (a loader process's gauge loop, scraped; `rollups status`), so they tell whatever
+# refreshes the rollups (`up`, a CronJob), or fails to.
+ROLLUP_LAG = Gauge(
+    "eventpipe_rollup_lag_seconds",
+    "Seconds since the snapshot a rollup's watermark was taken in (every row committed "
+    "before it is in the rollup); +Inf: never refreshed",
+    ["rollup"],
+)
+ROLLUP_MAX_LAG = Gauge(
+    "eventpipe_rollup_max_lag_seconds",
+    "rollup_max_lag_s: `rollups status` fails, and the alert fires, past it",
+)
 
 # The collector's own families: a loader process's /metrics leaves them out.
 COLLECTOR_ONLY = frozenset(
@@ -172,6 +191,7 @@ COLLECTOR_ONLY = frozenset(
         HTTP_REQUESTS,
         EVENTS_ACCEPTED,
         EVENTS_REJECTED,
+        BOT_REQUESTS_DROPPED,
         PRODUCE_LATENCY,
     )
     for family in metric.describe()
@@ -199,6 +219,8 @@ def init_collector(
     SPOOL_HIGH_WATER_BYTES.set(spool_high_water * spool_max_bytes)
     for reason in BATCH_REFUSAL_REASONS:
         BATCHES_REFUSED.labels(reason)
+    for reason in ("crawler", "deny_list"):
+        BOT_REQUESTS_DROPPED.labels(reason)
     for stream in streams:
         EVENTS_ACCEPTED.labels(stream)
         PRODUCE_LATENCY.labels(stream)

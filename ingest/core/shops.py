@@ -9,15 +9,84 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
+import structlog
 
 from ingest.core.db import Database, queries
 from ingest.core.errors import ConfigError
 from ingest.core.headers import is_printable_ascii
+
+log = structlog.get_logger(__name__)
+
+
+IpPolicy = Literal["keep", "truncate", "remove"]
+BotPolicy = Literal["drop", "flag", "keep"]
+IP_POLICIES: tuple[IpPolicy, ...] = ("keep", "truncate", "remove")
+BOT_POLICIES: tuple[BotPolicy, ...] = ("drop", "flag", "keep")
+# Entries of a shop's bot_deny_list kept (each at most this long): the collector tests
+# every one against each new User-Agent it sees.
+MAX_DENY_ENTRIES = 100
+MAX_DENY_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """A shop's privacy settings (``shops.settings``); None: the collector's default
+    (``Settings.ip_policy``, ``consent_required``, ``bot_policy``)."""
+
+    ip_policy: IpPolicy | None = None
+    consent_required: bool | None = None
+    bot_policy: BotPolicy | None = None
+    # Case-insensitive substrings of User-Agents the shop counts as bots, besides the
+    # crawler list (its own monitor, a partner's scraper).
+    bot_deny_list: tuple[str, ...] = ()
+
+
+def privacy(settings: object) -> Privacy:
+    """The privacy settings in a shop's ``settings`` object (its JSON text or the
+    decoded value). A key of the wrong type or value is ignored (the default applies)
+    and logged, never a refusal of the shop's events: ``shops set`` validates what it
+    writes, and a hand-edited row must not stop collection."""
+    if isinstance(settings, str | bytes):
+        try:
+            settings = json.loads(settings)
+        except ValueError:
+            settings = None
+    if not isinstance(settings, dict):
+        return Privacy()
+    ip, consent, bots = (
+        settings.get("ip_policy"),
+        settings.get("consent_required"),
+        settings.get("bot_policy"),
+    )
+    deny = settings.get("bot_deny_list")
+    bad = [
+        name
+        for name, ok in (
+            ("ip_policy", ip is None or ip in IP_POLICIES),
+            ("consent_required", consent is None or isinstance(consent, bool)),
+            ("bot_policy", bots is None or bots in BOT_POLICIES),
+            ("bot_deny_list", deny is None or isinstance(deny, list)),
+        )
+        if not ok
+    ]
+    if bad:
+        log.warning("shop settings ignored: not a valid value", keys=bad)
+    entries = tuple(
+        e.lower()[:MAX_DENY_LENGTH]
+        for e in (deny if isinstance(deny, list) else [])
+        if isinstance(e, str) and e.strip()
+    )[:MAX_DENY_ENTRIES]
+    return Privacy(
+        ip_policy=cast("IpPolicy", ip) if ip in IP_POLICIES else None,
+        consent_required=consent if isinstance(consent, bool) else None,
+        bot_policy=cast("BotPolicy", bots) if bots in BOT_POLICIES else None,
+        bot_deny_list=entries,
+    )
 
 
 @dataclass(frozen=True)
@@ -27,6 +96,7 @@ class Shop:
     id: UUID
     domain: str
     allowed_origins: tuple[str, ...] | None
+    privacy: Privacy = Privacy()
 
 
 # Entries of each cache: a live key or domain found (hits), and one that is not
@@ -120,7 +190,7 @@ class ShopDirectory:
 def _shop(row: asyncpg.Record) -> Shop:
     origins = tuple(row["allowed_origins"]) if row["allowed_origins"] else None
     # asyncpg's UUID subclass is not orjson-serialisable; keep the stdlib type.
-    return Shop(UUID(bytes=row["id"].bytes), row["domain"], origins)
+    return Shop(UUID(bytes=row["id"].bytes), row["domain"], origins, privacy(row["settings"]))
 
 
 @dataclass(frozen=True)
