@@ -25,6 +25,7 @@ from ingest.core.runtime import tune_gc
 from ingest.core.settings import Settings
 from ingest.core.supervisor import Child, Supervisor
 from ingest.partitions import PartitionManager
+from ingest.rollups import export_gauges as export_rollup_gauges
 
 log = structlog.get_logger(__name__)
 
@@ -64,11 +65,17 @@ async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.
         gauges = asyncio.create_task(
             refresh_partition_gauges(partitions, settings.partition_status_refresh_s, stop)
         )
+        rollup_gauges = asyncio.create_task(
+            export_rollup_gauges(
+                db, settings.rollup_status_refresh_s, settings.rollup_max_lag_s, stop
+            )
+        )
         stopped = asyncio.create_task(stop.wait())
         tasks: list[asyncio.Task[Any]] = [stopped, *(loader.task for loader in loaders)]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         gauges.cancel()
+        rollup_gauges.cancel()
         for task in done:
             if task is not stopped and (error := task.exception()) is not None:
                 raise error

@@ -6,7 +6,8 @@
 - ``consumers`` and ``ingest.stack`` may also use the partition manager's public
   API (the package ``ingest.partitions``, not its modules);
 - ``ingest.rollups`` (the analysis tables' refresh) imports ``ingest.core``; ``ingest.stack``
-  uses its public API (``up`` refreshes on a timer);
+  uses its public API (``up`` refreshes on a timer), and ``consumers`` (a loader process
+  exports the rollups' lag gauges) and ``ingest.privacy`` (an erasure recomputes them);
 - ``ingest.stack`` starts the embedded services and runs ``up``;
 - only ``ingest.cli`` imports ``consumers``; nothing imports ``ingest.cli``.
 """
@@ -26,8 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "ingest.loadgen": {"ingest.core"},
     "ingest.stack": {"ingest.core", "ingest.partitions", "ingest.rollups"},
     "ingest.rollups": {"ingest.core"},
-    "consumers": {"ingest.core", "ingest.partitions"},
-    "ingest.privacy": {"ingest.core", "ingest.partitions"},
+    "consumers": {"ingest.core", "ingest.partitions", "ingest.rollups"},
+    "ingest.privacy": {"ingest.core", "ingest.partitions", "ingest.rollups"},
     "ingest.cli": {"*"},
 }
 PUBLIC_ONLY = {

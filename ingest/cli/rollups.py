@@ -80,7 +80,7 @@ async def refresh_command(settings: Settings, args: argparse.Namespace, console:
 async def status_command(settings: Settings, args: argparse.Namespace, console: Console) -> int:
     """Each rollup's freshness; exit 1 when one lags more than ``rollup_max_lag_s``."""
     async with Database(_dsn(settings), max_size=2) as db:
-        report = await status(db)
+        report = await status(db, max_lag_s=settings.rollup_max_lag_s)
     late = [s.rollup for s in report if s.lag_s > settings.rollup_max_lag_s]
     if args.json:
         _print_json(

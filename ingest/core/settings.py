@@ -312,6 +312,12 @@ class Settings(BaseSettings):
     rollup_interval_s: float = Field(
         default=300.0, gt=0, description="how often `up` refreshes the rollup tables"
     )
+    rollup_status_refresh_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how often a loader process reads rollup_state to export "
+        "eventpipe_rollup_lag_seconds; 0: never",
+    )
     rollup_max_lag_s: float = Field(
         default=3600.0,
         gt=0,

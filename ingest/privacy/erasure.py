@@ -29,6 +29,7 @@ from ingest.core.errors import ConfigError, PartitionError
 from ingest.core.settings import Settings
 from ingest.core.suppression import id_hash
 from ingest.partitions import lock_timeout, visitor_count, visitor_delete, visitor_match
+from ingest.rollups import recompute as recompute_rollups
 
 log = structlog.get_logger(__name__)
 
@@ -187,6 +188,8 @@ async def erase(
                     rows += await _batched(conn, settings, sql, [shop_id, *args])
             report.rows[name] = rows
             log.info("erase", table=name, partitions=len(leaves), rows=rows, dry_run=dry_run)
+        if not dry_run:  # the rollups hold the visitor's events counted: recompute them
+            await recompute_rollups(conn, shop_id)
         report.rows["dead_letters"] = await _dead_letters(conn, settings, shop, ids, dry_run)
         if report.request_id is not None:
             await queries.execute(

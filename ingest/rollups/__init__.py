@@ -9,9 +9,18 @@ from ingest.rollups.incremental import (
     ROLLUPS,
     RefreshResult,
     RollupStatus,
+    export_gauges,
     recompute,
     refresh,
     status,
 )
 
-__all__ = ["ROLLUPS", "RefreshResult", "RollupStatus", "recompute", "refresh", "status"]
+__all__ = [
+    "ROLLUPS",
+    "RefreshResult",
+    "RollupStatus",
+    "export_gauges",
+    "recompute",
+    "refresh",
+    "status",
+]

@@ -32,9 +32,11 @@ watermarks: after an erasure deleted a visitor's rows (which no watermark sees).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -42,6 +44,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ingest.core import metrics
 from ingest.core.db import Database, queries
 
 log = structlog.get_logger(__name__)
@@ -255,8 +258,19 @@ async def refresh_one(
 _BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+@contextlib.asynccontextmanager
+async def _connection(
+    db_or_conn: Database | asyncpg.Connection,
+) -> AsyncIterator[asyncpg.Connection]:
+    if isinstance(db_or_conn, Database):
+        async with db_or_conn.pool.acquire() as conn:
+            yield conn
+    else:
+        yield db_or_conn
+
+
 async def recompute(
-    db: Database,
+    db_or_conn: Database | asyncpg.Connection,
     shop_id: uuid.UUID,
     days: Sequence[date] | None = None,
     *,
@@ -268,14 +282,15 @@ async def recompute(
     funnel rows go (every session of the shop is walked again: a session whose events
     are gone gets none), the days' friction and component rows and the shop's
     experiments are recomputed (``tables``: only those rollups). Watermarks are left
-    alone; each rollup is done in its own transaction under the refresh's lock.
-    Returns the rows inserted per rollup.
+    alone; each rollup is done in its own transaction under the refresh's lock (on
+    ``db_or_conn`` itself when it is a connection, outside any transaction: an
+    erasure's). Returns the rows inserted per rollup.
     """
     out: dict[str, int] = {}
     for rollup in ROLLUPS.values():
         if tables is not None and rollup.name not in tables:
             continue
-        async with db.pool.acquire() as conn, conn.transaction():
+        async with _connection(db_or_conn) as conn, conn.transaction():
             await queries.execute(conn, "rollup_lock", rollup.name)
             if rollup.by_day:
                 args: tuple[Any, ...] = (shop_id, list(days) if days is not None else None)
@@ -312,8 +327,9 @@ async def refresh(
     return results
 
 
-async def status(db: Database) -> list[RollupStatus]:
-    """Every rollup's watermark, last refresh, lag and rows."""
+async def status(db: Database, *, max_lag_s: float | None = None) -> list[RollupStatus]:
+    """Every rollup's watermark, last refresh, lag and rows; sets the rollup gauges
+    (``eventpipe_rollup_lag_seconds``, and ``_max_lag_seconds`` when ``max_lag_s``)."""
     out = []
     for r in await queries.fetch(db.pool, "rollup_status"):
         watermark: datetime = r["watermark"]
@@ -330,4 +346,27 @@ async def status(db: Database) -> list[RollupStatus]:
                 int(r["row_count"] or 0),
             )
         )
+        metrics.ROLLUP_LAG.labels(r["rollup"]).set(lag)
+    if max_lag_s is not None:
+        metrics.ROLLUP_MAX_LAG.set(max_lag_s)
     return out
+
+
+async def export_gauges(
+    db: Database, every_s: float, max_lag_s: float, stop: asyncio.Event
+) -> None:
+    """Read ``rollup_state`` every ``every_s`` and set the rollup gauges, until ``stop``.
+
+    Run by loader processes (long-lived and scraped): the lag is read from the
+    database, so it tells whatever refreshes the rollups (``up``'s timer, a CronJob),
+    or fails to. ``every_s`` 0: never.
+    """
+    if every_s <= 0:
+        return
+    while not stop.is_set():
+        try:
+            await status(db, max_lag_s=max_lag_s)
+        except Exception as exc:  # PostgreSQL away: the last figures stay, try again later
+            log.warning("cannot read rollup status for the gauges", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
