@@ -22,8 +22,10 @@ event (``e``) becomes:
 
 Ids: ``eid`` is the event id (a UUID; else the UUIDv5 of the payload in the
 shop's namespace); ``sid`` the session, else ``<duid>/<UTC day>``;
-``duid`` the ``anon_id`` (else ``uid``, else ``nuid``). ``uid`` is kept in
-``props.$user_id`` / ``metadata.user_id`` (the tables have no user id yet).
+``duid`` the ``anon_id`` (else ``uid``, else ``nuid``). ``uid`` is a storefront
+event's ``user_id`` and a behavior event's ``metadata.user_id`` (behavior_events
+has no user id column); a page view with ``uid`` and ``duid`` also sends an
+``$identify`` record, so ``identities`` maps the visitor to the user.
 Times: ``ttm`` else ``dtm`` (device ms) is the event time, corrected by the
 collector's skew rule with ``stm`` (sent ms) as the client's send time.
 
@@ -344,8 +346,6 @@ def _storefront(
     props: dict[str, Any] = {"$schema": schema, "data": data, "$snowplow": ids}
     if contexts:
         props["$contexts"] = contexts
-    if fields.get("uid"):
-        props["$user_id"] = fields["uid"][:256]
     if fields.get("url"):
         props["$url"] = fields["url"][:4096]
     sku = fields.get("ti_sk") if fields.get("e") == "ti" else None
@@ -359,6 +359,34 @@ def _storefront(
             "ts": at,
             "props": props,
             "product_id": sku[:256] if sku else None,
+            "user_id": fields["uid"][:256] if fields.get("uid") else None,
+        },
+    )
+    assert isinstance(event, StorefrontEvent)
+    return event
+
+
+def identify(shop: Shop, fields: Mapping[str, str]) -> StorefrontEvent | None:
+    """The ``$identify`` record (``identities``: the visitor ``duid`` is the user ``uid``)
+    of a page view sent with both, else None.
+
+    Snowplow has no identify call: a tracker's ``setUserId`` puts ``uid`` beside the
+    ``duid`` of every later event. Page views carry it to ``identities`` (once a page,
+    not once an event); its id is derived from the page view's, so a retry is one."""
+    user, anon = fields.get("uid"), fields.get("duid")
+    if fields.get("e") != "pv" or not user or not anon or user == anon:
+        return None
+    identifier = uuid.uuid5(event_id(shop, fields), "identify")
+    event = collector.validated(
+        StorefrontEvent,
+        {
+            "event_id": identifier,
+            "event_type": "$identify",
+            "anon_id": anon[:256],
+            "user_id": user[:256],
+            "session_id": (fields.get("sid") or anon)[:256],
+            "ts": _ms(fields.get("ttm")) or _ms(fields.get("dtm")),
+            "props": {"traits": {}},
         },
     )
     assert isinstance(event, StorefrontEvent)
@@ -402,6 +430,7 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
     # (stream, aid, stm) -> the valid events of one shop sent at one time.
     groups: dict[tuple[str, str, str], list[tuple[int, BehaviorEvent | StorefrontEvent]]] = {}
     events: list[tuple[int, dict[str, str]]] = []
+    derived = 0  # records made here beside the events sent (identify)
     for index, raw in enumerate(payloads):
         try:
             fields = _fields(raw)
@@ -433,9 +462,12 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
         stream = (
             streams.BEHAVIOR.name if isinstance(event, BehaviorEvent) else streams.STOREFRONT.name
         )
-        groups.setdefault((stream, fields.get("aid") or "", fields.get("stm") or ""), []).append(
-            (index, event)
-        )
+        group = (stream, fields.get("aid") or "", fields.get("stm") or "")
+        groups.setdefault(group, []).append((index, event))
+        if (identity := identify(shops[group[1]], fields)) is not None:
+            identified = (streams.STOREFRONT.name, group[1], group[2])
+            groups.setdefault(identified, []).append((index, identity))
+            derived += 1
     received = {stm: _ms(stm) for _, _, stm in groups}
     return await deliver_groups(
         request,
@@ -446,6 +478,7 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
         },
         rejected,
         received_at,
+        derived=derived,
     )
 
 
@@ -458,9 +491,13 @@ async def deliver_groups(
     groups: Groups,
     rejected: list[dict[str, Any]],
     received_at: datetime,
+    *,
+    derived: int = 0,
 ) -> web.Response:
     """Enrich and deliver valid events grouped by (stream, shop, client send time) as the
-    native endpoints do (``app._records``, the Delivery), and answer the batch."""
+    native endpoints do (``app._records``, the Delivery), and answer the batch.
+    ``derived`` records of the groups were made by the protocol beside the events sent
+    (not counted as accepted)."""
     settings = request.app[collector.SETTINGS]
     by_stream: dict[str, list[tuple[bytes, bytes]]] = {}
     accepted = 0
@@ -488,6 +525,7 @@ async def deliver_groups(
             raise collector.Refused(
                 503, "event broker unavailable, retry later", {"Retry-After": "5"}
             ) from exc
+    accepted = max(0, accepted - derived)
     metrics.EVENTS_ACCEPTED.labels(kind).inc(accepted)
     rejected.sort(key=lambda r: int(r["index"]))
     status = 200 if accepted or not rejected else 400

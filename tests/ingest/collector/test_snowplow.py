@@ -52,7 +52,7 @@ async def _rows(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
         shop.shop_id,
     )
     storefront = await db.pool.fetch(
-        "SELECT event_id::text, event_type, anon_id, session_id, props FROM events "
+        "SELECT event_id::text, event_type, anon_id, session_id, props, user_id FROM events "
         "WHERE shop_id = $1",
         shop.shop_id,
     )
@@ -156,7 +156,17 @@ async def test_the_python_tracker_events_are_rows_once(
         assert (structured["table"], structured["anon_id"]) == ("events", "duid-1")
         props = orjson.loads(structured["props"])
         assert props["data"]["category"] == "cart" and props["data"]["value"] == 2.0
-        assert props["$user_id"] == "user-7"
+        assert structured["user_id"] == "user-7" and "$user_id" not in props
+
+        # The page view (uid beside duid) made the visitor known as the user.
+        async def identity() -> tuple[str, str] | None:
+            row = await db.pool.fetchrow(
+                "SELECT anon_id, user_id FROM identities WHERE shop_id = $1", shop.shop_id
+            )
+            return None if row is None else (row["anon_id"], row["user_id"])
+
+        await wait_for(identity)
+        assert await identity() == ("duid-1", "user-7")
         custom = by_type["add_to_cart"]
         assert orjson.loads(custom["props"])["$schema"] == CUSTOM
         assert orjson.loads(custom["props"])["data"] == {"sku": "sku-9", "qty": 1}

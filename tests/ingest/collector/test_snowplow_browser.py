@@ -199,5 +199,9 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
     assert session["page_count"] == 2
     assert session["first_seen_at"] < session["last_seen_at"]
     assert session["screen_resolution"] and session["language"] == "en-US"
+    # setUserId: the visitor (duid) is known as the user, once per page view.
+    identity = await db.pool.fetchrow("SELECT * FROM identities WHERE shop_id = $1", shop.shop_id)
+    assert identity is not None
+    assert (identity["anon_id"], identity["user_id"]) == (meta["anon_id"], "user-42")
     path = "/com.snowplowanalytics.snowplow/tp2" if method == "post" else "/i?"
     assert posted and all(path in url for url in posted), posted
