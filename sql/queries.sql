@@ -369,9 +369,11 @@ RETURNING id;
 
 -- name: pm_record_restore
 -- `partitions restore`: the month put back, in the restore's own transaction. Who and when
--- are set by the table's trigger (migration 0010).
-INSERT INTO partition_restores (table_name, partition_name, month, file, sha256, row_count)
-VALUES ($1, $2, $3, $4, $5, $6)
+-- are set by the table's trigger (migration 0010); $7: the rows erasures and uninstalled
+-- shops' purges took out of it on the way back (migration 0015).
+INSERT INTO partition_restores (table_name, partition_name, month, file, sha256, row_count,
+                                privacy_rows)
+VALUES ($1, $2, $3, $4, $5, $6, coalesce($7::jsonb, '{}'))
 RETURNING id;
 
 -- name: upsert_identities
@@ -1028,3 +1030,14 @@ WITH s AS (
 )
 SELECT (SELECT uninstalled_at FROM s) AS uninstalled_at, (SELECT count(*) FROM k) AS revoked,
        (SELECT id FROM s) AS id;
+
+-- name: pm_restore_purges
+-- `partitions restore`: shops whose purge (begun or finished) answers their current
+-- uninstall, with its mode: a month put back gets the same treatment.
+SELECT p.shop_id, p.mode
+FROM shop_purges p JOIN shops s ON s.id = p.shop_id AND s.uninstalled_at = p.uninstalled_at
+ORDER BY p.shop_id;
+
+-- name: pm_restore_suppressions
+-- `partitions restore`: every erased visitor, as (shop, HMACs): a month put back loses them.
+SELECT shop_id, array_agg(id_hash) AS hashes FROM erasure_suppressions GROUP BY shop_id;

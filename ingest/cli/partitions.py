@@ -177,9 +177,22 @@ async def restore_command(settings: Settings, args: argparse.Namespace, console:
     async with Database(_dsn(settings), max_size=2) as db:
         done = await PartitionManager.from_settings(db, settings).restore(args.file)
     if args.json:
-        _print_json({"table": done.table, "partition": done.partition, "rows": done.rows})
+        _print_json(
+            {
+                "table": done.table,
+                "partition": done.partition,
+                "rows": done.rows,
+                "privacy": done.privacy,
+            }
+        )
     else:
         console.print(f"restored {done.partition}: {done.rows} rows")
+        if any(done.privacy.values()):
+            console.print(
+                f"  erased visitors' rows removed again: {done.privacy.get('erased', 0)}; "
+                f"uninstalled shops' rows deleted or anonymised: "
+                f"{done.privacy.get('uninstalled', 0)}"
+            )
     return 0
 
 

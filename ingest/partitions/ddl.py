@@ -371,3 +371,19 @@ def table_blocks(table: str) -> str:
         f"SELECT (pg_relation_size('{name}'::regclass) / "
         "current_setting('block_size')::bigint)::bigint"
     )
+
+
+# -- what a restore applies to the month it puts back ---------------------------------------------
+
+
+def distinct_ids(table: str, column: str, *, json_key: bool) -> str:
+    """The distinct ids of shop ``$1`` in ``table``'s ``column`` (``json_key``: its JSON key
+    ``$2``), which a restore hashes to find erased visitors (an erasure keeps HMACs only)."""
+    t, c = ident(table), quote(column)
+    value = f"{c} ->> $2::text" if json_key else c
+    return f"SELECT DISTINCT {value} AS v FROM {t} WHERE shop_id = $1 AND {value} IS NOT NULL"
+
+
+def shops_in(table: str) -> str:
+    """Which of shops ``$1`` (uuid[]) have rows in ``table``."""
+    return f"SELECT DISTINCT shop_id FROM {ident(table)} WHERE shop_id = ANY($1::uuid[])"

@@ -40,6 +40,7 @@ from ingest.core import metrics
 from ingest.core.db import Database, queries
 from ingest.core.errors import MaintenanceLocked, OutsideRetentionWindow, PartitionError
 from ingest.core.settings import Settings
+from ingest.core.suppression import KINDS, id_hash
 from ingest.partitions import archive, ddl
 from ingest.partitions.catalog import Catalog
 from ingest.partitions.model import (
@@ -536,35 +537,37 @@ class PartitionManager(Catalog):
         transaction, a lock wait retried); returns the rows deleted or anonymised."""
         step = action.steps[0]
         assert isinstance(step, ShopStep)
-        total = 0
         async with self.db.pool.acquire() as conn:
             await conn.execute(step.lock_timeout)
             try:
-                if step.batch is None:
-                    span = await queries.fetchrow(conn, "erase_dead_letter_span")
-                    assert span is not None
-                    low, high = int(span["low"]), int(span["high"])
-                    for start in range(low, high + 1, self.batch_rows):
-                        total += await self._shop_batch(
-                            conn,
-                            "pm_uninstalled_dead_letters",
-                            shop.shop_id,
-                            start,
-                            start + self.batch_rows,
-                        )
-                elif step.blocks:
-                    blocks = int(await conn.fetchval(ddl.table_blocks(action.partition)))
-                    for start in range(0, blocks, step.blocks):
-                        total += await self._shop_batch(
-                            conn, step.batch, (start, 0), (start + step.blocks, 0)
-                        )
-                else:
-                    while (deleted := await self._shop_batch(conn, step.batch)) > 0:
-                        total += deleted
-                        if deleted < self.batch_rows:
-                            break
+                return await self._shop_batches(conn, step, action.partition, shop.shop_id)
             finally:
                 await conn.execute(step.reset)
+
+    async def _shop_batches(
+        self, conn: asyncpg.Connection, step: ShopStep, table: str, shop_id: str
+    ) -> int:
+        """``step``'s batches on ``table`` until done; the rows they touched."""
+        total = 0
+        if step.batch is None:
+            span = await queries.fetchrow(conn, "erase_dead_letter_span")
+            assert span is not None
+            low, high = int(span["low"]), int(span["high"])
+            for start in range(low, high + 1, self.batch_rows):
+                total += await self._shop_batch(
+                    conn, "pm_uninstalled_dead_letters", shop_id, start, start + self.batch_rows
+                )
+        elif step.blocks:
+            blocks = int(await conn.fetchval(ddl.table_blocks(table)))
+            for start in range(0, blocks, step.blocks):
+                total += await self._shop_batch(
+                    conn, step.batch, (start, 0), (start + step.blocks, 0)
+                )
+        else:
+            while (deleted := await self._shop_batch(conn, step.batch)) > 0:
+                total += deleted
+                if deleted < self.batch_rows:
+                    break
         return total
 
     async def _shop_batch(self, conn: asyncpg.Connection, sql: str, *args: object) -> int:
@@ -634,6 +637,9 @@ class PartitionManager(Catalog):
                         f"archive {data} loaded {check['rows']} rows into {name}, its manifest "
                         f"says {manifest.row_count}; nothing restored"
                     )
+                # Erasures and uninstalled shops' purges made since the archive was written
+                # apply to it too; before the ATTACH, nobody else sees these rows yet.
+                privacy = await self._privacy_on_restore(conn, name, parent.columns)
                 for statement in () if exists else step.finish:
                     await conn.execute(statement)
                 await queries.execute(
@@ -645,6 +651,7 @@ class PartitionManager(Catalog):
                     str(data.resolve()),
                     manifest.sha256,
                     manifest.row_count,
+                    orjson.dumps(privacy).decode(),
                 )
         except asyncpg.DuplicateTableError as exc:
             raise PartitionError(
@@ -660,8 +667,82 @@ class PartitionManager(Catalog):
             rows=manifest.row_count,
             file=str(data),
             sha256=manifest.sha256,
+            privacy=privacy,
         )
-        return Restored(manifest.table, name, month, manifest.row_count)
+        return Restored(manifest.table, name, month, manifest.row_count, privacy)
+
+    async def _privacy_on_restore(
+        self, conn: asyncpg.Connection, name: str, columns: list[str]
+    ) -> dict[str, int]:
+        """Take out of ``name`` (a month being restored) the rows of erased visitors and
+        delete or anonymise those of shops purged since it was archived, as ``erase`` and
+        ``maintain`` did to the rest; the rows touched, by cause."""
+        done = {"erased": 0, "uninstalled": 0}
+        purges = await queries.fetch(conn, "pm_restore_purges")
+        present = {
+            r["shop_id"]
+            for r in await conn.fetch(ddl.shops_in(name), [p["shop_id"] for p in purges])
+        }
+        for p in purges:
+            if p["shop_id"] not in present:
+                continue
+            if p["mode"] == "anonymize" and not ddl.anonymizable(columns):
+                continue
+            step = ddl.uninstalled_step(
+                name,
+                columns,
+                p["shop_id"],
+                p["mode"],
+                batch_rows=self.batch_rows,
+                lock_timeout_ms=self.lock_timeout_ms,
+            )
+            done["uninstalled"] += await self._shop_batches(conn, step, name, str(p["shop_id"]))
+        erased = await queries.fetch(conn, "pm_restore_suppressions")
+        present = {
+            r["shop_id"]
+            for r in await conn.fetch(ddl.shops_in(name), [e["shop_id"] for e in erased])
+        }
+        salt = bytes(await queries.fetchval(conn, "erase_salt")) if present else b""
+        for e in erased:
+            if e["shop_id"] in present:
+                done["erased"] += await self._erase_on_restore(
+                    conn, name, columns, e["shop_id"], {bytes(h) for h in e["hashes"]}, salt
+                )
+        return done
+
+    async def _erase_on_restore(
+        self,
+        conn: asyncpg.Connection,
+        name: str,
+        columns: list[str],
+        shop_id: uuid.UUID,
+        hashes: set[bytes],
+        salt: bytes,
+    ) -> int:
+        """Delete from ``name`` the rows of shop ``shop_id`` whose ids hash to one of
+        ``hashes``: every distinct id of each id column (and JSON user id) is hashed as
+        ``erase`` hashed the ids it was given."""
+        shop = str(shop_id)
+        matches: list[tuple[str, str | None]] = []
+        args: list[object] = []
+        wanted: list[tuple[str, str | None, str]] = [(c, None, c) for c in KINDS if c in columns]
+        wanted += [(c, k, "user_id") for c, k in _JSON_USER_KEYS if c in columns]
+        for column, key, kind in wanted:
+            sql = ddl.distinct_ids(name, column, json_key=key is not None)
+            rows = await conn.fetch(sql, shop_id, *(() if key is None else (key,)))
+            hit = [r["v"] for r in rows if id_hash(salt, shop, kind, r["v"]) in hashes]
+            if hit:
+                matches.append((column, key))
+                args += [hit] if key is None else [key, hit]
+        if not matches:
+            return 0
+        delete = ddl.visitor_delete(name, ddl.visitor_match(matches), self.batch_rows)
+        total = 0
+        while True:
+            deleted = int((await conn.execute(delete, shop_id, *args)).split()[-1])
+            total += deleted
+            if deleted < self.batch_rows:
+                return total
 
     @staticmethod
     async def _copy_archive(
@@ -787,6 +868,10 @@ class PartitionManager(Catalog):
                 yield
             finally:
                 await queries.fetchval(conn, "pm_maintenance_unlock")
+
+
+# Where a protocol keeps a user id in a table without a user_id column (as erase matches).
+_JSON_USER_KEYS = (("props", "$user_id"), ("metadata", "user_id"))
 
 
 def _uuid(value: str) -> uuid.UUID:

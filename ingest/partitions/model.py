@@ -393,3 +393,6 @@ class Restored:
     partition: str
     month: date
     rows: int
+    # Rows the restore took out again or anonymised: erased visitors ("erased"), shops
+    # uninstalled and purged since the archive was written ("uninstalled").
+    privacy: dict[str, int] = field(default_factory=dict)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +163,99 @@ async def test_a_restore_is_recorded(fresh: Database, tmp_path: Path) -> None:
     )
     assert forged is not None and forged["restored_by"] != "someone_else"
     assert forged["restored_at"].year != 2001
+
+
+async def test_a_restore_applies_erasures_and_uninstalled_shops_purges(
+    fresh: Database, tmp_path: Path
+) -> None:
+    """April is archived; then a visitor of shop A is erased (by session and by user id)
+    and shops B (delete) and C (anonymise) are uninstalled and purged. Restoring April
+    puts back A's other visitors only, none of B's rows, C's anonymised; recorded."""
+    from ingest.core.settings import Settings
+    from ingest.privacy import Erasure, erase
+
+    shops = {
+        r["domain"][0]: r["id"]
+        for r in await fresh.pool.fetch(
+            "INSERT INTO shops (domain, webhook_secret, settings) VALUES "
+            "('a.myshopify.com', 's', '{}'), ('b.myshopify.com', 's', '{}'), "
+            "('c.myshopify.com', 's', '{\"uninstalled_data\": \"anonymize\"}') "
+            "RETURNING id, domain"
+        )
+    }
+    manager = PartitionManager(fresh, batch_rows=2)
+    await manager.create(await manager.policy("behavior_events"), date(2026, 4, 1))
+    rows = [
+        ("a", "erase-me", {}),
+        ("a", "erase-me", {}),
+        ("a", "erase-me", {}),
+        ("a", "other", {"user_id": "u-erase"}),
+        ("a", "other", {"user_id": "u-keep"}),
+        ("a", "keep-me", {}),
+        ("a", "keep-me", {}),
+        ("b", "erase-me", {}),  # another shop's session of the same name: not erased
+        ("b", "b-1", {}),
+        ("c", "c-1", {}),
+        ("c", "c-1", {}),
+    ]
+    for day, (shop, session, metadata) in enumerate(rows, start=1):
+        await fresh.pool.execute(
+            "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, page_url, "
+            '"timestamp", received_at, element_text, metadata) '
+            "VALUES ($1, $2, $3, 'click', 'https://x/?q=1', $4, $4, 'text', $5)",
+            uuid.uuid4(),
+            shops[shop],
+            session,
+            datetime(2026, 4, day, 3, tzinfo=UTC),
+            json.dumps(metadata),
+        )
+    await fresh.pool.execute(
+        "UPDATE partition_policies SET retention_mode = 'archive', archive_location = $1 "
+        "WHERE table_name = 'behavior_events'",
+        str(tmp_path),
+    )
+    await manager.maintain(NOW)
+    manifest_file = tmp_path / "behavior_events" / f"{APRIL}.manifest.json"
+    assert json.loads(manifest_file.read_text())["row_count"] == len(rows)
+
+    settings = Settings(state_dir=tmp_path, postgres_dsn=fresh.dsn)
+    report = await erase(
+        fresh,
+        settings,
+        Erasure("a.myshopify.com", session_ids=["erase-me"], user_ids=["u-erase"]),
+        dry_run=False,
+    )
+    assert report.rows["behavior_events"] == 0  # April is archived: nothing to erase now
+    await fresh.pool.execute(
+        "UPDATE shops SET uninstalled_at = $1 WHERE domain IN ('b.myshopify.com', "
+        "'c.myshopify.com')",
+        NOW - timedelta(days=40),
+    )
+    await manager.maintain(NOW)
+    assert (
+        await fresh.pool.fetchval("SELECT count(*) FROM shop_purges WHERE finished_at IS NOT NULL")
+        == 2
+    )
+
+    restored = await manager.restore(manifest_file)
+    assert restored.rows == len(rows)
+    # A's 3 rows of session erase-me and 1 of user u-erase; B's 2 deleted, C's 2 anonymised.
+    assert restored.privacy == {"erased": 4, "uninstalled": 4}
+    got = await fresh.pool.fetch(
+        "SELECT shop_id, session_id, metadata, element_text, page_url FROM behavior_events"
+    )
+    by_shop = {s: [r for r in got if r["shop_id"] == i] for s, i in shops.items()}
+    assert sorted(r["session_id"] for r in by_shop["a"]) == ["keep-me", "keep-me", "other"]
+    assert [json.loads(r["metadata"]) for r in by_shop["a"] if r["session_id"] == "other"] == [
+        {"user_id": "u-keep"}
+    ]
+    assert by_shop["b"] == []
+    assert len(by_shop["c"]) == 2
+    assert {r["session_id"] for r in by_shop["c"]} == {
+        await fresh.pool.fetchval("SELECT eventpipe_pseudonym($1, 'c-1')", shops["c"])
+    }
+    assert {(r["element_text"], r["page_url"]) for r in by_shop["c"]} == {(None, "https://x/")}
+    recorded = await fresh.pool.fetchval(
+        "SELECT privacy_rows FROM partition_restores WHERE partition_name = $1", APRIL
+    )
+    assert json.loads(recorded) == restored.privacy
