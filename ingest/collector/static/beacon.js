@@ -2,13 +2,14 @@
  * forms and JS errors, batched to the collector's POST /v1/behavior.
  * <script src="https://COLLECTOR/v1/beacon.js" data-write-key="wk_..." async></script>
  * Options: data-respect-dnt="false", data-flush-interval="5000" (ms),
- * data-endpoint="https://..." (collector base URL, default: the script's). */
+ * data-endpoint="https://..." (collector base URL, default: the script's).
+ * eventpipe.consent({analytics: bool, anonymous: bool}): see README, Privacy. */
 (function () {
   "use strict";
   var w = window, d = document, n = navigator;
   if (w.eventpipe && w.eventpipe.version) return; // included twice
   var noop = function () {};
-  var api = { version: 1, track: noop, flush: noop, sessionId: noop };
+  var api = { version: 1, track: noop, flush: noop, sessionId: noop, consent: noop };
   w.eventpipe = api;
   var tag = d.currentScript || d.querySelector("script[data-write-key]");
   var opt = (tag && tag.dataset) || {};
@@ -17,6 +18,8 @@
       (n.doNotTrack === "1" || w.doNotTrack === "1" || n.globalPrivacyControl === true)) return;
   var base = (opt.endpoint || tag.src.replace(/\/v1\/beacon\.js([?#].*)?$/, "")).replace(/\/$/, "");
   var url = base + "/v1/behavior?k=" + encodeURIComponent(opt.writeKey);
+  // mode: "wait" (shop config or consent pending: events held in memory), "on", "anon", "off".
+  var mode = "wait", required = null, given = null, held = [];
   var interval = +opt.flushInterval > 0 ? +opt.flushInterval : 5000;
   var MAX_EVENTS = 200, MAX_BYTES = 60000, IDLE = 30 * 60 * 1000;
   var TYPES = "click scroll hover rage_click hesitation form_start form_abandon form_submit " +
@@ -38,13 +41,14 @@
     return h.slice(0, 8) + "-" + h.slice(8, 12) + "-" + h.slice(12, 16) + "-" + h.slice(16, 20) + "-" + h.slice(20);
   }
   // Session id: sessionStorage "id.lastActivity", renewed after 30 minutes idle.
+  // Anonymous: in memory only, one page's session.
   function sid() {
-    var now = Date.now(), s = null, id;
-    try { s = sessionStorage.getItem("eventpipe.sid"); } catch (x) { s = memSid; }
+    var now = Date.now(), s = memSid, id;
+    if (mode !== "anon") try { s = sessionStorage.getItem("eventpipe.sid"); } catch (x) { s = memSid; }
     var parts = s ? s.split(".") : [];
     id = parts.length === 2 && now - +parts[1] < IDLE ? parts[0] : uuid();
     memSid = id + "." + now;
-    try { sessionStorage.setItem("eventpipe.sid", memSid); } catch (x) { /* memory only */ }
+    if (mode !== "anon") try { sessionStorage.setItem("eventpipe.sid", memSid); } catch (x) { /* memory only */ }
     return id;
   }
   function path(el) {
@@ -71,10 +75,16 @@
   function elementOf(t) { return t && t.nodeType === 3 ? t.parentElement : t; }
 
   function track(type, extra) {
+    if (mode === "off") return;
+    if (mode === "wait") { // nothing stored or sent: held, with its time, until consent
+      if (held.length < MAX_EVENTS) held.push([type, Object.assign({ timestamp: new Date().toISOString() }, extra)]);
+      return;
+    }
     var e = { event_id: uuid(), event_type: type, session_id: sid(),
       page_url: location.href.slice(0, 4096), timestamp: new Date().toISOString(),
       viewport_size: { width: w.innerWidth, height: w.innerHeight } };
-    for (var k in extra) if (extra[k] != null) e[k] = extra[k];
+    for (var k in extra) if (extra[k] != null && k !== "facts") e[k] = extra[k];
+    if (extra && extra.facts && mode !== "anon") e.metadata = Object.assign({}, extra.facts, e.metadata);
     var json = JSON.stringify(e), size = utf8 ? utf8.encode(json).length : json.length * 3;
     if (size > MAX_BYTES) return; // sendBeacon refuses more than 64 KB in flight
     if (queue.length + 1 > MAX_EVENTS || bytes + size > MAX_BYTES) flush();
@@ -87,6 +97,7 @@
   // failures back off exponentially (1 s doubling to 60 s), never sooner than Retry-After.
   var BOX = "eventpipe.outbox", mem = [], sending = false, retry = 0, backoff = 0;
   function load() {
+    if (mode === "anon") return mem;
     try { var v = JSON.parse(localStorage.getItem(BOX) || "[]"); return v.length >= 0 ? v : []; }
     catch (x) { return mem; }
   }
@@ -94,6 +105,7 @@
     var size = 0, i = box.length;
     while (i > 0 && box.length - i < MAX_EVENTS && size + box[i - 1].length < MAX_BYTES) size += box[--i].length + 1;
     box = box.slice(i); mem = box;
+    if (mode === "anon") return box;
     try { if (box.length) localStorage.setItem(BOX, JSON.stringify(box)); else localStorage.removeItem(BOX); }
     catch (x) { /* memory only */ }
     return box;
@@ -116,12 +128,14 @@
     clearTimeout(retry);
     retry = setTimeout(guard(function () { retry = 0; send(); }), Math.max(backoff, wait || 0));
   }
+  function target() { return mode === "anon" ? url + "&anonymous=1" : url; }
   function send() {
+    if (mode !== "on" && mode !== "anon") return;
     var box = load();
     if (!box.length || sending || retry) return;
-    if (!w.fetch) { if (n.sendBeacon) n.sendBeacon(url, new Blob([body(box)], { type: "text/plain" })); return; }
+    if (!w.fetch) { if (n.sendBeacon) n.sendBeacon(target(), new Blob([body(box)], { type: "text/plain" })); return; }
     sending = true;
-    fetch(url, { method: "POST", body: body(box), keepalive: true, credentials: "omit",
+    fetch(target(), { method: "POST", body: body(box), keepalive: true, credentials: "omit",
       headers: { "Content-Type": "text/plain" } }).then(function (r) {
       sending = false;
       if (r.status === 429 || r.status >= 500) return again(1000 * (+r.headers.get("Retry-After") || 0));
@@ -132,10 +146,11 @@
   // Leaving: sendBeacon can only say "queued", so the outbox is kept; if it arrived,
   // the next page's resend is deduplicated by event id.
   function leaveFlush() {
+    if (mode !== "on" && mode !== "anon") return;
     if (queue.length) { save(load().concat(queue)); queue = []; bytes = 0; }
     var box = load();
     if (!box.length) return;
-    try { if (n.sendBeacon && n.sendBeacon(url, new Blob([body(box)], { type: "text/plain" }))) return; }
+    try { if (n.sendBeacon && n.sendBeacon(target(), new Blob([body(box)], { type: "text/plain" }))) return; }
     catch (x) { /* fall back to fetch */ }
     sending = false; send();
   }
@@ -245,9 +260,10 @@
 
   function pageView(extra) {
     var s = w.screen || {};
-    track("page_view", { metadata: { referrer: d.referrer || null, language: n.language || null,
-      screen_resolution: s.width ? s.width + "x" + s.height : null, title: d.title || null },
-      event_data: extra || {} });
+    // facts: left out by track() when anonymous
+    track("page_view", { metadata: { title: d.title || null }, event_data: extra || {},
+      facts: { referrer: d.referrer || null, language: n.language || null,
+        screen_resolution: s.width ? s.width + "x" + s.height : null } });
   }
   w.addEventListener("pageshow", guard(function (e) {
     if (e.persisted) pageView({ restored: true }); // back from the bfcache
@@ -258,7 +274,54 @@
     track(type, { event_data: data && typeof data === "object" ? data : {} });
   });
   api.flush = guard(flush);
-  api.sessionId = function () { try { return sid(); } catch (x) { return null; } };
+  api.sessionId = function () {
+    if (mode !== "on" && mode !== "anon") return null; // no storage touched before consent
+    try { return sid(); } catch (x) { return null; }
+  };
+
+  // Consent: the shop's configuration and the visitor's answer decide the mode.
+  function forget() {
+    queue = []; bytes = 0; mem = []; memSid = null; clearTimeout(timer); timer = 0;
+    try { localStorage.removeItem(BOX); sessionStorage.removeItem("eventpipe.sid"); } catch (x) { /* none */ }
+  }
+  function decide() {
+    var next = given ? (given.analytics ? (given.anonymous ? "anon" : "on") : "off")
+      : required === false ? "on" : "wait";
+    if (next === mode) return;
+    var was = mode;
+    mode = next;
+    if (mode === "off") { held = []; forget(); return; }
+    if (was === "on") forget(); // now anonymous
+    if (mode === "wait") return;
+    var waiting = held;
+    held = [];
+    waiting.forEach(function (t) { track(t[0], t[1]); });
+    send(); // and what an earlier page left in the outbox
+  }
+  api.consent = guard(function (c) {
+    given = { analytics: !!(c && c.analytics), anonymous: !!(c && c.anonymous) };
+    decide();
+  });
+  function configure(consentRequired) {
+    if (required !== null) return;
+    required = consentRequired;
+    guard(decide)();
+  }
+  // Asked of the collector that served this script; until it answers, events wait in
+  // memory (asked again with backoff on 429, 5xx and network errors); a 4xx or no fetch:
+  // consent required, the privacy-safe choice.
+  var home = (tag.src || base).replace(/\/v1\/beacon\.js([?#].*)?$/, "").replace(/\/$/, ""), pause = 0;
+  function ask() {
+    fetch(home + "/v1/beacon/config?k=" + encodeURIComponent(opt.writeKey), { credentials: "omit" })
+      .then(function (r) {
+        if (r.ok) return r.json().then(function (c) { configure(c.consent_required !== false); });
+        if (r.status === 429 || r.status >= 500) throw r.status;
+        configure(true);
+      }).then(null, function () {
+        pause = Math.min(60000, pause ? pause * 2 : 1000);
+        setTimeout(guard(ask), pause);
+      });
+  }
   guard(pageView)();
-  guard(send)(); // what an earlier page (or a failed attempt) left in the outbox
+  if (w.fetch) guard(ask)(); else configure(true);
 })();

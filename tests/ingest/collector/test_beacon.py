@@ -23,7 +23,8 @@ async def test_beacon_js_is_served_cacheable(collector: str) -> None:
     assert body == BEACON_BODY
     text = body.decode()
     assert "sendBeacon" in text and "keepalive: true" in text
-    assert len(body) < 14 * 1024, "the beacon should stay small"  # ~4.5 KB gzipped
+    # Consent and anonymous mode (issue 23) took it past 14 KiB: ~5.5 KB gzipped.
+    assert len(body) < 16 * 1024, "the beacon should stay small"
 
 
 async def test_beacon_js_revalidates_with_etag(collector: str) -> None:

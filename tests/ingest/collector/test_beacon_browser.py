@@ -30,6 +30,13 @@ pytestmark = pytest.mark.slow
 VIEWPORT = {"width": 1024, "height": 700}
 
 
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Headless Chromium's user agent is a bot's to the collector (bot_policy drop by
+    default): these tests keep its events, as a shop would set bot_policy keep."""
+    return settings.model_copy(update={"bot_policy": "keep"})
+
+
 def _page(collector: str, write_key: str, title: str, body: str, options: str = "") -> str:
     snippet = (
         f'<script src="{collector}/v1/beacon.js" data-write-key="{write_key}"{options} async>'
@@ -378,3 +385,110 @@ async def test_batches_refused_with_503_are_kept_and_sent_once_after_a_reload(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def _require_consent(db: Database, shop: ShopCredentials) -> None:
+    await db.pool.execute(
+        "UPDATE shops SET settings = settings || '{\"consent_required\": true}' WHERE id = $1",
+        shop.shop_id,
+    )
+
+
+STORED = "[sessionStorage.getItem('eventpipe.sid'), localStorage.getItem('eventpipe.outbox')]"
+
+
+async def test_headless_chromium_is_a_bot_to_the_collector(browser: Any) -> None:
+    """Why this module keeps bots (its ``settings``): the list names our own Chromium."""
+    from ingest.collector import bots
+
+    context = await browser.new_context()
+    page = await context.new_page()
+    agent = await page.evaluate("navigator.userAgent")
+    await context.close()
+    assert bots.reason(agent) == bots.CRAWLER, agent
+
+
+async def test_consent_required_sends_and_stores_nothing_until_consent(
+    browser: Any, site: Site, loader: Loader, db: Database, shop: ShopCredentials
+) -> None:
+    """The shop requires consent: the page view and a click wait in memory (no request,
+    nothing in sessionStorage or localStorage) until eventpipe.consent({analytics: true})
+    sends them, with their own times."""
+    await _require_consent(db, shop)
+    context = await browser.new_context(viewport=VIEWPORT)
+    posted: list[str] = []
+    context.on("request", lambda r: posted.append(r.url) if "/v1/behavior" in r.url else None)
+    page = await context.new_page()
+    async with page.expect_response(lambda r: "/v1/beacon/config" in r.url) as config:
+        await page.goto(f"{site.url}/page2")
+    assert await (await config.value).json() == {"consent_required": True}
+    await page.wait_for_function("window.eventpipe && window.eventpipe.version")
+    await page.click("#ok")
+    await page.evaluate("window.eventpipe.flush()")
+    await page.wait_for_timeout(300)
+    assert posted == []
+    assert await page.evaluate(STORED) == [None, None]
+    assert await page.evaluate("window.eventpipe.sessionId()") is None
+    consented = await page.evaluate(
+        "(() => { const t = new Date().toISOString();"
+        " window.eventpipe.consent({analytics: true}); window.eventpipe.flush(); return t; })()"
+    )
+    await wait_for(lambda: _async(len(posted) >= 1))
+    await page.close()
+    await context.close()
+
+    async def landed() -> bool:
+        return {"page_view", "click"} <= {e["event_type"] for e in await _events(db, shop)}
+
+    await wait_for(landed)
+    events = await _events(db, shop)
+    assert sorted(e["event_type"] for e in events) == ["click", "page_view"]
+    assert all(e["timestamp"].isoformat() < consented.replace("Z", "+00:00") for e in events)
+    assert _of(events, "page_view")[0]["metadata"]["language"]  # identified: facts kept
+
+
+async def test_anonymous_consent_keeps_no_session_facts_or_storage(
+    browser: Any, site: Site, loader: Loader, db: Database, shop: ShopCredentials
+) -> None:
+    """consent({analytics: false}) discards what waits and sends nothing; then anonymous
+    consent sends later events with ?anonymous=1, no referrer/language/screen, and keeps
+    nothing in sessionStorage or localStorage."""
+    await _require_consent(db, shop)
+    context = await browser.new_context(viewport=VIEWPORT)
+    posted: list[str] = []
+    context.on("request", lambda r: posted.append(r.url) if "/v1/behavior" in r.url else None)
+    page = await context.new_page()
+    await page.goto(f"{site.url}/page1")  # then page 2: a referrer to leave out
+    await page.click("#next")
+    await page.wait_for_url(f"{site.url}/page2")
+    await page.wait_for_function("window.eventpipe && window.eventpipe.version")
+    await page.evaluate("window.eventpipe.consent({analytics: false})")
+    await page.click("#ok")
+    await page.evaluate("window.eventpipe.flush()")
+    await page.wait_for_timeout(300)
+    assert posted == []
+    await page.evaluate("window.eventpipe.consent({analytics: true, anonymous: true})")
+    await page.evaluate("window.eventpipe.track('page_view', {manual: true})")
+    await page.click("#ok")
+    await page.evaluate("window.eventpipe.flush()")
+    await wait_for(lambda: _async(len(posted) >= 1))
+    assert await page.evaluate(STORED) == [None, None]
+    await page.close()
+    await context.close()
+
+    async def landed() -> bool:
+        return len(await _events(db, shop)) >= 2
+
+    await wait_for(landed)
+    events = await _events(db, shop)
+    assert sorted(e["event_type"] for e in events) == ["click", "page_view"]
+    assert all("anonymous=1" in url for url in posted), posted
+    for event in events:
+        assert not {"referrer", "language", "screen_resolution"} & set(event["metadata"])
+    session = await db.pool.fetchrow("SELECT * FROM user_sessions WHERE shop_id = $1", shop.shop_id)
+    assert session is not None
+    assert (session["referrer"], session["language"], session["screen_resolution"]) == (
+        None,
+        None,
+        None,
+    )

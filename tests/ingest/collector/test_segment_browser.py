@@ -41,6 +41,13 @@ PACKAGE = "@segment/analytics-next@1.84.3"
 BUNDLES = "/analytics-next/bundles"  # below the CDN: where the UMD bundle loads its chunks
 
 
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Headless Chromium's user agent is a bot's to the collector (bot_policy drop by
+    default): these tests keep its events, as a shop would set bot_policy keep."""
+    return settings.model_copy(update={"bot_policy": "keep"})
+
+
 @pytest.fixture(scope="module")
 def umd() -> Path:
     """The package's ``dist/umd`` folder (installed from npm once, cached)."""
