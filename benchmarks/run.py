@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import collector_bench, loader_bench, partitions_bench, wrk
+from benchmarks import collector_bench, erase_bench, loader_bench, partitions_bench, wrk
 from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
 from consumers.rows import STOREFRONT
 from consumers.values import pg_times
@@ -479,6 +479,11 @@ class Suite:
             self.stack.dsn, 5 if self.quick else 20
         )
 
+    async def erase_section(self) -> None:
+        console.rule("6. erasure of a visitor while a writer inserts")
+        rows = 10_000 if self.quick else 100_000
+        self.results["erase"] = await erase_bench.main(self.stack.dsn, rows, rows)
+
 
 async def naive_loader(settings: Settings, db: Database, rows: int) -> float:
     """Seconds for what a user might write: INSERT per event, commit per batch."""
@@ -588,7 +593,7 @@ def print_summary(results: dict[str, Any]) -> None:
     console.print(table)
 
 
-SECTIONS = ("collector", "loader", "e2e", "scaling", "naive", "partitions")
+SECTIONS = ("collector", "loader", "e2e", "scaling", "naive", "partitions", "erase")
 
 
 async def main(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
