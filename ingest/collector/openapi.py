@@ -144,9 +144,11 @@ def _segment(summary: str, body: dict[str, Any], typed: bool = False) -> dict[st
         },
     ]
     if typed:
-        parameters.append(
-            {"name": "type", "in": "path", "required": True, "schema": {"type": "string"}}
-        )
+        from ingest.collector import segment  # builds on the app module, which imports this one
+
+        # The message types (another is a 404 with its reason).
+        kinds = {"type": "string", "enum": list(segment.TYPES)}
+        parameters.append({"name": "type", "in": "path", "required": True, "schema": kinds})
     return {
         "post": {
             "summary": summary,
