@@ -30,7 +30,14 @@ from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import collector_bench, erase_bench, loader_bench, partitions_bench, wrk
+from benchmarks import (
+    collector_bench,
+    erase_bench,
+    loader_bench,
+    partitions_bench,
+    rollups_bench,
+    wrk,
+)
 from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
 from consumers.rows import STOREFRONT
 from consumers.values import pg_times
@@ -479,6 +486,10 @@ class Suite:
             self.stack.dsn, 5 if self.quick else 20
         )
 
+    async def rollups_section(self) -> None:
+        console.rule("7. rollup refresh: incremental after one new hour vs full")
+        self.results["rollups"] = await rollups_bench.main(self.stack.dsn, self.quick)
+
     async def erase_section(self) -> None:
         console.rule("6. erasure of a visitor while a writer inserts")
         rows = 10_000 if self.quick else 100_000
@@ -593,7 +604,7 @@ def print_summary(results: dict[str, Any]) -> None:
     console.print(table)
 
 
-SECTIONS = ("collector", "loader", "e2e", "scaling", "naive", "partitions", "erase")
+SECTIONS = ("collector", "loader", "e2e", "scaling", "naive", "partitions", "erase", "rollups")
 
 
 async def main(quick: bool, only: list[str] | None = None) -> dict[str, Any]:

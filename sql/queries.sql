@@ -561,30 +561,28 @@ WHERE be.component_id IS NOT NULL
 GROUP BY be.shop_id, g.day, be.component_id, be.page_url;
 
 -- name: rollup_daily_prune
--- Days past behavior_events' retention, or past a shop's data_retention_days.
-WITH gone AS (
-  DELETE FROM daily_friction_summary d
-  WHERE d.date < (retention_start('behavior_events') AT TIME ZONE 'UTC')::date
-     OR d.date < (SELECT (now() AT TIME ZONE 'UTC')::date
-                         - floor((s.settings->>'data_retention_days')::numeric)::int
-                  FROM shops s WHERE s.id = d.shop_id
-                    AND jsonb_typeof(s.settings->'data_retention_days') = 'number')
+-- Rows past behavior_events' retention, or past their shop's data_retention_days: per
+-- shop (the later of the two limits), so each table is read through its (shop_id, day)
+-- index, not scanned whole at every refresh.
+WITH lim AS (
+  SELECT s.id AS shop_id,
+         greatest((SELECT retention_start('behavior_events')),
+                  CASE WHEN jsonb_typeof(s.settings->'data_retention_days') = 'number'
+                       THEN now() - make_interval(
+                         days => floor((s.settings->>'data_retention_days')::numeric)::int)
+                  END) AS at
+  FROM shops s
+), gone AS (
+  DELETE FROM daily_friction_summary d USING lim
+  WHERE d.shop_id = lim.shop_id AND d.date < (lim.at AT TIME ZONE 'UTC')::date
   RETURNING 1
 ), gone2 AS (
-  DELETE FROM component_performance c
-  WHERE c.date < (retention_start('behavior_events') AT TIME ZONE 'UTC')::date
-     OR c.date < (SELECT (now() AT TIME ZONE 'UTC')::date
-                         - floor((s.settings->>'data_retention_days')::numeric)::int
-                  FROM shops s WHERE s.id = c.shop_id
-                    AND jsonb_typeof(s.settings->'data_retention_days') = 'number')
+  DELETE FROM component_performance c USING lim
+  WHERE c.shop_id = lim.shop_id AND c.date < (lim.at AT TIME ZONE 'UTC')::date
   RETURNING 1
 ), gone3 AS (
-  DELETE FROM conversion_funnels c
-  WHERE c.entered_at < retention_start('behavior_events')
-     OR c.entered_at < (SELECT now() - make_interval(
-                                days => floor((s.settings->>'data_retention_days')::numeric)::int)
-                        FROM shops s WHERE s.id = c.shop_id
-                          AND jsonb_typeof(s.settings->'data_retention_days') = 'number')
+  DELETE FROM conversion_funnels c USING lim
+  WHERE c.shop_id = lim.shop_id AND c.entered_at < lim.at
   RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM gone2) + (SELECT count(*) FROM gone3);
