@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
+import re
+import string
 import uuid
 from typing import Any
 
@@ -90,6 +93,32 @@ def test_the_carve_out_is_what_lets_libraries_through() -> None:
     for name in ("python-requests", "curl", "aiohttp", "urllib", "go", "java", "okhttp"):
         assert detect.isCrawler(LIBRARIES[name]), name
     assert sorted(bots.HTTP_LIBRARIES - set(crawler_list)) == []
+
+
+def test_the_screen_answers_as_crawlerdetect_does() -> None:
+    """bots' automaton (literals, the catch-all's words, each regex entry's fixed start
+    confirmed by its regex) against crawlerdetect's own regex: the same verdict on an
+    agent made of each literal entry, on browsers, and on noise (agents opening with an
+    HTTP library left out: those differ on purpose)."""
+    meta = re.compile(r"(?<!\\)[\^$.*+?()\[\]{}|]")
+    corpus = [*BOTS.values(), CHROME, LIBRARIES["iphone"]]
+    for entry in crawler_list:
+        if entry not in bots.HTTP_LIBRARIES and not meta.search(entry):
+            text = re.sub(r"\\(.)", r"\1", entry)
+            corpus += [text, f"Mozilla/5.0 (compatible; {text}/2.1; +http://example.com)"]
+    noise = random.Random(7)
+    alphabet = string.ascii_letters + string.digits + " /;()._-"
+    corpus += ["".join(noise.choices(alphabet, k=noise.randint(5, 300))) for _ in range(3000)]
+    detect = CrawlerDetect()
+    differ = [
+        agent
+        for agent in corpus
+        if (bots.crawler(agent) is not None) != detect.is_crawler(agent)
+        and not bots.HTTP_LIBRARY_TOKEN.search(agent)
+    ]
+    assert differ == []
+    assert bots.crawler("Mozilla/5.0 (compatible; YandexSearch/1.0)") is None  # a lookahead
+    assert bots.crawler("Mozilla/5.0 (compatible; Yandex/1.0)") is not None
 
 
 def test_a_shops_deny_list_is_case_insensitive_substrings() -> None:
