@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import structlog
 
@@ -859,6 +860,11 @@ async def test_uninstalled_shop_rows_are_anonymised_when_so_set(fresh: Database)
         )
     assert (await manager.maintain(NOW)).actions == []
     assert (await manager.status(NOW)).healthy
+    # Only the partition admin can compute pseudonyms (an oracle for guesses otherwise).
+    async with fresh.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL ROLE eventpipe_analyst")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetchval(pseudonym, gone, "gone-a")
 
 
 async def test_cli_status_lists_uninstalled_shops(
