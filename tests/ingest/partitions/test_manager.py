@@ -720,6 +720,18 @@ async def test_uninstalled_shop_rows_are_deleted_after_retention_in_batches(
     junk = await _dead_letter(fresh, b"\xff not json " + gone.encode())
     full = {"behavior_events": 9, "events": 9, "user_sessions": 2, "identities": 2}
     assert all([await _counts(fresh, s) == full for s in shops.values()])
+    # A month detached by retention (mode detach) is a plain table: purged too.
+    await _set_mode(fresh, "detach")
+    may = "behavior_events_p2026_05"
+    await fresh.pool.execute(f"CREATE TABLE {may} (LIKE behavior_events INCLUDING DEFAULTS)")
+    for shop in (shops["gone"], shops["gone"], shops["live"]):
+        await fresh.pool.execute(
+            f"INSERT INTO {may} (event_id, shop_id, session_id, event_type, page_url, "
+            "\"timestamp\", received_at) VALUES ($1, $2, 's', 'click', 'https://x/', "
+            "'2026-05-02', '2026-05-02')",
+            uuid.uuid4(),
+            shop,
+        )
 
     status = await manager.status(NOW)
     states = {u.shop_id: u.state(NOW) for u in status.uninstalled}
@@ -738,6 +750,7 @@ async def test_uninstalled_shop_rows_are_deleted_after_retention_in_batches(
     ]
     purged = [a for a in report.actions if a.kind == "delete_uninstalled"]
     assert {a.partition for a in purged} == {
+        may,
         "behavior_events_p2026_09",
         "behavior_events_p2026_10",
         "behavior_events_p2026_11",
@@ -753,8 +766,10 @@ async def test_uninstalled_shop_rows_are_deleted_after_retention_in_batches(
     )
     assert {a.table: 0 for a in purged} | {
         t: sum(a.rows for a in purged if a.table == t) for t in {a.table for a in purged}
-    } == {**full, "dead_letters": 2}
+    } == {**full, "dead_letters": 2, may: 2}
     assert await _counts(fresh, shops["gone"]) == dict.fromkeys(_TABLES, 0)
+    left = await fresh.pool.fetch(f"SELECT shop_id FROM {may}")
+    assert [r["shop_id"] for r in left] == [shops["live"]]
     for name in ("recent", "own", "live"):
         assert await _counts(fresh, shops[name]) == full, name
     letters = {
@@ -765,7 +780,7 @@ async def test_uninstalled_shop_rows_are_deleted_after_retention_in_batches(
 
     done = await fresh.pool.fetchrow("SELECT * FROM shop_purges WHERE shop_id = $1", shops["gone"])
     assert done["mode"] == "delete" and done["finished_at"] is not None
-    assert json.loads(done["rows"]) == {**full, "dead_letters": 2}
+    assert json.loads(done["rows"]) == {**full, "dead_letters": 2, may: 2}
     status = await manager.status(NOW)
     assert status.healthy, status.warnings
     assert {u.shop_id: u.state(NOW) for u in status.uninstalled}[gone] == "purged"
