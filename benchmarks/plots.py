@@ -20,16 +20,22 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     paths = []
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name in ("bare_max", "collector_max", "collector_2w_max", "e2e_max"):
-        points = series.get(name, [])
-        axes[0].plot([p["t"] for p in points], [p["requests_per_s"] for p in points], label=name)
-    axes[0].set(title="requests/s (closed-loop ramp)", xlabel="s", ylabel="requests/s")
+    collector = results["collector"]
+    protocols = collector.get("protocols") or {}
+    names = ["bare handler", *(f"collector: {name}" for name in protocols)]
+    values = [collector["bare_requests_per_s"], *(p["requests_per_s"] for p in protocols.values())]
+    bars = axes[0].barh(names, values, color="tab:blue")
+    axes[0].bar_label(bars, fmt="%.0f", fontsize=8)
+    axes[0].set(
+        title=f"requests/s at the maximum ({collector.get('generator', 'python')}), 20 events each",
+        xlabel="requests/s",
+    )
     for name in ("collector_half", "e2e_max", "e2e_half"):
         points = series.get(name, [])
         axes[1].plot([p["t"] for p in points], [p["events_per_s"] for p in points], label=name)
     axes[1].set(title="events accepted/s", xlabel="s", ylabel="events/s")
+    axes[1].legend(fontsize=8)
     for ax in axes:
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(label, fontsize=9)
     fig.tight_layout()
@@ -56,9 +62,20 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
+    behavior = results["loader"].get("behavior") or {}
     ratios = [
-        ("collector / bare", results["collector"]["ratio_vs_bare"], 0.5),
-        ("loader / raw COPY", results["loader"]["ratio_vs_copy"], 0.85),
+        ("collector / bare", results["collector"]["ratio_vs_bare"], 0.35),
+        *(
+            (f"{name} / native events/s", p["events_vs_native"], 0.85)
+            for name, p in protocols.items()
+            if name in ("segment", "snowplow", "posthog")
+        ),
+        ("loader / raw COPY (events)", results["loader"]["ratio_vs_copy"], 0.9),
+        *(
+            [("loader / COPY + sessions (behavior)", behavior["ratio_vs_copy"], 0.9)]
+            if behavior
+            else []
+        ),
         ("2 / 1 collector workers", results["scaling"]["collector_2_vs_1"], None),
         ("2 / 1 loader processes", results["scaling"]["loader_2_vs_1"], None),
         ("loader / naive INSERT", results["naive"]["loader_vs_naive"], None),

@@ -94,7 +94,8 @@ def write_script(path: Path, requests: list[Request], unique: bool = False) -> P
         "local entries = {\n" + ",\n".join(entries) + "\n}\n"
         f"local unique = {unique_lua}\n"
         "local formatted = {}\n"
-        "local n = 0\n"
+        "local threads = {}\n"
+        "n = 0  -- a global: done() reads each thread's with thread:get\n"
         "function init(args)\n"
         "  for i, e in ipairs(entries) do\n"
         '    formatted[i] = wrk.format("POST", e.path, e.headers, e.body)\n'
@@ -108,8 +109,13 @@ def write_script(path: Path, requests: list[Request], unique: bool = False) -> P
         f'  local body = string.gsub(e.body, "{ID_PLACEHOLDER}", string.format("%08x", n))\n'
         '  return wrk.format("POST", e.path, e.headers, body)\n'
         "end\n"
+        "function setup(thread)\n"
+        "  table.insert(threads, thread)\n"
+        "end\n"
         "function done(summary, latency, requests)\n"
-        '  io.write(string.format("LUA-REQUESTS-MADE %d\\n", n))\n'
+        "  local made = 0\n"
+        '  for _, thread in ipairs(threads) do made = made + thread:get("n") end\n'
+        '  io.write(string.format("LUA-REQUESTS-MADE %d\\n", made))\n'
         "end\n"
     )
     return path
@@ -186,6 +192,8 @@ def run(
     Its CPU comes from ``wait4`` (the kernel's account of the child, exact), the
     servers' from ``/proc`` (``psutil``) before and after.
     """
+    if threads != 1 and "local unique = true" in script.read_text():
+        raise ValueError("unique ids need one wrk thread (its counter is per thread)")
     argv = [WRK, "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s"]
     argv += ["--latency", "-s", str(script), url]
     before = _cpu(servers or {})
