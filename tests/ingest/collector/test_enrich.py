@@ -68,3 +68,78 @@ async def test_x_forwarded_for_counts_every_header_line() -> None:
             headers = [("X-Forwarded-For", line) for line in lines]
             status, body = await raw_request(server.url, "GET", "/ip", headers)
             assert (status, body.decode()) == (200, expected), lines
+
+
+def test_what_each_ip_policy_keeps() -> None:
+    import ipaddress
+
+    from ingest.collector.enrich import kept_ip
+
+    v4, v6 = ipaddress.ip_address("203.0.113.77"), ipaddress.ip_address("2001:db8:1:2::9")
+    assert [kept_ip(v4, p) for p in ("keep", "truncate", "remove")] == [
+        "203.0.113.77",
+        "203.0.113.0",
+        None,
+    ]
+    assert [kept_ip(v6, p) for p in ("keep", "truncate", "remove")] == [
+        "2001:db8:1:2::9",
+        "2001:db8:1::",
+        None,
+    ]
+    assert kept_ip(None, "keep") is None
+    assert Settings(keep_full_ip=True).default_ip_policy == "keep"  # the older setting
+    assert Settings(keep_full_ip=True, ip_policy="remove").default_ip_policy == "remove"
+
+
+def test_which_requests_are_anonymous() -> None:
+    from multidict import CIMultiDict
+
+    from ingest.collector.enrich import anonymous
+
+    def request(path: str = "/v1/behavior", **headers: str) -> object:
+        return make_mocked_request("POST", path, headers=CIMultiDict(headers))
+
+    assert anonymous(request(**{"SP-Anonymous": "*"}))  # type: ignore[arg-type]
+    assert anonymous(request(**{"X-IP-Policy": " strict "}))  # type: ignore[arg-type]
+    assert anonymous(request(**{"X-IP-Policy": "REMOVE"}))  # type: ignore[arg-type]
+    assert anonymous(request("/v1/behavior?k=x&anonymous=1"))  # type: ignore[arg-type]
+    for headers in ({"X-IP-Policy": "keep"}, {"X-IP-Policy": "comfort"}, {}):
+        assert not anonymous(request(**headers))  # type: ignore[arg-type]
+    assert not anonymous(request("/v1/behavior?anonymous=0"))  # type: ignore[arg-type]
+
+
+def test_a_shops_settings_decide_its_records_context_and_bot_flag() -> None:
+    """One request, three shops: the collector's defaults, one keeping IPs whole and
+    flagging bots, one removing IPs. Each record gets its shop's view."""
+    import uuid
+
+    from multidict import CIMultiDict
+
+    from ingest.collector.enrich import behavior_record, storefront_record
+    from ingest.collector.models import BehaviorEvent, StorefrontEvent
+    from ingest.core.shops import Privacy, Shop
+
+    headless = "Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome/120.0.0.0 Safari/537.36"
+    request = make_mocked_request(
+        "POST", "/v1/behavior", headers=CIMultiDict({"User-Agent": headless})
+    )
+    received = Received.of(request, SETTINGS, None, CLIENT_TIME)
+    plain = Shop(uuid.uuid4(), "a.example", None)
+    flagging = Shop(uuid.uuid4(), "b.example", None, Privacy(ip_policy="keep", bot_policy="flag"))
+    removing = Shop(uuid.uuid4(), "c.example", None, Privacy(ip_policy="remove"))
+    view = BehaviorEvent.model_validate(
+        {"event_type": "page_view", "session_id": "s", "page_url": "https://x/"}
+    )
+    order = StorefrontEvent.model_validate(
+        {"event_type": "order", "session_id": "s", "anon_id": "a"}
+    )
+    assert received.context["client_ip"] is None  # a mocked request has no peer
+    for shop, bot in ((plain, False), (flagging, True), (removing, False)):
+        behavior = behavior_record(view, shop, received)
+        storefront = storefront_record(order, shop, received)
+        assert behavior["metadata"].get("bot", False) is bot
+        assert storefront["props"].get("bot", False) is bot
+        assert behavior["context"]["user_agent"] == headless
+    assert received.of_shop(flagging) is received.of_shop(flagging)  # worked out once
+    webhook = Received.of(request, SETTINGS, None, CLIENT_TIME, screen_bots=False)
+    assert "bot" not in storefront_record(order, flagging, webhook)["props"]
