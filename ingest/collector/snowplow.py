@@ -63,6 +63,10 @@ GET_PATH = "/i"
 # A 1x1 transparent GIF: what Snowplow collectors answer a pixel with.
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 IGLU = "iglu:com.snowplowanalytics.snowplow/"
+# Snowplow has no form abandon event: the README's snippet sends this one, by the
+# beacon's rule (a form started, then the page left without a submit).
+FORM_ABANDON = "iglu:io.eventpipe/form_abandon/jsonschema/1-"
+ELEMENT_STATISTICS = "iglu:com.snowplowanalytics.snowplow/element_statistics/jsonschema/1-"
 # Self-describing events of Snowplow's own schemas that are behavior events.
 FORM_EVENTS = {
     "submit_form": "form_submit",
@@ -238,16 +242,22 @@ def to_event(shop: Shop, fields: Mapping[str, str]) -> BehaviorEvent | Storefron
                 "component_id": _text(data.get("elementId"), 256),
                 "event_data": {"href": data.get("targetUrl"), "target": data.get("elementTarget")},
             }
-        elif schema.startswith(IGLU) and name in FORM_EVENTS:
+        elif (schema.startswith(IGLU) and name in FORM_EVENTS) or schema.startswith(FORM_ABANDON):
             form_id = data.get("formId")
             field = data.get("elementId") if name != "submit_form" else None
+            # Field names only: a form's values are never stored.
+            event_data: dict[str, Any] = {"field": field} if isinstance(field, str) else {}
+            classes = data.get("formClasses")
+            if isinstance(classes, list) and classes:
+                event_data["classes"] = [c for c in classes[:16] if isinstance(c, str)]
             behavior = {
-                "event_type": FORM_EVENTS[name],
-                "element_path": _element_path("form", form_id, data.get("formClasses")),
+                "event_type": FORM_EVENTS.get(name, "form_abandon"),
+                # form#id for every form event: focus and change events carry no form
+                # classes, and a form's start, submit and abandon must share a path.
+                "element_path": _element_path("form", form_id, None),
                 "element_type": "form",
                 "component_id": _text(form_id, 256),
-                # Field names only: a form's values are never stored.
-                "event_data": {"field": field} if field is not None else {},
+                "event_data": event_data,
             }
         elif schema.startswith(IGLU) and name == "application_error":
             behavior = {
@@ -366,6 +376,69 @@ def _storefront(
     return event
 
 
+def derived(
+    shop: Shop, fields: Mapping[str, str], event: BehaviorEvent | StorefrontEvent
+) -> list[BehaviorEvent | StorefrontEvent]:
+    """Records made beside ``event``: its ``$identify`` (a page view with ``uid`` and
+    ``duid``) and the ``time_on_element`` rows of a page ping's element statistics."""
+    out: list[BehaviorEvent | StorefrontEvent] = []
+    if (identity := identify(shop, fields)) is not None:
+        out.append(identity)
+    if isinstance(event, BehaviorEvent) and fields.get("e") == "pp":
+        out += times_on_elements(event, _contexts(fields))
+    return out
+
+
+def times_on_elements(ping: BehaviorEvent, contexts: list[Any]) -> list[BehaviorEvent]:
+    """A ``time_on_element`` row per ``element_statistics`` entity of a page ping.
+
+    The element tracking plugin attaches one for each tracked element to page pings
+    (``includeStats: ["page_ping"]``): ``total_time_visible_ms``, the element's time
+    in view on this page so far, is ``event_data.ms``. It is cumulative, so the
+    largest per page view and element is the element's total. Each row's id derives
+    from the ping's, so a retried ping is the same rows."""
+    assert ping.event_id is not None
+    out: list[BehaviorEvent] = []
+    statistics = [
+        c
+        for c in contexts[:64]
+        if isinstance(c, dict)
+        and isinstance(c.get("schema"), str)
+        and c["schema"].startswith(ELEMENT_STATISTICS)
+        and isinstance(c.get("data"), dict)
+    ]
+    for entity in statistics:
+        data = entity["data"]
+        name, ms = _text(data.get("element_name"), 256), data.get("total_time_visible_ms")
+        if name is None or not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms < 2**53:
+            continue
+        index = data.get("element_index")
+        event = collector.validated(
+            BehaviorEvent,
+            {
+                "event_id": uuid.uuid5(ping.event_id, f"time_on_element:{name}:{index}"),
+                "event_type": "time_on_element",
+                "session_id": ping.session_id,
+                "page_url": ping.page_url,
+                "timestamp": ping.timestamp,
+                "viewport_size": ping.viewport_size,
+                "element_path": name,
+                "component_id": name,
+                "event_data": {
+                    "ms": ms,
+                    "views": data.get("times_in_view"),
+                    "index": index,
+                    "max_depth_ratio": data.get("max_y_depth_ratio"),
+                    "cumulative": True,
+                },
+                "metadata": {k: v for k, v in ping.metadata.items() if k != "contexts"},
+            },
+        )
+        assert isinstance(event, BehaviorEvent)
+        out.append(event)
+    return out
+
+
 def identify(shop: Shop, fields: Mapping[str, str]) -> StorefrontEvent | None:
     """The ``$identify`` record (``identities``: the visitor ``duid`` is the user ``uid``)
     of a page view sent with both, else None.
@@ -430,7 +503,7 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
     # (stream, aid, stm) -> the valid events of one shop sent at one time.
     groups: dict[tuple[str, str, str], list[tuple[int, BehaviorEvent | StorefrontEvent]]] = {}
     events: list[tuple[int, dict[str, str]]] = []
-    derived = 0  # records made here beside the events sent (identify)
+    made = 0  # records made here beside the events sent (``derived``)
     for index, raw in enumerate(payloads):
         try:
             fields = _fields(raw)
@@ -464,10 +537,14 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
         )
         group = (stream, fields.get("aid") or "", fields.get("stm") or "")
         groups.setdefault(group, []).append((index, event))
-        if (identity := identify(shops[group[1]], fields)) is not None:
-            identified = (streams.STOREFRONT.name, group[1], group[2])
-            groups.setdefault(identified, []).append((index, identity))
-            derived += 1
+        for extra in derived(shops[group[1]], fields, event):
+            extra_stream = (
+                streams.BEHAVIOR.name
+                if isinstance(extra, BehaviorEvent)
+                else streams.STOREFRONT.name
+            )
+            groups.setdefault((extra_stream, group[1], group[2]), []).append((index, extra))
+            made += 1
     received = {stm: _ms(stm) for _, _, stm in groups}
     return await deliver_groups(
         request,
@@ -478,7 +555,7 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
         },
         rejected,
         received_at,
-        derived=derived,
+        derived=made,
     )
 
 

@@ -74,14 +74,13 @@ def options(collector: str) -> dict[str, Any]:
         "capture_dead_clicks": False,
         "capture_performance": False,
         "capture_exceptions": False,
-        # Batches every 250 ms rather than 3 s (the test waits less).
-        "request_queue_config": {"flush_interval_ms": 250},
     }
 
 
 # posthog-js drops the events of a browser whose user agent looks like a bot's
 # (headless Chromium's does), unless told not to; its own advice for end-to-end tests.
-TEST_ONLY = {"opt_out_useragent_filter": True}
+# And batches every 250 ms rather than 3 s (the test waits less).
+TEST_ONLY = {"opt_out_useragent_filter": True, "request_queue_config": {"flush_interval_ms": 250}}
 
 
 def _page(collector: str, key: str, title: str, body: str) -> str:

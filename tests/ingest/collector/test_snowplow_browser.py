@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ from tests.helpers import npm_package, serve_pages
 pytestmark = pytest.mark.slow
 
 TRACKER = "@snowplow/browser-tracker@4.10.1"
-# The form tracking plugin's newest release (its versions stop at 4.6.8; it works
-# with the 4.10 tracker through the plugin interface).
+# The form and element tracking plugins' newest releases (their versions stop at
+# 4.6.8; they work with the 4.10 tracker through the plugin interface).
 FORMS = "@snowplow/browser-plugin-form-tracking@4.6.8"
+ELEMENTS = "@snowplow/browser-plugin-element-tracking@4.6.8"
 VIEWPORT = {"width": 1024, "height": 700}
 JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
 
@@ -51,27 +53,48 @@ def _bundle(spec: str) -> Path:
     return folder / "dist" / "index.umd.min.js"
 
 
+def _abandon_snippet() -> str:
+    """The README's form_abandon block, run as the README gives it."""
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    found = re.search(r"```js\n(// form_abandon for Snowplow.*?)```", readme, re.DOTALL)
+    assert found, "README: the form_abandon block for Snowplow"
+    return found.group(1)
+
+
 def _page(collector: str, key: str, title: str, body: str, method: str) -> str:
     """A page with the tracker in its head, set up as the README shows."""
-    settings = {"appId": key, "platform": "web", "eventMethod": method, "bufferSize": 1}
+    settings = {
+        "appId": key,
+        "platform": "web",
+        "eventMethod": method,
+        "bufferSize": 1,
+        "keepalive": True,
+    }
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
-<script src="/sp.js"></script><script src="/forms.js"></script>
+<script src="/sp.js"></script><script src="/forms.js"></script><script src="/elements.js"></script>
 <script>
   var sp = window.snowplowBrowserTracking;
-  sp.newTracker("sp", {json.dumps(collector)}, Object.assign({json.dumps(settings)},
-    {{plugins: [snowplowFormTracking.FormTrackingPlugin()]}}));
+  sp.newTracker("sp", {json.dumps(collector)}, Object.assign({json.dumps(settings)}, {{
+    plugins: [snowplowFormTracking.FormTrackingPlugin(),
+              snowplowElementTracking.SnowplowElementTrackingPlugin()]}}));
   sp.setUserId("user-42");
   sp.enableActivityTracking({{minimumVisitLength: 1, heartbeatDelay: 1}});
   sp.trackPageView();
   snowplowFormTracking.enableFormTracking();
-</script></head><body>{body}</body></html>"""
+  snowplowElementTracking.startElementTracking({{elements: [
+    {{name: "hero", selector: "#hero", includeStats: ["page_ping"]}}]}});
+</script>
+<script>{_abandon_snippet()}</script>
+</head><body>{body}</body></html>"""
 
 
 PAGE_1 = """
 <div id="main">
+  <div id="hero" style="height: 300px">Summer sale</div>
   <form id="newsletter" class="signup wide" action="/thanks">
     <input id="email" name="email" type="email"> <button id="go" type="submit">Sign up</button>
   </form>
+  <a id="next" href="/thanks">Next page</a>
   <div style="height: 4000px">a long page</div>
 </div>
 """
@@ -84,8 +107,13 @@ async def _site(collector: str, shop: ShopCredentials, method: str) -> AsyncIter
         {
             "/page1": _page(collector, shop.write_key, "Page one", PAGE_1, method),
             "/thanks": _page(collector, shop.write_key, "Thanks", PAGE_2, method),
+            "/favicon.ico": "",
         },
-        {"/sp.js": _bundle(TRACKER), "/forms.js": _bundle(FORMS)},
+        {
+            "/sp.js": _bundle(TRACKER),
+            "/forms.js": _bundle(FORMS),
+            "/elements.js": _bundle(ELEMENTS),
+        },
     ) as url:
         yield url
 
@@ -110,6 +138,16 @@ async def _events(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
             if isinstance(event[name], str):
                 event[name] = json.loads(event[name])
     return out
+
+
+async def _stored_text(db: Database, shop: ShopCredentials) -> list[str]:
+    """Every row the shop has in behavior_events and events, as JSON text."""
+    rows = await db.pool.fetch(
+        "SELECT to_jsonb(b)::text AS t FROM behavior_events b WHERE shop_id = $1 "
+        "UNION ALL SELECT to_jsonb(e)::text FROM events e WHERE shop_id = $1",
+        shop.shop_id,
+    )
+    return [r["t"] for r in rows]
 
 
 def _of(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
@@ -188,9 +226,13 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
     assert {s["event_data"]["field"] for s in starts} == {"email"}
     assert all("ada" not in json.dumps(s["event_data"]) for s in starts), "never a value"
     (submit,) = _of(events, "form_submit")
-    assert submit["element_path"] == "form#newsletter.signup.wide"
-    assert "ada" not in json.dumps(submit["event_data"])
-    assert {e["page_url"] for e in events if e["event_type"] != "page_view"} == {page_1}
+    assert submit["element_path"] == "form#newsletter"  # as the start's
+    assert submit["event_data"]["classes"] == ["signup", "wide"]
+    assert not _of(events, "form_abandon")
+    # The form plugin sends the values (focus_form, change_form, submit_form's
+    # elements): none is stored, in any column of any row.
+    assert not [t for t in await _stored_text(db, shop) if "ada@example.com" in t]
+    assert {e["page_url"] for e in events if e["event_type"] != "page_view"} <= {page_1, thanks}
 
     session = await db.pool.fetchrow("SELECT * FROM user_sessions WHERE shop_id = $1", shop.shop_id)
     assert session is not None
@@ -205,3 +247,48 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
     assert (identity["anon_id"], identity["user_id"]) == (meta["anon_id"], "user-42")
     path = "/com.snowplowanalytics.snowplow/tp2" if method == "post" else "/i?"
     assert posted and all(path in url for url in posted), posted
+
+
+async def test_a_form_left_unsent_is_abandoned_and_elements_have_their_time(
+    browser: Any, collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    """A field typed into, then a link to the next page (the README's snippet sends the
+    abandon as the page goes); pings carry the hero's time in view (element tracking)."""
+    async with _site(collector, shop, "post") as site, _loaders(settings, db):
+        page_1 = f"{site}/page1"
+        context = await browser.new_context(viewport=VIEWPORT)
+        page = await context.new_page()
+        await page.goto(page_1)
+        await page.locator("#email").press_sequentially("ada@example.com")
+
+        async def timed() -> bool:
+            await page.mouse.move(100, 100 + len(await _events(db, shop)))  # activity
+            return len(_of(await _events(db, shop), "time_on_element")) >= 2
+
+        await wait_for(timed, interval=0.5)
+        await page.click("#next")
+        await page.wait_for_url(f"{site}/thanks")
+
+        async def landed() -> bool:
+            events = await _events(db, shop)
+            return bool(_of(events, "form_abandon")) and len(_of(events, "page_view")) == 2
+
+        await wait_for(landed)
+        await context.close()
+
+    events = await _events(db, shop)
+    (abandon,) = _of(events, "form_abandon")
+    starts = _of(events, "form_start")
+    assert starts and {s["element_path"] for s in starts} == {"form#newsletter"}
+    assert (abandon["element_path"], abandon["component_id"]) == ("form#newsletter", "newsletter")
+    assert abandon["event_data"] == {"field": "email", "classes": ["signup", "wide"]}
+    assert abandon["page_url"] == page_1
+    assert not _of(events, "form_submit")
+    # The form plugin sends each field's value (focus_form, change_form): never stored.
+    assert not [t for t in await _stored_text(db, shop) if "ada@example.com" in t]
+    times = _of(events, "time_on_element")
+    assert {t["element_path"] for t in times} == {"hero"}
+    assert all(t["page_url"] == page_1 and t["event_data"]["cumulative"] for t in times)
+    ms = [t["event_data"]["ms"] for t in times]
+    assert ms == sorted(ms) and ms[-1] >= 1000, ms  # in view since the load, growing
+    assert len({t["event_id"] for t in times}) == len(times)
