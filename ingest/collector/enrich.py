@@ -377,4 +377,13 @@ def storefront_record(
     view = received.of_shop(shop)
     record = _record(event, shop, received, assigned, STOREFRONT, view)
     record[CONTEXT] = view.context
+    country = view.context["country_code"]
+    sdk = record["props"].get("$context") if country else None
+    if isinstance(sdk, dict) and "geo" not in sdk:
+        # An SDK's own context (the Segment API's, kept in props.$context): the country
+        # as Jitsu's collector adds it, context.geo.country.code, for analyses of events.
+        record["props"] = {
+            **record["props"],
+            "$context": {**sdk, "geo": {"country": {"code": country}}},
+        }
     return record

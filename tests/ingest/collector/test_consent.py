@@ -286,3 +286,43 @@ async def test_beacon_config_says_whether_consent_is_required(
             url = f"{server.url}/v1/beacon/config?k={shop.write_key}"
             async with http.get(url) as answer:
                 assert await answer.json() == {"consent_required": True}
+
+
+async def test_segment_events_get_context_geo_from_the_geoip_database(
+    settings: Settings, db: Database, shop: ShopCredentials, tmp_path: Path
+) -> None:
+    """segment-analytics-python from 127.0.0.1 with the test database: events.props
+    .$context.geo.country.code FR (as Jitsu adds it), the SDK's own context kept."""
+    import asyncio
+
+    from segment.analytics import Client
+
+    from consumers.rows import STOREFRONT
+
+    geo = settings.model_copy(update={"geoip_db": _geoip(tmp_path / "country.mmdb")})
+    errors: list[Exception] = []
+    async with serving(geo, db, key_cache_s=0) as (server, _):
+        client = Client(
+            shop.write_key,
+            host=server.url,
+            max_retries=1,
+            on_error=lambda error, _: errors.append(error),
+        )
+        client.track(anonymous_id="anon-geo", event="Product Viewed", properties={"n": 1})
+        await asyncio.to_thread(client.flush)
+        client.join()
+    assert errors == []
+
+    async def loaded() -> bool:
+        count = await db.pool.fetchval(
+            "SELECT count(*) FROM events WHERE shop_id = $1", shop.shop_id
+        )
+        return bool(count)
+
+    async with Loader(settings, STOREFRONT, db, PartitionManager(db)):
+        await wait_for(loaded)
+    props = json.loads(
+        await db.pool.fetchval("SELECT props::text FROM events WHERE shop_id = $1", shop.shop_id)
+    )
+    assert props["$context"]["geo"] == {"country": {"code": "FR"}}
+    assert props["$context"]["library"]["name"] == "analytics-python"
