@@ -412,7 +412,7 @@ def times_on_elements(ping: BehaviorEvent, contexts: list[Any]) -> list[Behavior
         name, ms = _text(data.get("element_name"), 256), data.get("total_time_visible_ms")
         if name is None or not isinstance(ms, int) or isinstance(ms, bool) or not 0 <= ms < 2**53:
             continue
-        index = data.get("element_index")
+        index = _count(data.get("element_index"))
         event = collector.validated(
             BehaviorEvent,
             {
@@ -426,9 +426,9 @@ def times_on_elements(ping: BehaviorEvent, contexts: list[Any]) -> list[Behavior
                 "component_id": name,
                 "event_data": {
                     "ms": ms,
-                    "views": data.get("times_in_view"),
-                    "index": index,
-                    "max_depth_ratio": data.get("max_y_depth_ratio"),
+                    "views": _count(data.get("times_in_view")),
+                    "index": _count(index),
+                    "max_depth_ratio": _ratio(data.get("max_y_depth_ratio")),
                     "cumulative": True,
                 },
                 "metadata": {k: v for k, v in ping.metadata.items() if k != "contexts"},
@@ -437,6 +437,16 @@ def times_on_elements(ping: BehaviorEvent, contexts: list[Any]) -> list[Behavior
         assert isinstance(event, BehaviorEvent)
         out.append(event)
     return out
+
+
+def _count(value: Any) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+    return value if ok else None
+
+
+def _ratio(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1e6
+    return float(value) if ok else None
 
 
 def identify(shop: Shop, fields: Mapping[str, str]) -> StorefrontEvent | None:

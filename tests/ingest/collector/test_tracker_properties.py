@@ -21,7 +21,7 @@ from ingest.core.shops import ShopCredentials
 SNOWPLOW_FIELDS = [
     "e", "eid", "aid", "dtm", "stm", "ttm", "duid", "uid", "sid", "url", "refr", "res",
     "vp", "cd", "lang", "ue_pr", "ue_px", "cx", "co", "pp_mix", "pp_max", "pp_miy",
-    "pp_may", "se_ca", "se_ac", "se_va", "tr_id", "ti_sk",
+    "pp_may", "se_ca", "se_ac", "se_va", "tr_id", "ti_sk", "ds",
 ]  # fmt: skip
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -30,8 +30,45 @@ JSON = st.recursive(
     ),
     max_leaves=10,
 )
+# Entities and events the mapping reads into (element statistics on a page ping,
+# forms), with arbitrary data: JSON for co / ue_pr, base64url for cx / ue_px.
+SNOWPLOW_JSON = st.one_of(
+    st.builds(
+        lambda data: {
+            "schema": "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-0",
+            "data": [{"schema": f"{snowplow.ELEMENT_STATISTICS}0-0", "data": data}],
+        },
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "element_name": JSON,
+                "total_time_visible_ms": JSON | st.integers(),
+                "element_index": JSON,
+                "times_in_view": JSON,
+                "max_y_depth_ratio": JSON,
+            },
+        ),
+    ),
+    st.builds(
+        lambda schema, data: {"schema": "x", "data": {"schema": schema, "data": data}},
+        st.sampled_from(
+            [
+                f"{snowplow.FORM_ABANDON}0-0",
+                f"{snowplow.IGLU}submit_form/jsonschema/1-0-0",
+                f"{snowplow.IGLU}focus_form/jsonschema/1-0-0",
+                f"{snowplow.IGLU}link_click/jsonschema/1-0-1",
+            ]
+        ),
+        st.dictionaries(
+            st.sampled_from(["formId", "elementId", "formClasses", "elementClasses", "value"]),
+            JSON,
+        ),
+    ),
+)
 VALUES = st.one_of(
     st.text(max_size=30),
+    SNOWPLOW_JSON.map(json.dumps),
+    SNOWPLOW_JSON.map(lambda v: base64.urlsafe_b64encode(json.dumps(v).encode()).decode()),
     st.sampled_from(["pv", "pp", "ue", "se", "tr", "ti", "1x1", "0x0", "99999999999999999999"]),
     JSON.map(lambda v: base64.urlsafe_b64encode(json.dumps(v).encode()).decode()),
 )
@@ -61,9 +98,22 @@ async def test_snowplow_never_a_5xx(collector: str, shop: ShopCredentials) -> No
         raw_query=st.text(max_size=60),
         known=st.booleans(),
         payloads=st.lists(st.dictionaries(st.sampled_from(SNOWPLOW_FIELDS), JSON, max_size=6)),
+        mapped=st.fixed_dictionaries(
+            {
+                "e": st.sampled_from(["pp", "ue", "pv"]),
+                "url": st.just("https://shop.test/"),
+                "co": SNOWPLOW_JSON.map(json.dumps),
+                "ue_pr": SNOWPLOW_JSON.map(json.dumps),
+            },
+            optional={k: VALUES for k in ("uid", "duid", "eid", "vp", "ds", "pp_may", "dtm")},
+        ),
     )
     def check(
-        fields: dict[str, str], raw_query: str, known: bool, payloads: list[dict[str, object]]
+        fields: dict[str, str],
+        raw_query: str,
+        known: bool,
+        payloads: list[dict[str, object]],
+        mapped: dict[str, str],
     ) -> None:
         if known:
             fields["aid"] = shop.write_key
@@ -78,6 +128,11 @@ async def test_snowplow_never_a_5xx(collector: str, shop: ShopCredentials) -> No
         body = json.dumps({"schema": "x", "data": [fields, *payloads]}).encode()
         status = _exchange(collector, "POST", snowplow.POST_PATH, body, "application/json")
         assert status < 500, (payloads, status)
+        # Events the mapping reads far into (stats, forms, identities), known app id.
+        body = json.dumps({"schema": "x", "data": [{**mapped, "aid": shop.write_key}]}).encode()
+        status = _exchange(collector, "POST", snowplow.POST_PATH, body, "application/json")
+        event(f"mapped: {status}")
+        assert status in (200, 400, 429, 503), (mapped, status)
 
     await asyncio.to_thread(check)
 
