@@ -21,12 +21,15 @@ What an event becomes (``properties`` ``P``):
   ``form_start``), the element from ``$elements`` / ``$elements_chain``
   (path ``tag#id.class > ...`` from the root as the beacon writes it, the
   target's text and tag); ``$rageclick`` -> ``rage_click``; ``$exception`` ->
-  ``error``. ``P.$current_url`` is the page (a behavior event without one is
-  kept as a storefront event).
-* Everything else (custom events, ``$pageleave``, ``$identify``, ...) -> a
-  storefront event named as the event, ``props`` the properties (the token
-  removed), ``product_id`` / ``experiment_id`` / ``variant`` from properties of
-  those names.
+  ``error``; ``$pageleave`` -> ``scroll_depth`` (``final``, the share of the page
+  seen, the time on it), so that the session's exit page is the page left.
+  ``P.$current_url`` is the page (a behavior event without one is kept as a
+  storefront event).
+* ``$identify`` / ``$create_alias`` -> the records of ``identities``.
+* Everything else (custom events, ``$groupidentify``, ...) -> a storefront
+  event named as the event, ``props`` the properties (the token removed),
+  ``product_id`` / ``experiment_id`` / ``variant`` from properties of those
+  names.
 * ``distinct_id`` -> ``anon_id``; ``P.$session_id`` -> ``session_id`` (else
   ``<distinct_id>/<UTC day>``); ``uuid`` -> ``event_id`` (else the UUIDv5 of
   the event in the shop's namespace); the time is ``timestamp``, else

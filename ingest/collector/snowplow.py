@@ -8,12 +8,16 @@ event (``e``) becomes:
   session's referrer, language and screen resolution; ``page`` as the title).
 * ``pp`` (page ping) -> behavior ``scroll_depth``: ``percentage`` is how far
   down the document the viewport's bottom reached
-  (``(pp_may + viewport height) / document height``, from ``vp`` and ``cd``),
-  the offsets kept beside it.
+  (``(pp_may + viewport height) / document height``, from ``vp`` and ``ds``;
+  none when ``ds`` is stale), the offsets kept beside it. Its
+  ``element_statistics`` entities (the element tracking plugin) are also one
+  ``time_on_element`` each (``ms`` the element's visible time so far).
 * ``ue`` ``link_click`` -> ``click`` (element path ``a#id.class``, the link's
   text, its ``href`` in ``event_data``); ``submit_form`` -> ``form_submit``;
   ``focus_form`` / ``change_form`` -> ``form_start`` (field name only, never
-  a value); ``application_error`` -> ``error``.
+  a value); ``io.eventpipe/form_abandon`` (the README's snippet: Snowplow has
+  no abandon event) -> ``form_abandon``; every form event's path is
+  ``form#<formId>``; ``application_error`` -> ``error``.
 * Anything else (``se``, other ``ue`` schemas, ``tr`` / ``ti``) -> a storefront
   event: ``event_type`` the structured event's action, the self-describing
   schema's name, ``transaction`` or ``transaction_item``; ``props`` keep the
