@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,16 @@ def options(collector: str) -> dict[str, Any]:
 # (headless Chromium's does), unless told not to; its own advice for end-to-end tests.
 # And batches every 250 ms rather than 3 s (the test waits less).
 TEST_ONLY = {"opt_out_useragent_filter": True, "request_queue_config": {"flush_interval_ms": 250}}
+
+
+def test_the_readme_gives_these_options() -> None:
+    """The README's posthog.init block names exactly these options and values."""
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    found = re.search(r"```js\n(posthog\.init\(.*?)```", readme, re.DOTALL)
+    assert found, "README: the posthog.init block"
+    pairs = re.findall(r"(\w+): (true|false|\"[^\"]*\")", found.group(1))
+    given = {name: json.loads(value) for name, value in pairs}
+    assert given == options("https://COLLECTOR")
 
 
 def _page(collector: str, key: str, title: str, body: str) -> str:

@@ -3,9 +3,10 @@ headless Chromium -> the collector's tp2 and ``/i`` routes -> Kafka -> loaders -
 
 The tracker is the vendor's own code, installed from npm by ``helpers.npm_package``
 (with its form tracking plugin); the pages are served on another origin than the
-collector (``helpers.serve_pages``), as on a shop's site. The tracker is set up as
-the README says: ``appId`` the write key, activity tracking on (page pings every
-second here), ``setUserId`` for a signed-in visitor.
+collector (``helpers.serve_pages``), as on a shop's site. The pages run the
+README's blocks as written (its collector, key and method put in): ``appId`` the
+write key, activity tracking on (page pings every second), ``setUserId`` for a
+signed-in visitor, form and element tracking, and the form_abandon block.
 """
 
 from __future__ import annotations
@@ -53,38 +54,30 @@ def _bundle(spec: str) -> Path:
     return folder / "dist" / "index.umd.min.js"
 
 
-def _abandon_snippet() -> str:
-    """The README's form_abandon block, run as the README gives it."""
+def _readme_block(first_line: str) -> str:
+    """The README's ```js block that starts with ``first_line``."""
     readme = (Path(__file__).parents[3] / "README.md").read_text()
-    found = re.search(r"```js\n(// form_abandon for Snowplow.*?)```", readme, re.DOTALL)
-    assert found, "README: the form_abandon block for Snowplow"
+    found = re.search(r"```js\n(" + re.escape(first_line) + r".*?)```", readme, re.DOTALL)
+    assert found, f"README: the block starting {first_line!r}"
     return found.group(1)
 
 
 def _page(collector: str, key: str, title: str, body: str, method: str) -> str:
-    """A page with the tracker in its head, set up as the README shows."""
-    settings = {
-        "appId": key,
-        "platform": "web",
-        "eventMethod": method,
-        "bufferSize": 1,
-        "keepalive": True,
-    }
+    """A page running the README's set-up block (the collector, the key and the method
+    put in) and its form_abandon block, as a site would."""
+    setup = _readme_block("var sp = window.snowplowBrowserTracking;")
+    for placeholder, value in (
+        ('"https://COLLECTOR"', json.dumps(collector)),
+        ('"wk_..."', json.dumps(key)),
+        ('eventMethod: "post"', f"eventMethod: {json.dumps(method)}"),
+    ):
+        assert placeholder in setup, placeholder
+        setup = setup.replace(placeholder, value)
+    abandon = _readme_block("// form_abandon for Snowplow")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <script src="/sp.js"></script><script src="/forms.js"></script><script src="/elements.js"></script>
-<script>
-  var sp = window.snowplowBrowserTracking;
-  sp.newTracker("sp", {json.dumps(collector)}, Object.assign({json.dumps(settings)}, {{
-    plugins: [snowplowFormTracking.FormTrackingPlugin(),
-              snowplowElementTracking.SnowplowElementTrackingPlugin()]}}));
-  sp.setUserId("user-42");
-  sp.enableActivityTracking({{minimumVisitLength: 1, heartbeatDelay: 1}});
-  sp.trackPageView();
-  snowplowFormTracking.enableFormTracking();
-  snowplowElementTracking.startElementTracking({{elements: [
-    {{name: "hero", selector: "#hero", includeStats: ["page_ping"]}}]}});
-</script>
-<script>{_abandon_snippet()}</script>
+<script>{setup}</script>
+<script>{abandon}</script>
 </head><body>{body}</body></html>"""
 
 
