@@ -318,20 +318,17 @@ class AssignedTimes:
 
 
 def _record(
-    event: BehaviorEvent | StorefrontEvent,
+    record: dict[str, Any],
     shop: Shop,
     received: Received,
     assigned: datetime | None,
     stream: Stream,
     view: ShopView,
 ) -> dict[str, Any]:
-    """Fields plus server facts; a corrected or clamped time keeps the client's in the
-    stream's ``extra_column``."""
-    # A shallow copy of the validated fields: model_dump() would rebuild every
-    # nested dict and costs more than the rest of the event's path together.
-    # Nested values are shared with the model and never mutated here.
-    record = vars(event).copy()
-    record["event_id"] = event.event_id or uuid.uuid4()
+    """An event's fields (a dict of the caller's own, completed in place) plus server
+    facts; a corrected or clamped time keeps the client's in the stream's
+    ``extra_column``."""
+    record["event_id"] = record["event_id"] or uuid.uuid4()
     record["shop_id"] = shop.id
     record["received_at"] = received.at
     time_field, extra_field = stream.time_column, stream.extra_column
@@ -351,7 +348,7 @@ def behavior_record(
 ) -> dict[str, Any]:
     """The Kafka record of a behavior event: its fields, server facts, and session context."""
     view = received.of_shop(shop)
-    record = _record(event, shop, received, assigned, BEHAVIOR, view)
+    record = _record(_fields(event), shop, received, assigned, BEHAVIOR, view)
     metadata = event.metadata
     if metadata and any(fact in metadata for fact in _SESSION_FACTS):
         if view.anonymous:  # no session fact kept, in the context or the metadata
@@ -374,8 +371,25 @@ def storefront_record(
     event: StorefrontEvent, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a storefront event."""
+    return storefront_fields_record(_fields(event), shop, received, assigned)
+
+
+def _fields(event: BehaviorEvent | StorefrontEvent) -> dict[str, Any]:
+    # A shallow copy of the validated fields: model_dump() would rebuild every
+    # nested dict and costs more than the rest of the event's path together.
+    # Nested values are shared with the model and never mutated here.
+    return vars(event).copy()
+
+
+def storefront_fields_record(
+    fields: dict[str, Any], shop: Shop, received: Received, assigned: datetime | None = None
+) -> dict[str, Any]:
+    """The Kafka record of a storefront event given as the fields of a
+    ``StorefrontEvent`` (every one of them, each already what the model checks; the
+    dict becomes the record): how a tracker protocol that has checked its message
+    skips building the model only to copy its fields out again."""
     view = received.of_shop(shop)
-    record = _record(event, shop, received, assigned, STOREFRONT, view)
+    record = _record(fields, shop, received, assigned, STOREFRONT, view)
     record[CONTEXT] = view.context
     country = view.context["country_code"]
     sdk = record["props"].get("$context") if country else None

@@ -422,3 +422,71 @@ async def test_the_sdk_retries_a_503_when_neither_broker_nor_spool_can_take_it(
         async with Loader(own, STOREFRONT, db, PartitionManager(db)):
             await _loaded(db, shop, len(sent))
             assert await _message_ids(db, shop) == sorted(sent)
+
+
+def _fast_path_batch() -> dict[str, Any]:
+    context = {"library": {"name": "analytics.js", "version": "next-1.84.3"}, "locale": "en"}
+    return {
+        "batch": [
+            {
+                "type": "track",
+                "event": "Order Completed",
+                "messageId": "ajs-next-1-a",
+                "anonymousId": "anon-1",
+                "properties": {"product_id": 7, "revenue": 9.5},
+                "context": {"page": {"url": "https://a.example/p"}, "locale": "fr"},
+                "timestamp": "2026-12-01T10:00:00Z",
+            },
+            {"type": "page", "messageId": "ajs-next-2-b", "userId": "u-1", "name": "Home"},
+            {
+                "type": "identify",
+                "messageId": "ajs-next-3-c",
+                "userId": "u-1",
+                "anonymousId": "anon-1",
+                "traits": {"plan": "pro"},
+            },
+        ],
+        "context": context,
+        "sentAt": "2026-12-01T10:00:01Z",
+    }
+
+
+def test_the_whole_batch_path_validates_as_the_per_message_path_does() -> None:
+    """The fast path (one parse and validation of the body) gives the messages the
+    per-message path gives, the batch's context merged the same way, and declines
+    every body the per-message path must decide (with its reasons)."""
+    from ingest.collector import segment
+
+    settings = Settings()
+    data = _fast_path_batch()
+    whole = segment._whole_batch(orjson.dumps(data), settings)
+    assert whole is not None
+    one_by_one = [
+        segment._message(raw, data["context"], None, settings.segment_max_message_bytes)
+        for raw in data["batch"]
+    ]
+    assert whole[1] == one_by_one
+    assert whole[1][0].context == {**data["context"], **data["batch"][0]["context"]}
+    assert whole[1][1].context == data["context"]
+
+    def declined(change: Callable[[dict[str, Any]], None]) -> bool:
+        body = _fast_path_batch()
+        change(body)
+        return segment._whole_batch(orjson.dumps(body), settings) is None
+
+    assert declined(lambda b: b["batch"][1].pop("messageId"))  # its id is of its raw JSON
+    assert declined(lambda b: b["batch"][0].pop("event"))  # a track without its name
+    assert declined(lambda b: b["batch"][1].pop("userId"))  # neither id
+    assert declined(lambda b: b["batch"][0].update(type="purchase"))  # not a type
+    assert declined(lambda b: b["batch"][2].update(traits={"x": "\u0000"}))  # NUL
+    big = "x" * settings.segment_max_message_bytes
+    assert declined(lambda b: b["batch"][0]["properties"].update(note=big))  # too large
+
+
+def test_the_fast_uuid5_is_the_standard_librarys() -> None:
+    from ingest.collector import segment
+
+    for name in ("ajs-next-1733000000000-0a452b53", "", "é-ünïcode-名前", "x" * 1024):
+        for _ in range(20):
+            space = uuid.uuid4()
+            assert segment.uuid5(space, name) == uuid.uuid5(space, name)
