@@ -11,6 +11,7 @@ signed-in visitor, form and element tracking, and the form_abandon block.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -113,10 +114,14 @@ async def _site(collector: str, shop: ShopCredentials, method: str) -> AsyncIter
 
 @contextlib.asynccontextmanager
 async def _loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
-    async with (
-        Loader(settings, BEHAVIOR, db, PartitionManager(db)),
-        Loader(settings, STOREFRONT, db, PartitionManager(db)),
-    ):
+    """The behavior and storefront loaders, started at once (each joins its group)."""
+    async with contextlib.AsyncExitStack() as stack:
+        await asyncio.gather(
+            *(
+                stack.enter_async_context(Loader(settings, spec, db, PartitionManager(db)))
+                for spec in (BEHAVIOR, STOREFRONT)
+            )
+        )
         yield
 
 
