@@ -37,6 +37,7 @@ TRACKER = "@snowplow/browser-tracker@4.10.1"
 # 4.6.8; they work with the 4.10 tracker through the plugin interface).
 FORMS = "@snowplow/browser-plugin-form-tracking@4.6.8"
 ELEMENTS = "@snowplow/browser-plugin-element-tracking@4.6.8"
+LINKS = "@snowplow/browser-plugin-link-click-tracking@4.6.8"
 VIEWPORT = {"width": 1024, "height": 700}
 JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
 
@@ -76,7 +77,8 @@ def _page(collector: str, key: str, title: str, body: str, method: str) -> str:
         setup = setup.replace(placeholder, value)
     abandon = _readme_block("// form_abandon for Snowplow")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
-<script src="/sp.js"></script><script src="/forms.js"></script><script src="/elements.js"></script>
+<script src="/sp.js"></script><script src="/forms.js"></script><script src="/links.js"></script>
+<script src="/elements.js"></script>
 <script>{setup}</script>
 <script>{abandon}</script>
 </head><body>{body}</body></html>"""
@@ -106,6 +108,7 @@ async def _site(collector: str, shop: ShopCredentials, method: str) -> AsyncIter
         {
             "/sp.js": _bundle(TRACKER),
             "/forms.js": _bundle(FORMS),
+            "/links.js": _bundle(LINKS),
             "/elements.js": _bundle(ELEMENTS),
         },
     ) as url:
@@ -251,7 +254,8 @@ async def test_a_form_left_unsent_is_abandoned_and_elements_have_their_time(
     browser: Any, collector: str, settings: Settings, db: Database, shop: ShopCredentials
 ) -> None:
     """A field typed into, then a link to the next page (the README's snippet sends the
-    abandon as the page goes); pings carry the hero's time in view (element tracking)."""
+    abandon as the page goes, link click tracking the click); pings carry the hero's
+    time in view (element tracking)."""
     async with _site(collector, shop, "post") as site, _loaders(settings, db):
         page_1 = f"{site}/page1"
         context = await browser.new_context(viewport=VIEWPORT)
@@ -269,7 +273,11 @@ async def test_a_form_left_unsent_is_abandoned_and_elements_have_their_time(
 
         async def landed() -> bool:
             events = await _events(db, shop)
-            return bool(_of(events, "form_abandon")) and len(_of(events, "page_view")) == 2
+            return (
+                bool(_of(events, "form_abandon"))
+                and bool(_of(events, "click"))
+                and len(_of(events, "page_view")) == 2
+            )
 
         await wait_for(landed)
         await context.close()
@@ -284,6 +292,11 @@ async def test_a_form_left_unsent_is_abandoned_and_elements_have_their_time(
     assert not _of(events, "form_submit")
     # The form plugin sends each field's value (focus_form, change_form): never stored.
     assert not [t for t in await _stored_text(db, shop) if "ada@example.com" in t]
+    (link,) = _of(events, "click")  # link click tracking, as the page goes
+    assert (link["element_path"], link["element_type"]) == ("a#next", "a")
+    assert (link["element_text"], link["component_id"]) == ("Next page", "next")
+    assert link["event_data"]["href"] == f"{site}/thanks"
+    assert link["page_url"] == page_1
     times = _of(events, "time_on_element")
     assert {t["element_path"] for t in times} == {"hero"}
     assert all(t["page_url"] == page_1 and t["event_data"]["cumulative"] for t in times)
