@@ -266,10 +266,13 @@ def event_id(shop: Shop, raw: dict[str, Any], message_id: str | None) -> uuid.UU
 
 def _text(value: Any) -> str | None:
     """A property as a column's text: a string or number, at most 256 characters."""
+    if value is None:  # the usual case first: most properties are absent
+        return None
+    if type(value) is str:
+        return value[:256] or None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
-    text = str(value)
-    return text[:256] or None
+    return str(value)[:256] or None
 
 
 async def _accept(
@@ -441,13 +444,15 @@ def _record(
     identifier = event_id(shop, raw, message.messageId)
     client_time = message.client_time()
     assigned = None if client_time else times.time_for(shop, identifier, received.at)
-    at, _ = received.event_time(client_time, assigned)
     properties = message.properties or {}
     context = message.context or {}
     anon = message.anonymousId or message.userId or ""
     if message.type == "alias":
         anon = message.previousId or ""
-    session = _text(context.get("sessionId")) or f"{anon}/{at.astimezone(UTC).date().isoformat()}"
+    session = _text(context.get("sessionId"))
+    if session is None:
+        at, _ = received.event_time(client_time, assigned)
+        session = f"{anon}/{at.astimezone(UTC).date().isoformat()}"
     props: dict[str, Any] = {**properties, "$context": context}
     if message.type not in EVENT_MESSAGES:
         props = {"traits": message.traits or {}, "$context": context}
