@@ -39,6 +39,7 @@ FORMS = "@snowplow/browser-plugin-form-tracking@4.6.8"
 ELEMENTS = "@snowplow/browser-plugin-element-tracking@4.6.8"
 LINKS = "@snowplow/browser-plugin-link-click-tracking@4.6.8"
 VIEWPORT = {"width": 1024, "height": 700}
+ALIAS = "/t/p"  # a first-party path (EVENTPIPE_SNOWPLOW_PATH_ALIAS), the README's
 JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
 
 
@@ -46,7 +47,7 @@ JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
 def settings(settings: Settings) -> Settings:
     """Headless Chromium's user agent is a bot's to the collector (bot_policy drop by
     default): these tests keep its events, as a shop would set bot_policy keep."""
-    return settings.model_copy(update={"bot_policy": "keep"})
+    return settings.model_copy(update={"bot_policy": "keep", "snowplow_path_alias": ALIAS})
 
 
 def _bundle(spec: str) -> Path:
@@ -71,10 +72,12 @@ def _page(collector: str, key: str, title: str, body: str, method: str) -> str:
     for placeholder, value in (
         ('"https://COLLECTOR"', json.dumps(collector)),
         ('"wk_..."', json.dumps(key)),
-        ('eventMethod: "post"', f"eventMethod: {json.dumps(method)}"),
+        ('eventMethod: "post"', f"eventMethod: {json.dumps(method.removesuffix('-alias'))}"),
     ):
         assert placeholder in setup, placeholder
         setup = setup.replace(placeholder, value)
+    if method.endswith("-alias"):  # as the README says: postPath, with the alias set
+        setup = setup.replace("bufferSize: 1,", f"bufferSize: 1, postPath: {json.dumps(ALIAS)},")
     abandon = _readme_block("// form_abandon for Snowplow")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <script src="/sp.js"></script><script src="/forms.js"></script><script src="/links.js"></script>
@@ -155,7 +158,7 @@ def _of(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
     return [e for e in events if e["event_type"] == event_type]
 
 
-@pytest.mark.parametrize("method", ["post", "get"])
+@pytest.mark.parametrize("method", ["post", "get", "post-alias"])
 async def test_page_views_pings_and_forms_of_the_browser_tracker(
     browser: Any,
     collector: str,
@@ -246,7 +249,7 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
     identity = await db.pool.fetchrow("SELECT * FROM identities WHERE shop_id = $1", shop.shop_id)
     assert identity is not None
     assert (identity["anon_id"], identity["user_id"]) == (meta["anon_id"], "user-42")
-    path = "/com.snowplowanalytics.snowplow/tp2" if method == "post" else "/i?"
+    path = {"post": "/com.snowplowanalytics.snowplow/tp2", "get": "/i?"}.get(method, ALIAS)
     assert posted and all(path in url for url in posted), posted
 
 
