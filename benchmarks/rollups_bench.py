@@ -39,6 +39,7 @@ import asyncpg
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ingest.core import logs
 from ingest.core.db import Database
 from ingest.core.migrate import migrate
 from ingest.core.shops import ensure_shop
@@ -240,6 +241,7 @@ if __name__ == "__main__":
     parser.add_argument("--dsn", help="an existing server (default: embedded PostgreSQL)")
     parser.add_argument("--quick", action="store_true", help="200 000 events instead of 2M")
     args = parser.parse_args()
+    logs.configure("warning")
     result = asyncio.run(main(args.dsn, args.quick))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
