@@ -519,12 +519,19 @@ SELECT be.shop_id, g.day, be.element_path, be.event_type, COUNT(*),
   SUM(CASE WHEN be.event_type = 'form_abandon' THEN 1 ELSE 0 END),
   SUM(CASE WHEN be.event_type = 'form_submit' THEN 1 ELSE 0 END)
 FROM unnest($1::uuid[], $2::date[]) g(shop_id, day)
-JOIN behavior_events be ON be.shop_id = g.shop_id
-  AND be."timestamp" >= (g.day::timestamp AT TIME ZONE 'UTC')
-  AND be."timestamp" < ((g.day + 1)::timestamp AT TIME ZONE 'UTC')
+-- Each group's day read through (shop_id, "timestamp") of its one partition: OFFSET 0
+-- keeps the subquery a parameterized scan per group (joined flat, the planner hashes
+-- every partition whole against a handful of groups).
+CROSS JOIN LATERAL (
+  SELECT b.shop_id, b.element_path, b.event_type, b.session_id, b.event_data
+  FROM behavior_events b
+  WHERE b.shop_id = g.shop_id
+    AND b."timestamp" >= (g.day::timestamp AT TIME ZONE 'UTC')
+    AND b."timestamp" < ((g.day + 1)::timestamp AT TIME ZONE 'UTC')
+    AND b."timestamp" >= (SELECT retention_start('behavior_events'))
+  OFFSET 0) be
 CROSS JOIN LATERAL (SELECT CASE WHEN jsonb_typeof(be.event_data->'hesitation_ms') = 'number'
   THEN (be.event_data->>'hesitation_ms')::numeric END AS ms) h
-WHERE be."timestamp" >= (SELECT retention_start('behavior_events'))
 GROUP BY be.shop_id, g.day, be.element_path, be.event_type;
 
 -- name: rollup_component_delete
@@ -550,14 +557,19 @@ SELECT be.shop_id, g.day, be.component_id, be.page_url, COUNT(*),
   COUNT(DISTINCT cf.session_id),
   MIN(be."timestamp"), MAX(be."timestamp")
 FROM unnest($1::uuid[], $2::date[]) g(shop_id, day)
-JOIN behavior_events be ON be.shop_id = g.shop_id
-  AND be."timestamp" >= (g.day::timestamp AT TIME ZONE 'UTC')
-  AND be."timestamp" < ((g.day + 1)::timestamp AT TIME ZONE 'UTC')
+CROSS JOIN LATERAL (  -- a parameterized scan per group (see rollup_friction_insert)
+  SELECT b.shop_id, b.component_id, b.page_url, b.event_type, b.session_id, b.event_data,
+         b."timestamp"
+  FROM behavior_events b
+  WHERE b.shop_id = g.shop_id
+    AND b."timestamp" >= (g.day::timestamp AT TIME ZONE 'UTC')
+    AND b."timestamp" < ((g.day + 1)::timestamp AT TIME ZONE 'UTC')
+    AND b.component_id IS NOT NULL
+    AND b."timestamp" >= (SELECT retention_start('behavior_events'))
+  OFFSET 0) be
 LEFT JOIN (SELECT DISTINCT shop_id, session_id FROM conversion_funnels
            WHERE funnel_name = 'lead_capture') cf
   ON cf.shop_id = be.shop_id AND cf.session_id = be.session_id
-WHERE be.component_id IS NOT NULL
-  AND be."timestamp" >= (SELECT retention_start('behavior_events'))
 GROUP BY be.shop_id, g.day, be.component_id, be.page_url;
 
 -- name: rollup_daily_prune
