@@ -4,7 +4,7 @@ python -m benchmarks.bare_server PORT [--reuse-port]
 
 It runs as the collector does: the same ``HttpServer`` (runner, site and its
 options), the same ``client_max_size``, the same event loop policy
-(``asyncio.run`` of the CLI), the same interpreter tuning (``tune_gc``), so the
+(``settings.event_loop``, as the collector's), the same interpreter tuning (``tune_gc``), so the
 ratio of the two is what the collector's own work costs. ``--reuse-port`` lets
 several share the port, as ``collector --workers N`` does.
 """
@@ -17,6 +17,7 @@ import sys
 
 from aiohttp import web
 
+from ingest.core import runtime
 from ingest.core.http import HttpServer
 from ingest.core.runtime import tune_gc
 from ingest.core.settings import Settings
@@ -45,7 +46,7 @@ async def serve(port: int, reuse_port: bool = False) -> None:
 
 def main() -> None:
     """Entry point: ``python -m benchmarks.bare_server PORT``."""
-    asyncio.run(serve(int(sys.argv[1]), "--reuse-port" in sys.argv[2:]))
+    runtime.run(serve(int(sys.argv[1]), "--reuse-port" in sys.argv[2:]), Settings().event_loop)
 
 
 if __name__ == "__main__":

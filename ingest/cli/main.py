@@ -26,7 +26,7 @@ from ingest.cli import rollups as rollups_cli
 from ingest.cli import shops as shops_cli
 from ingest.cli import spool as spool_cli
 from ingest.collector.server import run_collector, run_collector_workers
-from ingest.core import logs
+from ingest.core import logs, runtime
 from ingest.core.errors import EventpipeError
 from ingest.core.migrate import migrate
 from ingest.core.settings import Settings
@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
         logs.configure(settings.log_level, settings.log_format)
         func: Command = args.func
-        return asyncio.run(func(settings, args, console))
+        loop = settings.event_loop if args.func is collector_command else "asyncio"
+        return runtime.run(func(settings, args, console), loop)
     except EventpipeError as exc:
         _print_error(err, exc.message, exc.hint)
         return exc.exit_code

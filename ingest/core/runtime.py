@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from collections.abc import Coroutine
+from typing import Any, Literal, TypeVar
 
 from ingest.core.settings import Settings
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T], loop: Literal["asyncio", "uvloop"] = "asyncio") -> T:
+    """Run ``main`` to completion on the event loop ``loop`` names.
+
+    The collector runs on ``settings.event_loop`` (uvloop by default: libuv's loop
+    takes less CPU per request, ``benchmarks/README.md``); every other command on
+    the standard loop, whose subprocess API ``up`` and the embedded PostgreSQL
+    use in full (uvloop's refuses ``user=``, for one).
+    """
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def tune_gc(settings: Settings) -> None:

@@ -389,6 +389,11 @@ class Settings(BaseSettings):
         description="allocations between young-generation GC passes in collector and loader "
         "processes (Python's default: 700; 0 leaves the interpreter's settings alone)",
     )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        default="uvloop",
+        description="the collector's event loop: uvloop (libuv; its sockets and callbacks "
+        "cost less per request), or the standard library's asyncio loop",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
 

@@ -19,3 +19,26 @@ def test_tune_gc_sets_the_young_threshold_and_zero_leaves_gc_alone() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_run_uses_the_event_loop_the_settings_name() -> None:
+    """The collector runs on uvloop by default, on asyncio's loop when told (each
+    run in a thread of its own: pytest's loop may be running in this one)."""
+    import asyncio
+    import concurrent.futures
+
+    import uvloop
+
+    from ingest.core.runtime import run
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    def in_thread(name: str) -> type:
+        return run(loop_type(), Settings(event_loop=name).event_loop)  # type: ignore[arg-type]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert issubclass(pool.submit(in_thread, "uvloop").result(), uvloop.Loop)
+        plain = pool.submit(in_thread, "asyncio").result()
+    assert not issubclass(plain, uvloop.Loop)
+    assert issubclass(plain, asyncio.BaseEventLoop)
