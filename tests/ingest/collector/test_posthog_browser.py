@@ -189,6 +189,16 @@ async def test_autocapture_rage_clicks_and_leaving_without_console_errors(
         await page.wait_for_url(page_2)
         await page.wait_for_function(ready)
         await page.click("#ok")
+        await page.evaluate("posthog.identify('user-42', {plan: 'pro'})")  # signs in
+
+        async def identified() -> bool:
+            return bool(
+                await db.pool.fetchval(
+                    "SELECT count(*) FROM identities WHERE shop_id = $1", shop.shop_id
+                )
+            )
+
+        await wait_for(identified)  # sent in its batch, before the page goes
         await page.close(run_before_unload=True)  # $pageleave of page 2, by sendBeacon
         await context.close()
 
@@ -209,8 +219,13 @@ async def test_autocapture_rage_clicks_and_leaving_without_console_errors(
     assert [v["page_url"] for v in views] == [page_1, page_2]
     assert views[0]["metadata"]["title"] == "Page one"
     assert views[0]["viewport_size"] == VIEWPORT
-    anon = {e["metadata"]["anon_id"] for e in events}
-    assert len(anon) == 1, "one distinct_id"
+    (anon,) = {e["metadata"]["anon_id"] for e in events if e["page_url"] == page_1}
+    # identify() makes user-42 the distinct_id of what follows (page 2's leave)
+    assert {e["metadata"]["anon_id"] for e in events} <= {anon, "user-42"}
+    identity = await db.pool.fetchrow("SELECT * FROM identities WHERE shop_id = $1", shop.shop_id)
+    assert identity is not None
+    assert (identity["anon_id"], identity["user_id"]) == (anon, "user-42")
+    assert json.loads(identity["traits"])["plan"] == "pro"
 
     clicks = _of(events, "click")
     buy = [c for c in clicks if c["component_id"] == "buy"]
