@@ -339,6 +339,14 @@ async def test_conversion_funnels_equal_a_direct_walk_and_follow_changes(fdb: Da
     await refresh(fdb, full=True)
     await assert_funnels_equal_the_walk(fdb, shops.ids)
 
+    # component_performance counts lead_capture's sessions: dropping it recomputes them.
+    conversions = (
+        "SELECT coalesce(sum(conversions), 0) FROM component_performance WHERE shop_id = $1"
+    )
+    assert await fdb.pool.fetchval(conversions, shops.ids[1]) > 0
+    await funnels.drop(fdb, shops.domains[1], "lead_capture")
+    assert await fdb.pool.fetchval(conversions, shops.ids[1]) == 0
+
 
 async def test_an_analyst_of_a_reads_none_of_bs_funnels(fdb: Database) -> None:
     rng = random.Random(7)
