@@ -541,24 +541,22 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
             raise collector._limited(wait)
     for index, fields in events:
         try:
-            event = to_event(shops[fields.get("aid") or ""], fields)
+            shop = shops[fields.get("aid") or ""]
+            event = to_event(shop, fields)
+            extras = derived(shop, fields, event)  # an event whose extras fail is rejected
         except collector.EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
-        stream = (
-            streams.BEHAVIOR.name if isinstance(event, BehaviorEvent) else streams.STOREFRONT.name
-        )
-        group = (stream, fields.get("aid") or "", fields.get("stm") or "")
-        groups.setdefault(group, []).append((index, event))
-        for extra in derived(shops[group[1]], fields, event):
-            extra_stream = (
+        for made_event in (event, *extras):
+            stream = (
                 streams.BEHAVIOR.name
-                if isinstance(extra, BehaviorEvent)
+                if isinstance(made_event, BehaviorEvent)
                 else streams.STOREFRONT.name
             )
-            groups.setdefault((extra_stream, group[1], group[2]), []).append((index, extra))
-            made += 1
+            group = (stream, fields.get("aid") or "", fields.get("stm") or "")
+            groups.setdefault(group, []).append((index, made_event))
+        made += len(extras)
     received = {stm: _ms(stm) for _, _, stm in groups}
     return await deliver_groups(
         request,
