@@ -391,7 +391,7 @@ def storefront_fields_record(
     view = received.of_shop(shop)
     record = _record(fields, shop, received, assigned, STOREFRONT, view)
     record[CONTEXT] = view.context
-    country = view.context["country_code"]
+    country = view.context.get("country_code")
     sdk = record["props"].get("$context") if country else None
     if isinstance(sdk, dict) and "geo" not in sdk:
         # An SDK's own context (the Segment API's, kept in props.$context): the country

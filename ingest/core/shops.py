@@ -156,7 +156,7 @@ class ShopDirectory:
         self._hits = _Lru(hits)
         self._misses = _Lru(misses)
 
-    async def _cached(self, query: str, key: str) -> asyncpg.Record | None:
+    async def _cached(self, query: str, key: str) -> tuple[Shop, asyncpg.Record] | None:
         # Keys and domains are printable ASCII: anything else is no such key, and is never
         # sent to PostgreSQL (text can't hold NUL; a lone surrogate from an undecodable
         # header byte can't be encoded at all).
@@ -164,27 +164,30 @@ class ShopDirectory:
             return None
         now = time.monotonic()
         for cache in (self._hits, self._misses):
-            found, row = cache.get((query, key), now)
+            found, entry = cache.get((query, key), now)
             if found:
-                return cast("asyncpg.Record | None", row)
+                return cast("tuple[Shop, asyncpg.Record] | None", entry)
         row = await queries.fetchrow(self.db.pool, query, key)
         if row is None:
             self._hits.discard((query, key))
             self._misses.put((query, key), now + self.ttl, None)
-        else:
-            self._misses.discard((query, key))
-            self._hits.put((query, key), now + self.ttl, row)
-        return row
+            return None
+        # Cached as the caller uses it: a Shop is built once per key and interval,
+        # not per request (its settings JSON parsed, its UUID converted).
+        entry = (_shop(row), row)
+        self._misses.discard((query, key))
+        self._hits.put((query, key), now + self.ttl, entry)
+        return entry
 
     async def by_write_key(self, write_key: str) -> Shop | None:
         """The live shop of ``write_key``, or None when the key is unknown or revoked."""
-        row = await self._cached("shop_by_write_key", write_key)
-        return _shop(row) if row is not None else None
+        entry = await self._cached("shop_by_write_key", write_key)
+        return entry[0] if entry is not None else None
 
     async def by_domain(self, domain: str) -> tuple[Shop, str] | None:
         """The live shop of ``domain`` with its webhook secret, or None."""
-        row = await self._cached("shop_by_domain", domain)
-        return (_shop(row), row["webhook_secret"]) if row is not None else None
+        entry = await self._cached("shop_by_domain", domain)
+        return (entry[0], entry[1]["webhook_secret"]) if entry is not None else None
 
 
 def _shop(row: asyncpg.Record) -> Shop:

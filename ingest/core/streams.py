@@ -43,6 +43,9 @@ _SQL_TYPES: dict[Kind, str] = {
 SERVER_FIELDS = ("shop_id", "received_at")
 # The field of an event holding its session facts (not a column).
 CONTEXT = "context"
+# Columns of every stream's table that PostgreSQL fills, never a record: the
+# transaction that wrote the row (the rollups' watermark, migration 0014).
+DATABASE_COLUMNS = ("load_xid",)
 
 
 @dataclass(frozen=True, slots=True)
