@@ -667,3 +667,29 @@ async def test_collector_rss_under_a_burst_of_bomb_requests(
     assert set(statuses) == {413}, sorted(set(statuses))
     assert peak - idle < 64 * mib, (idle / mib, peak / mib)
     assert peak < 256 * mib, (idle / mib, peak / mib)
+
+
+async def test_a_batch_waits_for_a_decode_slot_then_is_answered_503() -> None:
+    """With every decode slot taken, a batch waits ``decode_wait_s`` for one, then is
+    refused with 503 and Retry-After; a free slot is taken at once, and given back."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from ingest.collector import app as collector
+
+    application = web.Application()
+    application[collector.SETTINGS] = Settings(decode_concurrency=1, decode_wait_s=0.05)
+    slots = application[collector.DECODE_SLOTS] = asyncio.Semaphore(1)
+    request = make_mocked_request("POST", "/v1/behavior", app=application)
+    async with collector._decode_slot(request):
+        assert slots.locked()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(collector.Refused) as refused:
+            async with collector._decode_slot(request):
+                pass
+        assert asyncio.get_running_loop().time() - started >= 0.04
+        assert refused.value.status == 503
+        assert refused.value.headers == {"Retry-After": "1"}
+    assert not slots.locked()
+    async with collector._decode_slot(request):  # free again: taken at once
+        assert slots.locked()
