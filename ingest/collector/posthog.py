@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import uuid
 import zlib
@@ -276,6 +277,31 @@ def _elements(properties: dict[str, Any]) -> list[dict[str, Any]]:
     return _parse_chain(chain) if isinstance(chain, str) else []
 
 
+# Chains up to this long are remembered (a site's clicks repeat a few hundred
+# chains; the bound keeps the cache's memory to a few MB whatever is sent).
+_CACHED_CHAIN_CHARS = 2048
+
+
+def _autocaptured(properties: dict[str, Any]) -> dict[str, Any]:
+    """The element fields of an autocaptured event (``_element_fields`` of its
+    elements). A chain's are worked out once and remembered: parsing it was half of a
+    PostHog batch's handling (benchmarks/profile_collector.py). The dict returned is
+    shared: callers copy it (``**``), never change it."""
+    chain = properties.get("$elements_chain")
+    if (
+        not isinstance(properties.get("$elements"), list)
+        and isinstance(chain, str)
+        and len(chain) <= _CACHED_CHAIN_CHARS
+    ):
+        return _chain_fields(chain)
+    return _element_fields(_elements(properties))
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_fields(chain: str) -> dict[str, Any]:
+    return _element_fields(_parse_chain(chain))
+
+
 def _parse_chain(chain: str) -> list[dict[str, Any]]:
     """posthog's ``$elements_chain``: ``tag.c1.c2:attr__id="x"text="t"nth-child="1";parent...``."""
     out: list[dict[str, Any]] = []
@@ -359,6 +385,10 @@ def _element_fields(elements: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _text(value: Any, limit: int = 256) -> str | None:
+    if value is None:  # the usual cases first: absent, or a string
+        return None
+    if type(value) is str:
+        return value[:limit] or None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
     return str(value)[:limit] or None
@@ -426,10 +456,10 @@ def to_event(
     elif name == "$autocapture" and properties.get("$event_type") in AUTOCAPTURE:
         behavior = {
             "event_type": AUTOCAPTURE[str(properties["$event_type"])],
-            **_element_fields(_elements(properties)),
+            **_autocaptured(properties),
         }
     elif name == "$rageclick":
-        behavior = {"event_type": "rage_click", **_element_fields(_elements(properties))}
+        behavior = {"event_type": "rage_click", **_autocaptured(properties)}
     elif name == "$pageleave":
         # No behavior type is "left the page"; the beacon sends the page's final scroll
         # depth when it is left, and posthog-js's leave carries the same (the share of

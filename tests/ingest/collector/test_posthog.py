@@ -300,3 +300,20 @@ async def test_identify_and_alias_build_identities(
 
 async def _count(fetch: Any, n: int) -> bool:
     return len(await fetch()) >= n
+
+
+def test_a_remembered_chain_gives_the_fields_its_parse_gives() -> None:
+    from ingest.collector import posthog
+
+    chain = 'button.buy.primary:nth-child="1"text="Buy now";div:attr__id="main"'
+    for properties in (
+        {"$elements_chain": chain},
+        {"$elements_chain": chain + ";" + "span:" * 600},  # too long to remember
+        {"$elements": [{"tag_name": "a", "attr__id": "next", "$el_text": "Next"}]},
+    ):
+        once = posthog._autocaptured(properties)
+        assert once == posthog._element_fields(posthog._elements(properties))
+        assert posthog._autocaptured(properties) == once  # and again, remembered or not
+    assert posthog._autocaptured({"$elements_chain": chain})["element_path"] == (
+        "div#main > button.buy.primary"
+    )
