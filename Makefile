@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: up test lint test-external bench clean
+.PHONY: up test lint test-external bench profile clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ $(BENCH_STAMP): $(STAMP)
 # Load benchmarks (benchmarks/README.md); QUICK=1 for the < 3 minute version.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
+
+# Where the collector's time goes under wrk, by stage (benchmarks/README.md).
+profile: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.profile_collector --protocol $(or $(PROTOCOL),native)
 
 clean:
 	rm -rf $(VENV) .eventpipe .mypy_cache .ruff_cache .pytest_cache
