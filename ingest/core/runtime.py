@@ -15,10 +15,12 @@ T = TypeVar("T")
 def run(main: Coroutine[Any, Any, T], loop: Literal["asyncio", "uvloop"] = "asyncio") -> T:
     """Run ``main`` to completion on the event loop ``loop`` names.
 
-    The collector runs on ``settings.event_loop`` (uvloop by default: libuv's loop
-    takes less CPU per request, ``benchmarks/README.md``); every other command on
-    the standard loop, whose subprocess API ``up`` and the embedded PostgreSQL
-    use in full (uvloop's refuses ``user=``, for one).
+    The collector runs on ``settings.event_loop``: asyncio's loop by default, since
+    uvloop measured no cheaper per request in the collector under wrk (three
+    alternating rounds, ``benchmarks/README.md``); uvloop stays a setting away
+    for a platform where it is. Every other command runs on the standard loop,
+    whose subprocess API ``up`` and the embedded PostgreSQL use in full
+    (uvloop's refuses ``user=``, for one).
     """
     if loop == "uvloop":
         import uvloop

@@ -390,9 +390,9 @@ class Settings(BaseSettings):
         "processes (Python's default: 700; 0 leaves the interpreter's settings alone)",
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
-        default="uvloop",
-        description="the collector's event loop: uvloop (libuv; its sockets and callbacks "
-        "cost less per request), or the standard library's asyncio loop",
+        default="asyncio",
+        description="the collector's event loop: the standard library's asyncio loop, or "
+        "uvloop (libuv's; measured no cheaper per request here: benchmarks/README.md)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"

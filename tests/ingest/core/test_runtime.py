@@ -22,7 +22,7 @@ def test_tune_gc_sets_the_young_threshold_and_zero_leaves_gc_alone() -> None:
 
 
 def test_run_uses_the_event_loop_the_settings_name() -> None:
-    """The collector runs on uvloop by default, on asyncio's loop when told (each
+    """The collector runs on asyncio's loop by default, on uvloop when told (each
     run in a thread of its own: pytest's loop may be running in this one)."""
     import asyncio
     import concurrent.futures
@@ -34,11 +34,11 @@ def test_run_uses_the_event_loop_the_settings_name() -> None:
     async def loop_type() -> type:
         return type(asyncio.get_running_loop())
 
-    def in_thread(name: str) -> type:
-        return run(loop_type(), Settings(event_loop=name).event_loop)  # type: ignore[arg-type]
+    def in_thread(**given: str) -> type:
+        return run(loop_type(), Settings(**given).event_loop)  # type: ignore[arg-type]
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        assert issubclass(pool.submit(in_thread, "uvloop").result(), uvloop.Loop)
-        plain = pool.submit(in_thread, "asyncio").result()
+        assert issubclass(pool.submit(in_thread, event_loop="uvloop").result(), uvloop.Loop)
+        plain = pool.submit(in_thread).result()
     assert not issubclass(plain, uvloop.Loop)
     assert issubclass(plain, asyncio.BaseEventLoop)
