@@ -219,14 +219,20 @@ class Suite:
             for requests in sets.values():
                 await collector_bench.check_accepted(url, requests)
             with RssPeak(self._collector_pid) as rss:
+                protocols["native"] = await collector_bench.measure(
+                    url, sets["native"], self.tmp, servers, seconds
+                )
+                # Latency at half the maximum (open loop, from the intended send time),
+                # before the other protocols' loads fill the embedded broker's log,
+                # which it keeps in memory (the broker's growth is not the collector's).
+                max_rps = protocols["native"]["requests_per_s"]
+                target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+                half = await self.load("collector_half", target, mix=BEACONS, rate=max_rps / 2)
                 for name, requests in sets.items():
-                    protocols[name] = await collector_bench.measure(
-                        url, requests, self.tmp, servers, seconds
-                    )
-            # latency at half the maximum: open loop, from the intended send time
-            max_rps = protocols["native"]["requests_per_s"]
-            target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
-            half = await self.load("collector_half", target, mix=BEACONS, rate=max_rps / 2)
+                    if name != "native":
+                        protocols[name] = await collector_bench.measure(
+                            url, requests, self.tmp, servers, seconds
+                        )
         native, h = protocols["native"], half.summary()
         self._bodies, self._wrk_s = sets, seconds
         for name, figures in protocols.items():
