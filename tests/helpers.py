@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from consumers.loader import Loader
 from consumers.rows import (
     BEHAVIOR,
+    STOREFRONT,
     TableSpec,
 )
 from ingest.core.db import Database
@@ -305,3 +306,39 @@ async def topic_events(
     finally:
         await consumer.stop()
     return events
+
+
+@asynccontextmanager
+async def both_loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
+    """The behavior and storefront loaders, in-process, started at once (each joins
+    its group meanwhile): what the tracker protocols' tests load with."""
+    async with contextlib.AsyncExitStack() as stack:
+        await asyncio.gather(
+            *(
+                stack.enter_async_context(Loader(settings, spec, db, PartitionManager(db)))
+                for spec in (BEHAVIOR, STOREFRONT)
+            )
+        )
+        yield
+
+
+BEHAVIOR_JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
+
+
+async def behavior_rows(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
+    """The shop's ``behavior_events`` rows in time order, their JSON columns decoded."""
+    rows = await db.pool.fetch(
+        "SELECT * FROM behavior_events WHERE shop_id = $1 ORDER BY timestamp, event_type",
+        shop.shop_id,
+    )
+    out = [dict(r) for r in rows]
+    for event in out:
+        for name in BEHAVIOR_JSON_COLUMNS:
+            if isinstance(event[name], str):
+                event[name] = orjson.loads(event[name])
+    return out
+
+
+def of_type(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
+    """The rows of ``events`` of one event type."""
+    return [e for e in events if e["event_type"] == event_type]

@@ -24,6 +24,7 @@ from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials
 from ingest.partitions import PartitionManager
 from tests.conftest import wait_for
+from tests.helpers import behavior_rows, of_type
 
 pytestmark = pytest.mark.slow
 
@@ -111,26 +112,6 @@ async def loader(settings: Settings, db: Database) -> AsyncIterator[Loader]:
         yield running
 
 
-JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
-
-
-async def _events(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
-    rows = await db.pool.fetch(
-        "SELECT * FROM behavior_events WHERE shop_id = $1 ORDER BY timestamp, event_type",
-        shop.shop_id,
-    )
-    out = [dict(r) for r in rows]
-    for event in out:
-        for name in JSON_COLUMNS:
-            if isinstance(event[name], str):
-                event[name] = json.loads(event[name])
-    return out
-
-
-def _of(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["event_type"] == event_type]
-
-
 async def test_browser_session_lands_in_behavior_events_and_user_sessions(
     browser: Any, site: Site, loader: Loader, db: Database, shop: ShopCredentials
 ) -> None:
@@ -154,26 +135,26 @@ async def test_browser_session_lands_in_behavior_events_and_user_sessions(
     wanted = {"page_view", "click", "rage_click", "scroll_depth", "form_start", "form_abandon"}
 
     async def landed() -> bool:
-        events = await _events(db, shop)
+        events = await behavior_rows(db, shop)
         session = await db.pool.fetchrow(
             "SELECT page_count FROM user_sessions WHERE shop_id = $1", shop.shop_id
         )
         return (
             wanted <= {e["event_type"] for e in events}
-            and len(_of(events, "page_view")) >= 2
+            and len(of_type(events, "page_view")) >= 2
             and session is not None
             and session["page_count"] >= 2
         )
 
     await wait_for(landed)
-    events = await _events(db, shop)
+    events = await behavior_rows(db, shop)
     assert len({e["session_id"] for e in events}) == 1, "one session across both pages"
-    views = _of(events, "page_view")
+    views = of_type(events, "page_view")
     assert [v["page_url"] for v in views] == [page_1, page_2]
     assert views[0]["metadata"]["title"] == "Page one"
     assert views[1]["metadata"]["referrer"] == page_1
 
-    clicks = _of(events, "click")
+    clicks = of_type(events, "click")
     buy = [c for c in clicks if c["element_path"].endswith("button#buy.buy.primary")]
     assert len(buy) == 5, clicks
     assert buy[0]["element_path"] == "body > div#main > button#buy.buy.primary"
@@ -183,16 +164,16 @@ async def test_browser_session_lands_in_behavior_events_and_user_sessions(
     assert buy[0]["viewport_size"] == VIEWPORT
     assert any(c["element_path"].endswith("a#next") for c in clicks)
 
-    (rage,) = _of(events, "rage_click")
+    (rage,) = of_type(events, "rage_click")
     assert rage["element_path"] == buy[0]["element_path"]
     assert rage["event_data"]["clicks"] >= 3
-    depths = {e["event_data"]["percentage"] for e in _of(events, "scroll_depth")}
+    depths = {e["event_data"]["percentage"] for e in of_type(events, "scroll_depth")}
     assert {25, 50, 75, 100} <= depths
-    (start,) = _of(events, "form_start")
-    (abandon,) = _of(events, "form_abandon")
+    (start,) = of_type(events, "form_start")
+    (abandon,) = of_type(events, "form_abandon")
     assert start["element_path"] == abandon["element_path"] == "body > div#main > form#checkout"
     assert start["event_data"]["field"] == "email"
-    assert not _of(events, "form_submit")
+    assert not of_type(events, "form_submit")
     assert {e["page_url"] for e in events if e["event_type"] != "page_view"} == {page_1}
 
     session = await db.pool.fetchrow("SELECT * FROM user_sessions WHERE shop_id = $1", shop.shop_id)
@@ -223,10 +204,10 @@ async def test_do_not_track_sends_nothing(
     await context.close()
 
     async def control_landed() -> bool:
-        return any(e["page_url"].endswith("respect=false") for e in await _events(db, shop))
+        return any(e["page_url"].endswith("respect=false") for e in await behavior_rows(db, shop))
 
     await wait_for(control_landed)
-    events = await _events(db, shop)
+    events = await behavior_rows(db, shop)
     assert {e["page_url"] for e in events} == {f"{site.url}/dnt?respect=false"}
     assert {e["event_type"] for e in events} == {"page_view", "click"}
     assert len(posted) == 1, posted
@@ -254,22 +235,22 @@ async def test_hesitation_errors_and_form_submit(
     wanted = {"page_view", "click", "hesitation", "error", "form_start", "form_submit"}
 
     async def landed() -> bool:
-        events = await _events(db, shop)
-        return wanted <= {e["event_type"] for e in events} and len(_of(events, "error")) >= 2
+        events = await behavior_rows(db, shop)
+        return wanted <= {e["event_type"] for e in events} and len(of_type(events, "error")) >= 2
 
     await wait_for(landed)
-    events = await _events(db, shop)
-    (hesitation,) = _of(events, "hesitation")
+    events = await behavior_rows(db, shop)
+    (hesitation,) = of_type(events, "hesitation")
     assert hesitation["element_path"] == "body > div#main > button#buy.buy.primary"
     assert hesitation["event_data"]["hesitation_ms"] >= 1500
-    errors = {e["event_data"]["message"]: e["event_data"] for e in _of(events, "error")}
+    errors = {e["event_data"]["message"]: e["event_data"] for e in of_type(events, "error")}
     assert len(errors) == 2, errors
     (boom,) = (data for message, data in errors.items() if "boom" in message)
     (nope,) = (data for message, data in errors.items() if "nope" in message)
     assert boom["line"] == 1
     assert nope["source"] == "unhandledrejection"
-    assert len(_of(events, "form_submit")) == 1
-    assert not _of(events, "form_abandon")
+    assert len(of_type(events, "form_submit")) == 1
+    assert not of_type(events, "form_abandon")
 
 
 @dataclass
@@ -373,14 +354,14 @@ async def test_batches_refused_with_503_are_kept_and_sent_once_after_a_reload(
     sent = {i for _, ids in gate.posts for i in ids}
 
     async def all_rows() -> bool:
-        return {str(e["event_id"]) for e in await _events(db, shop)} >= sent
+        return {str(e["event_id"]) for e in await behavior_rows(db, shop)} >= sent
 
     await wait_for(all_rows)
-    events = await _events(db, shop)
+    events = await behavior_rows(db, shop)
     ids = [str(e["event_id"]) for e in events]
     assert sorted(ids) == sorted(sent), "every event sent is one row"
-    assert len(_of(events, "click")) == 3
-    assert len(_of(events, "page_view")) == 2  # one per load
+    assert len(of_type(events, "click")) == 3
+    assert len(of_type(events, "page_view")) == 2  # one per load
 
 
 async def _async(value: bool) -> bool:
@@ -438,13 +419,13 @@ async def test_consent_required_sends_and_stores_nothing_until_consent(
     await context.close()
 
     async def landed() -> bool:
-        return {"page_view", "click"} <= {e["event_type"] for e in await _events(db, shop)}
+        return {"page_view", "click"} <= {e["event_type"] for e in await behavior_rows(db, shop)}
 
     await wait_for(landed)
-    events = await _events(db, shop)
+    events = await behavior_rows(db, shop)
     assert sorted(e["event_type"] for e in events) == ["click", "page_view"]
     assert all(e["timestamp"].isoformat() < consented.replace("Z", "+00:00") for e in events)
-    assert _of(events, "page_view")[0]["metadata"]["language"]  # identified: facts kept
+    assert of_type(events, "page_view")[0]["metadata"]["language"]  # identified: facts kept
 
 
 async def test_anonymous_consent_keeps_no_session_facts_or_storage(
@@ -477,10 +458,10 @@ async def test_anonymous_consent_keeps_no_session_facts_or_storage(
     await context.close()
 
     async def landed() -> bool:
-        return len(await _events(db, shop)) >= 2
+        return len(await behavior_rows(db, shop)) >= 2
 
     await wait_for(landed)
-    events = await _events(db, shop)
+    events = await behavior_rows(db, shop)
     assert sorted(e["event_type"] for e in events) == ["click", "page_view"]
     assert all("anonymous=1" in url for url in posted), posted
     for event in events:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import gzip
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,28 +14,17 @@ import orjson
 import pytest
 from posthog import Posthog
 
-from consumers.loader import Loader
-from consumers.rows import BEHAVIOR, STOREFRONT
 from ingest.collector import posthog as capture_api
 from ingest.core.db import Database
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials
-from ingest.partitions import PartitionManager
 from tests.conftest import wait_for
+from tests.helpers import both_loaders
 
 CHAIN = (
     'button.btn.primary:attr__class="btn primary"attr__id="buy"nth-child="1"text="Buy now";'
     'form.cart:attr__class="cart"nth-child="2";body:nth-child="1"'
 )
-
-
-@contextlib.asynccontextmanager
-async def _loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
-    async with (
-        Loader(settings, BEHAVIOR, db, PartitionManager(db)),
-        Loader(settings, STOREFRONT, db, PartitionManager(db)),
-    ):
-        yield
 
 
 async def _rows(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
@@ -109,7 +96,7 @@ async def test_posthog_python_events_are_rows_once(
     )
     ids = await asyncio.to_thread(_send_all, client)
     assert errors == [] and len(ids) == 4
-    async with _loaders(settings, db):
+    async with both_loaders(settings, db):
         rows = await _loaded(db, shop, 4)
         assert len(rows) == 4, rows
         assert {r["event_id"] for r in rows} == set(ids)
@@ -199,7 +186,7 @@ async def test_every_encoding_posthog_js_sends(
         async with http.get(collector + "/e/", params={"data": data}) as answer:
             statuses.append(answer.status)
         assert statuses == [200, 200, 200, 200, 204, 200]
-    async with _loaders(settings, db):
+    async with both_loaders(settings, db):
         rows = await _loaded(db, shop, 6)
         assert {r["event_id"] for r in rows} == {e["uuid"] for e in events}
         assert all("token" not in orjson.loads(r["props"]) for r in rows)
@@ -284,7 +271,7 @@ async def test_identify_and_alias_build_identities(
             )
         )
 
-    async with _loaders(settings, db):
+    async with both_loaders(settings, db):
         await wait_for(lambda: _count(identities, 2), timeout=30)
     rows = await identities()
     assert [(r["anon_id"], r["user_id"]) for r in rows] == [

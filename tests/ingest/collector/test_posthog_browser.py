@@ -12,7 +12,6 @@ collected: the library must run without one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -23,20 +22,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from consumers.loader import Loader
-from consumers.rows import BEHAVIOR, STOREFRONT
 from ingest.core.db import Database
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials
-from ingest.partitions import PartitionManager
 from tests.conftest import wait_for
-from tests.helpers import npm_package, serve_pages
+from tests.helpers import behavior_rows, both_loaders, npm_package, of_type, serve_pages
 
 pytestmark = pytest.mark.slow
 
 LIBRARY = "posthog-js@1.449.2"
 VIEWPORT = {"width": 1024, "height": 700}
-JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
 
 
 @pytest.fixture
@@ -125,36 +120,6 @@ async def _site(collector: str, shop: ShopCredentials) -> AsyncIterator[str]:
         yield url
 
 
-@contextlib.asynccontextmanager
-async def _loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
-    """The behavior and storefront loaders, started at once (each joins its group)."""
-    async with contextlib.AsyncExitStack() as stack:
-        await asyncio.gather(
-            *(
-                stack.enter_async_context(Loader(settings, spec, db, PartitionManager(db)))
-                for spec in (BEHAVIOR, STOREFRONT)
-            )
-        )
-        yield
-
-
-async def _events(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
-    rows = await db.pool.fetch(
-        "SELECT * FROM behavior_events WHERE shop_id = $1 ORDER BY timestamp, event_type",
-        shop.shop_id,
-    )
-    out = [dict(r) for r in rows]
-    for event in out:
-        for name in JSON_COLUMNS:
-            if isinstance(event[name], str):
-                event[name] = json.loads(event[name])
-    return out
-
-
-def _of(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["event_type"] == event_type]
-
-
 async def test_autocapture_rage_clicks_and_leaving_without_console_errors(
     browser: Any, collector: str, settings: Settings, db: Database, shop: ShopCredentials
 ) -> None:
@@ -163,7 +128,7 @@ async def test_autocapture_rage_clicks_and_leaving_without_console_errors(
     error, page error or request outside the collector and the site."""
     console: list[str] = []
     foreign: list[str] = []
-    async with _site(collector, shop) as site, _loaders(settings, db):
+    async with _site(collector, shop) as site, both_loaders(settings, db):
         page_1, page_2 = f"{site}/page1", f"{site}/page2"
         origins = {urlsplit(collector).netloc, urlsplit(site).netloc}
         context = await browser.new_context(viewport=VIEWPORT)
@@ -203,19 +168,19 @@ async def test_autocapture_rage_clicks_and_leaving_without_console_errors(
         await context.close()
 
         async def landed() -> bool:
-            events = await _events(db, shop)
-            views = _of(events, "page_view")
+            events = await behavior_rows(db, shop)
+            views = of_type(events, "page_view")
             leaves = [e for e in events if e["metadata"].get("event") == "$pageleave"]
-            return len(views) == 2 and len(leaves) == 2 and bool(_of(events, "rage_click"))
+            return len(views) == 2 and len(leaves) == 2 and bool(of_type(events, "rage_click"))
 
         await wait_for(landed)
 
     assert not console, console
     assert not foreign, foreign
-    events = await _events(db, shop)
+    events = await behavior_rows(db, shop)
     sessions = {e["session_id"] for e in events}
     assert len(sessions) == 1, "one $session_id across both pages"
-    views = _of(events, "page_view")
+    views = of_type(events, "page_view")
     assert [v["page_url"] for v in views] == [page_1, page_2]
     assert views[0]["metadata"]["title"] == "Page one"
     assert views[0]["viewport_size"] == VIEWPORT
@@ -227,14 +192,14 @@ async def test_autocapture_rage_clicks_and_leaving_without_console_errors(
     assert (identity["anon_id"], identity["user_id"]) == (anon, "user-42")
     assert json.loads(identity["traits"])["plan"] == "pro"
 
-    clicks = _of(events, "click")
+    clicks = of_type(events, "click")
     buy = [c for c in clicks if c["component_id"] == "buy"]
     assert len(buy) >= 2, clicks
     assert buy[0]["element_path"] == "body > div#main > button#buy.buy.primary"
     assert (buy[0]["element_type"], buy[0]["element_text"]) == ("button", "Buy now")
     assert any(c["component_id"] == "next" for c in clicks)
     assert any(c["component_id"] == "ok" and c["page_url"] == page_2 for c in clicks)
-    (rage,) = _of(events, "rage_click")
+    (rage,) = of_type(events, "rage_click")
     assert rage["element_path"] == buy[0]["element_path"]
     assert rage["page_url"] == page_1
 

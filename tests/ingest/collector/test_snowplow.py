@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,27 +20,16 @@ from snowplow_tracker.self_describing_json import SelfDescribingJson
 from snowplow_tracker.subject import Subject
 from snowplow_tracker.tracker import Tracker
 
-from consumers.loader import Loader
-from consumers.rows import BEHAVIOR, STOREFRONT
 from ingest.collector import snowplow
 from ingest.core import metrics
 from ingest.core.db import Database
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials
-from ingest.partitions import PartitionManager
 from tests.conftest import wait_for
+from tests.helpers import both_loaders
 
 LINK_CLICK = "iglu:com.snowplowanalytics.snowplow/link_click/jsonschema/1-0-1"
 CUSTOM = "iglu:com.example/add_to_cart/jsonschema/1-0-0"
-
-
-@contextlib.asynccontextmanager
-async def _loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
-    async with (
-        Loader(settings, BEHAVIOR, db, PartitionManager(db)),
-        Loader(settings, STOREFRONT, db, PartitionManager(db)),
-    ):
-        yield
 
 
 async def _rows(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
@@ -131,7 +119,7 @@ async def test_the_python_tracker_events_are_rows_once(
     tracker = _tracker(collector, shop.write_key, method, sent)
     await _in_thread(lambda: _track_all(tracker))
     assert len(sent) == 5
-    async with _loaders(settings, db):
+    async with both_loaders(settings, db):
         rows = await _loaded(db, shop, 5)
         assert len(rows) == 5, rows
         assert {r["event_id"] for r in rows} == {e["eid"] for e in sent}
@@ -200,7 +188,7 @@ async def test_a_link_click_with_its_page_is_a_click(
     query = {"e": "ue", "ue_px": encoded, "aid": shop.write_key, "url": "https://shop.test/"}
     async with aiohttp.ClientSession() as http, http.get(collector + "/i", params=query) as answer:
         assert answer.status == 200
-    async with _loaders(settings, db):
+    async with both_loaders(settings, db):
         (click,) = await _loaded(db, shop, 1)
         assert (click["element_path"], click["element_type"], click["element_text"]) == (
             "a#buy.btn.primary",
@@ -231,7 +219,7 @@ async def test_a_page_ping_has_the_percentage_seen(
         assert answer.content_type == "image/gif"
         assert answer.headers["Cache-Control"].startswith("no-store")
         assert await answer.read() == snowplow.PIXEL
-    async with _loaders(settings, db):
+    async with both_loaders(settings, db):
         (row,) = await _loaded(db, shop, 1)
         assert orjson.loads(row["event_data"])["percentage"] == 50  # (1232 + 768) / 4000
 

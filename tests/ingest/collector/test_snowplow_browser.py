@@ -11,7 +11,6 @@ signed-in visitor, form and element tracking, and the form_abandon block.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -21,14 +20,11 @@ from typing import Any
 
 import pytest
 
-from consumers.loader import Loader
-from consumers.rows import BEHAVIOR, STOREFRONT
 from ingest.core.db import Database
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials
-from ingest.partitions import PartitionManager
 from tests.conftest import wait_for
-from tests.helpers import npm_package, serve_pages
+from tests.helpers import behavior_rows, both_loaders, npm_package, of_type, serve_pages
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +36,6 @@ ELEMENTS = "@snowplow/browser-plugin-element-tracking@4.6.8"
 LINKS = "@snowplow/browser-plugin-link-click-tracking@4.6.8"
 VIEWPORT = {"width": 1024, "height": 700}
 ALIAS = "/t/p"  # a first-party path (EVENTPIPE_SNOWPLOW_PATH_ALIAS), the README's
-JSON_COLUMNS = ("coordinates", "viewport_size", "event_data", "metadata")
 
 
 @pytest.fixture
@@ -118,32 +113,6 @@ async def _site(collector: str, shop: ShopCredentials, method: str) -> AsyncIter
         yield url
 
 
-@contextlib.asynccontextmanager
-async def _loaders(settings: Settings, db: Database) -> AsyncIterator[None]:
-    """The behavior and storefront loaders, started at once (each joins its group)."""
-    async with contextlib.AsyncExitStack() as stack:
-        await asyncio.gather(
-            *(
-                stack.enter_async_context(Loader(settings, spec, db, PartitionManager(db)))
-                for spec in (BEHAVIOR, STOREFRONT)
-            )
-        )
-        yield
-
-
-async def _events(db: Database, shop: ShopCredentials) -> list[dict[str, Any]]:
-    rows = await db.pool.fetch(
-        "SELECT * FROM behavior_events WHERE shop_id = $1 ORDER BY timestamp, event_type",
-        shop.shop_id,
-    )
-    out = [dict(r) for r in rows]
-    for event in out:
-        for name in JSON_COLUMNS:
-            if isinstance(event[name], str):
-                event[name] = json.loads(event[name])
-    return out
-
-
 async def _stored_text(db: Database, shop: ShopCredentials) -> list[str]:
     """Every row the shop has in behavior_events and events, as JSON text."""
     rows = await db.pool.fetch(
@@ -152,10 +121,6 @@ async def _stored_text(db: Database, shop: ShopCredentials) -> list[str]:
         shop.shop_id,
     )
     return [r["t"] for r in rows]
-
-
-def _of(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["event_type"] == event_type]
 
 
 @pytest.mark.parametrize("method", ["post", "get", "post-alias"])
@@ -170,7 +135,7 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
     """Page view, scrolling with page pings, a form filled and submitted, the next
     page: rows in behavior_events and one session in user_sessions."""
     posted: list[str] = []
-    async with _site(collector, shop, method) as site, _loaders(settings, db):
+    async with _site(collector, shop, method) as site, both_loaders(settings, db):
         page_1, thanks = f"{site}/page1", f"{site}/thanks?email=ada%40example.com"
         context = await browser.new_context(viewport=VIEWPORT)
         context.on("request", lambda r: posted.append(r.url) if collector in r.url else None)
@@ -181,9 +146,7 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
             # Activity (the scroll) in each 1 s heartbeat sends a ping; once the page
             # is scrolled to the bottom, a ping carries the offset reached.
             await page.mouse.wheel(0, 1500)
-            return (
-                len([e for e in await _events(db, shop) if e["event_type"] == "scroll_depth"]) >= 2
-            )
+            return len(of_type(await behavior_rows(db, shop), "scroll_depth")) >= 2
 
         await page.mouse.move(100, 100)
         await wait_for(pinged, interval=0.5)
@@ -193,20 +156,20 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
         await page.wait_for_url(thanks)
 
         async def landed() -> bool:
-            events = await _events(db, shop)
+            events = await behavior_rows(db, shop)
             return (
-                len(_of(events, "page_view")) == 2
-                and bool(_of(events, "form_submit"))
-                and bool(_of(events, "form_start"))
+                len(of_type(events, "page_view")) == 2
+                and bool(of_type(events, "form_submit"))
+                and bool(of_type(events, "form_start"))
             )
 
         await wait_for(landed)
         await context.close()
 
-    events = await _events(db, shop)
+    events = await behavior_rows(db, shop)
     sessions = {e["session_id"] for e in events}
     assert len(sessions) == 1, "one Snowplow session (sid) across both pages"
-    views = _of(events, "page_view")
+    views = of_type(events, "page_view")
     assert [v["page_url"] for v in views] == [page_1, thanks]
     assert views[0]["metadata"]["title"] == "Page one"
     assert views[1]["metadata"]["referrer"] == page_1
@@ -216,7 +179,7 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
     assert meta["tracker"] == "js-4.10.1" and meta["app_id"] == shop.write_key
     assert len({v["metadata"]["anon_id"] for v in views}) == 1  # duid, the same visitor
 
-    pings = _of(events, "scroll_depth")
+    pings = of_type(events, "scroll_depth")
     assert all(p["event_data"]["ping"] for p in pings)
     # The document is ~4 000 px high, the viewport 700: the pings' offsets and the
     # document size (ds) give the share seen, up to the bottom.
@@ -224,15 +187,15 @@ async def test_page_views_pings_and_forms_of_the_browser_tracker(
     assert max(r or 0 for r in reached) == 100, pings
     assert all(r is None or 0 < r <= 100 for r in reached), pings
 
-    starts = _of(events, "form_start")
+    starts = of_type(events, "form_start")
     assert {s["component_id"] for s in starts} == {"newsletter"}
     assert starts[0]["element_path"] == "form#newsletter"
     assert {s["event_data"]["field"] for s in starts} == {"email"}
     assert all("ada" not in json.dumps(s["event_data"]) for s in starts), "never a value"
-    (submit,) = _of(events, "form_submit")
+    (submit,) = of_type(events, "form_submit")
     assert submit["element_path"] == "form#newsletter"  # as the start's
     assert submit["event_data"]["classes"] == ["signup", "wide"]
-    assert not _of(events, "form_abandon")
+    assert not of_type(events, "form_abandon")
     # The form plugin sends the values (focus_form, change_form, submit_form's
     # elements): none is stored, in any column of any row.
     assert not [t for t in await _stored_text(db, shop) if "ada@example.com" in t]
@@ -259,7 +222,7 @@ async def test_a_form_left_unsent_is_abandoned_and_elements_have_their_time(
     """A field typed into, then a link to the next page (the README's snippet sends the
     abandon as the page goes, link click tracking the click); pings carry the hero's
     time in view (element tracking)."""
-    async with _site(collector, shop, "post") as site, _loaders(settings, db):
+    async with _site(collector, shop, "post") as site, both_loaders(settings, db):
         page_1 = f"{site}/page1"
         context = await browser.new_context(viewport=VIEWPORT)
         page = await context.new_page()
@@ -267,40 +230,40 @@ async def test_a_form_left_unsent_is_abandoned_and_elements_have_their_time(
         await page.locator("#email").press_sequentially("ada@example.com")
 
         async def timed() -> bool:
-            await page.mouse.move(100, 100 + len(await _events(db, shop)))  # activity
-            return len(_of(await _events(db, shop), "time_on_element")) >= 2
+            await page.mouse.move(100, 100 + len(await behavior_rows(db, shop)))  # activity
+            return len(of_type(await behavior_rows(db, shop), "time_on_element")) >= 2
 
         await wait_for(timed, interval=0.5)
         await page.click("#next")
         await page.wait_for_url(f"{site}/thanks")
 
         async def landed() -> bool:
-            events = await _events(db, shop)
+            events = await behavior_rows(db, shop)
             return (
-                bool(_of(events, "form_abandon"))
-                and bool(_of(events, "click"))
-                and len(_of(events, "page_view")) == 2
+                bool(of_type(events, "form_abandon"))
+                and bool(of_type(events, "click"))
+                and len(of_type(events, "page_view")) == 2
             )
 
         await wait_for(landed)
         await context.close()
 
-    events = await _events(db, shop)
-    (abandon,) = _of(events, "form_abandon")
-    starts = _of(events, "form_start")
+    events = await behavior_rows(db, shop)
+    (abandon,) = of_type(events, "form_abandon")
+    starts = of_type(events, "form_start")
     assert starts and {s["element_path"] for s in starts} == {"form#newsletter"}
     assert (abandon["element_path"], abandon["component_id"]) == ("form#newsletter", "newsletter")
     assert abandon["event_data"] == {"field": "email", "classes": ["signup", "wide"]}
     assert abandon["page_url"] == page_1
-    assert not _of(events, "form_submit")
+    assert not of_type(events, "form_submit")
     # The form plugin sends each field's value (focus_form, change_form): never stored.
     assert not [t for t in await _stored_text(db, shop) if "ada@example.com" in t]
-    (link,) = _of(events, "click")  # link click tracking, as the page goes
+    (link,) = of_type(events, "click")  # link click tracking, as the page goes
     assert (link["element_path"], link["element_type"]) == ("a#next", "a")
     assert (link["element_text"], link["component_id"]) == ("Next page", "next")
     assert link["event_data"]["href"] == f"{site}/thanks"
     assert link["page_url"] == page_1
-    times = _of(events, "time_on_element")
+    times = of_type(events, "time_on_element")
     assert {t["element_path"] for t in times} == {"hero"}
     assert all(t["page_url"] == page_1 and t["event_data"]["cumulative"] for t in times)
     ms = [t["event_data"]["ms"] for t in times]
