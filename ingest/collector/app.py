@@ -453,19 +453,29 @@ def validated(
         raise EventRejected("invalid", _reason(exc)) from exc
 
 
-def _validated(stream: str, raw: Any, max_bytes: int) -> Valid:
-    """One raw event, checked on its own; EventRejected with the reason when it is refused."""
+def check_encoded(
+    raw: Any, max_bytes: int, *, what: str = "event", limit: str = "max_event_bytes"
+) -> None:
+    """EventRejected unless ``raw`` encodes to JSON of at most ``max_bytes`` holding no
+    NUL: the check of one event on its own, on every route and protocol (``what``
+    and ``limit`` name the event and its setting in the reason)."""
     try:
         encoded = orjson.dumps(raw)
-        if len(encoded) > max_bytes:
-            raise EventRejected("too_large", f"event larger than max_event_bytes={max_bytes}")
-        if has_nul(encoded):
-            raise EventRejected("invalid", "text must not contain NUL (\\u0000)")
+    except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise EventRejected("unencodable", f"{what} cannot be encoded: {exc}") from exc
+    if len(encoded) > max_bytes:
+        raise EventRejected("too_large", f"{what} larger than {limit}={max_bytes}")
+    if has_nul(encoded):
+        raise EventRejected("invalid", "text must not contain NUL (\\u0000)")
+
+
+def _validated(stream: str, raw: Any, max_bytes: int) -> Valid:
+    """One raw event, checked on its own; EventRejected with the reason when it is refused."""
+    check_encoded(raw, max_bytes)
+    try:
         return STREAM_MODELS[stream].model_validate(raw)
     except pydantic.ValidationError as exc:
         raise EventRejected("invalid", _reason(exc)) from exc
-    except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
-        raise EventRejected("unencodable", f"event cannot be encoded: {exc}") from exc
 
 
 async def post_behavior(request: web.Request) -> web.Response:

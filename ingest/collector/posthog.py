@@ -55,7 +55,7 @@ from aiohttp import web
 
 from ingest.collector import app as collector
 from ingest.collector import snowplow
-from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul
+from ingest.collector.models import BehaviorEvent, StorefrontEvent
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.shops import Shop
@@ -624,13 +624,7 @@ async def _accept(request: web.Request) -> web.Response:
             try:
                 if not isinstance(raw, dict):
                     raise collector.EventRejected("invalid", "event is not a JSON object")
-                encoded = orjson.dumps(raw)
-                if len(encoded) > settings.max_event_bytes:
-                    raise collector.EventRejected(
-                        "too_large", f"event larger than max_event_bytes={settings.max_event_bytes}"
-                    )
-                if has_nul(encoded):
-                    raise collector.EventRejected("invalid", "text must not contain NUL (\\u0000)")
+                collector.check_encoded(raw, settings.max_event_bytes)
             except collector.EventRejected as exc:
                 rejected.append({"index": index, "reason": exc.reason})
                 metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()

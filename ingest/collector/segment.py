@@ -392,16 +392,7 @@ def _message(raw: Any, shared: dict[str, Any] | None, kind: str | None, max_byte
     """One raw message checked on its own (the batch's context merged in)."""
     if not isinstance(raw, dict):
         raise collector.EventRejected("invalid", "message is not a JSON object")
-    try:
-        encoded = orjson.dumps(raw)
-    except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
-        raise collector.EventRejected("unencodable", f"message cannot be encoded: {exc}") from exc
-    if len(encoded) > max_bytes:
-        raise collector.EventRejected(
-            "too_large", f"message larger than segment_max_message_bytes={max_bytes}"
-        )
-    if has_nul(encoded):
-        raise collector.EventRejected("invalid", "text must not contain NUL (\\u0000)")
+    collector.check_encoded(raw, max_bytes, what="message", limit="segment_max_message_bytes")
     fields = dict(raw)
     if kind is not None:
         fields["type"] = kind  # the route names it

@@ -56,7 +56,7 @@ from aiohttp import web
 from ingest.collector import app as collector
 from ingest.collector.delivery import Unavailable
 from ingest.collector.enrich import Received
-from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul
+from ingest.collector.models import BehaviorEvent, StorefrontEvent
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.shops import Shop
@@ -521,13 +521,7 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
     for index, raw in enumerate(payloads):
         try:
             fields = _fields(raw)
-            encoded = orjson.dumps(fields)
-            if len(encoded) > settings.max_event_bytes:
-                raise collector.EventRejected(
-                    "too_large", f"event larger than max_event_bytes={settings.max_event_bytes}"
-                )
-            if has_nul(encoded):
-                raise collector.EventRejected("invalid", "text must not contain NUL (\\u0000)")
+            collector.check_encoded(fields, settings.max_event_bytes)
         except collector.EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
