@@ -21,7 +21,7 @@ from consumers.rows import TableSpec
 from ingest.core import metrics
 from ingest.core.db import Database
 from ingest.core.http import HttpServer, healthz
-from ingest.core.runtime import tune_gc
+from ingest.core.runtime import tune_gc, until_stopped
 from ingest.core.settings import Settings
 from ingest.core.supervisor import Child, Supervisor
 from ingest.partitions import PartitionManager
@@ -45,22 +45,35 @@ def loader_metrics_app() -> web.Application:
     return app
 
 
+async def _start_loaders(
+    stack: contextlib.AsyncExitStack, settings: Settings, specs: list[TableSpec]
+) -> tuple[Database, PartitionManager, list[Loader]]:
+    """The metrics server, the pool and one started loader per spec, on ``stack``."""
+    if settings.loader_metrics_port:
+        await stack.enter_async_context(
+            HttpServer(loader_metrics_app(), settings.collector_host, settings.loader_metrics_port)
+        )
+    db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
+    partitions = PartitionManager.from_settings(
+        db, settings, role=await db.role_for(settings.partition_role)
+    )
+    loaders = [Loader(settings, spec, db, partitions) for spec in specs]
+    # Joining a consumer group takes seconds: join all streams at once.
+    await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))
+    return db, partitions, loaders
+
+
 async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.Event) -> None:
     """Run one loader per spec until ``stop`` is set; a loader that fails ends the process."""
+    # Every series an alert reads exists before the first scrape can come: the
+    # metrics server answers while the loaders still connect (seconds).
+    for spec in specs:
+        metrics.init_loader(spec.table, settings.topic_for(spec.stream))
     async with contextlib.AsyncExitStack() as stack:
-        if settings.loader_metrics_port:
-            await stack.enter_async_context(
-                HttpServer(
-                    loader_metrics_app(), settings.collector_host, settings.loader_metrics_port
-                )
-            )
-        db = await stack.enter_async_context(Database(settings.dsn, max_size=2 + len(specs)))
-        partitions = PartitionManager.from_settings(
-            db, settings, role=await db.role_for(settings.partition_role)
-        )
-        loaders = [Loader(settings, spec, db, partitions) for spec in specs]
-        # Joining a consumer group takes seconds: join all streams at once.
-        await asyncio.gather(*(stack.enter_async_context(loader) for loader in loaders))
+        started = await until_stopped(_start_loaders(stack, settings, specs), stop)
+        if started is None:  # stopped while connecting: what started is closed on the way out
+            return
+        db, partitions, loaders = started
         tune_gc(settings)
         gauges = asyncio.create_task(
             refresh_partition_gauges(partitions, settings.partition_status_refresh_s, stop)

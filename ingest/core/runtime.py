@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar
@@ -46,3 +47,24 @@ def tune_gc(settings: Settings) -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
+
+
+async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """Await ``work`` unless ``stop`` is set first: then cancel it and return None.
+
+    For start-up, which can wait a minute on a server that accepts and never
+    answers (asyncpg's connect timeout): SIGTERM must end the process then too,
+    not once the timeout gives up.
+    """
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None

@@ -105,6 +105,32 @@ async def test_loader_process_exports_alert_series_at_zero_and_no_spool(
         assert collector_only not in names, f"a loader exports {collector_only}"
 
 
+async def test_loader_series_exist_before_postgres_answers(settings: Settings) -> None:
+    """The metrics server answers while the loader still connects: before this change
+    a scrape in that window (seconds on a loaded machine; CI caught it) had no
+    dead-letter series. Here PostgreSQL is a socket that never answers, so the window
+    stays open until the scrape. SIGTERM then ends it at once (it waited for
+    asyncpg's 60 s connect timeout)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads
+        dsn = f"postgresql://eventpipe@127.0.0.1:{silent.getsockname()[1]}/eventpipe"
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest.cli", "loader", "--stream", "behavior"],
+            env=loader_env(settings, port, EVENTPIPE_POSTGRES_DSN=dsn),
+        )
+        try:
+            samples = await scrape_when_up(f"http://127.0.0.1:{port}/metrics")
+        finally:
+            proc.terminate()
+            code = proc.wait(timeout=30)
+    assert code == 0, "a loader stopped while connecting exits cleanly"
+    for reason in metrics.DEAD_LETTER_REASONS:
+        key = ("eventpipe_dead_letters_total", (("reason", reason), ("table", "behavior_events")))
+        assert samples.get(key) == 0, f"no dead-letter series at 0 for {reason}"
+
+
 def lag(settings: Settings) -> float:
     total = 0.0
     for p in range(settings.topic_partitions):
