@@ -8,12 +8,14 @@ import os
 import platform
 import statistics
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psutil
 
 from ingest.core.migrate import migrate
@@ -116,3 +118,24 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(dsn: str | None, tmp: Path) -> AsyncIterator[str]:
+    """A migrated database of its own on the server at ``dsn`` (an embedded PostgreSQL
+    in ``tmp``, fsync off, when None), dropped afterwards; yields its DSN."""
+    async with contextlib.AsyncExitStack() as stack:
+        if dsn is None:
+            pg = EmbeddedPostgres(tmp, settings={"fsync": "off", "synchronous_commit": "off"})
+            await stack.enter_async_context(pg)
+            dsn = pg.dsn
+        base = dsn.rsplit("/", 1)[0]
+        name = f"eventpipe_bench_{uuid.uuid4().hex[:8]}"
+        admin = await asyncpg.connect(base + "/postgres")
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            await migrate(f"{base}/{name}")
+            yield f"{base}/{name}"
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import sys
@@ -34,13 +33,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import scratch_database
 from ingest.core.db import Database
-from ingest.core.migrate import migrate
 from ingest.core.settings import Settings
 from ingest.partitions import (
     PartitionManager,
@@ -50,7 +47,6 @@ from ingest.partitions import (
     shift_months,
 )
 from ingest.privacy import Erasure, erase
-from ingest.stack.postgres import EmbeddedPostgres
 
 RESULTS = Path(__file__).resolve().parent / "results" / "erase.json"
 SHOP = "erase-bench.myshopify.com"
@@ -193,23 +189,9 @@ async def bench(dsn: str, rows: int, others: int, state: Path) -> dict[str, Any]
 
 async def main(dsn: str | None, rows: int = 100_000, others: int = 100_000) -> dict[str, Any]:
     """Start a server unless ``dsn`` is given, make a scratch database, bench, clean up."""
-    async with contextlib.AsyncExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        if dsn is None:
-            pg = EmbeddedPostgres(tmp, settings={"fsync": "off", "synchronous_commit": "off"})
-            await stack.enter_async_context(pg)
-            dsn = pg.dsn
-        base = dsn.rsplit("/", 1)[0]
-        name = f"eventpipe_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(base + "/postgres")
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            await migrate(f"{base}/{name}")
-            return await bench(f"{base}/{name}", rows, others, tmp)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
-    raise AssertionError("unreachable")
+    with tempfile.TemporaryDirectory() as tmp:
+        async with scratch_database(dsn, Path(tmp)) as scratch:
+            return await bench(scratch, rows, others, Path(tmp))
 
 
 if __name__ == "__main__":

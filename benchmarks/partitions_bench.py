@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import sys
@@ -30,15 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import scratch_database
 from ingest.core.db import Database, queries
-from ingest.core.migrate import migrate
 from ingest.partitions import PartitionManager, shift_months
-from ingest.stack.postgres import EmbeddedPostgres
 
 RESULTS = Path(__file__).resolve().parent / "results" / "partitions.json"
 
@@ -123,23 +119,9 @@ async def bench(dsn: str, rounds: int) -> dict[str, Any]:
 
 async def main(dsn: str | None, rounds: int) -> dict[str, Any]:
     """Start a server unless ``dsn`` is given, make a scratch database, bench, clean up."""
-    async with contextlib.AsyncExitStack() as stack:
-        if dsn is None:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            pg = EmbeddedPostgres(tmp, settings={"fsync": "off", "synchronous_commit": "off"})
-            await stack.enter_async_context(pg)
-            dsn = pg.dsn
-        base = dsn.rsplit("/", 1)[0]
-        name = f"eventpipe_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(base + "/postgres")
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            await migrate(f"{base}/{name}")
-            return await bench(f"{base}/{name}", rounds)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
-    raise AssertionError("unreachable")
+    with tempfile.TemporaryDirectory() as tmp:
+        async with scratch_database(dsn, Path(tmp)) as scratch:
+            return await bench(scratch, rounds)
 
 
 if __name__ == "__main__":

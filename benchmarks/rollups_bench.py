@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import sys
@@ -39,13 +38,12 @@ import asyncpg
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import scratch_database
 from ingest.core import logs
 from ingest.core.db import Database
-from ingest.core.migrate import migrate
 from ingest.core.shops import ensure_shop
 from ingest.partitions import PartitionManager, month_start
 from ingest.rollups import RefreshResult, refresh
-from ingest.stack.postgres import EmbeddedPostgres
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollups.json"
 SHOPS = 5
@@ -217,23 +215,9 @@ async def bench(dsn: str, events: int) -> dict[str, Any]:
 async def main(dsn: str | None, quick: bool = False) -> dict[str, Any]:
     """Start a server unless ``dsn`` is given, make a scratch database, bench, clean up."""
     events = 200_000 if quick else 2_000_000
-    async with contextlib.AsyncExitStack() as stack:
-        if dsn is None:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            pg = EmbeddedPostgres(tmp, settings={"fsync": "off", "synchronous_commit": "off"})
-            await stack.enter_async_context(pg)
-            dsn = pg.dsn
-        base = dsn.rsplit("/", 1)[0]
-        name = f"eventpipe_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(base + "/postgres")
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            await migrate(f"{base}/{name}")
-            return await bench(f"{base}/{name}", events)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
-    raise AssertionError("unreachable")
+    with tempfile.TemporaryDirectory() as tmp:
+        async with scratch_database(dsn, Path(tmp)) as scratch:
+            return await bench(scratch, events)
 
 
 if __name__ == "__main__":
