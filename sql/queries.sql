@@ -899,9 +899,10 @@ SELECT coalesce(min(id), 0) AS low, coalesce(max(id), -1) AS high FROM dead_lett
 -- name: erase_dead_letters
 -- One window of dead letters (ids $5 <= id < $6): each record decoded (not a text
 -- search: eventpipe_try_jsonb, NULL when not UTF-8 JSON), each of its events matched on
--- its shop ($1, text) and ids ($2 anon_ids, $3 session_ids, $4 user_ids). A record of the
--- visitor alone is deleted; a batch holding others' events too keeps theirs only.
--- $7: dry run (count, change nothing).
+-- its shop ($1, text) and ids ($2 anon_ids, $3 session_ids, $4 user_ids), or on the shop
+-- alone when $8 (an uninstalled shop's purge). A record of matched events alone is
+-- deleted; a batch holding others' events too keeps theirs only. $7: dry run (count,
+-- change nothing). ``matched``: the records holding a matched event.
 WITH decoded AS (
   SELECT id, j FROM (
     SELECT id, eventpipe_try_jsonb(raw) AS j FROM dead_letters WHERE id >= $5 AND id < $6
@@ -912,8 +913,8 @@ WITH decoded AS (
          bool_or(x.hit) AS any_hit
   FROM decoded d,
        LATERAL (
-         SELECT e, coalesce(e ->> 'shop_id' = $1::text AND (
-                  e ->> 'anon_id' = ANY($2::text[])
+         SELECT e, coalesce(e ->> 'shop_id' = $1::text AND ($8::bool
+                  OR e ->> 'anon_id' = ANY($2::text[])
                   OR e ->> 'session_id' = ANY($3::text[])
                   OR e ->> 'user_id' = ANY($4::text[])
                   OR e -> 'props' ->> '$user_id' = ANY($4::text[])
@@ -994,37 +995,6 @@ WHERE shop_id = $1;
 
 -- name: pm_shop_purge_finish
 UPDATE shop_purges SET finished_at = now() WHERE shop_id = $1;
-
--- name: pm_uninstalled_dead_letters
--- One window of dead letters (ids $2 <= id < $3) purged of shop $1's events (text uuid):
--- each record decoded (eventpipe_try_jsonb, as erase does), a record of that shop alone
--- deleted, a batch holding other shops' events keeping theirs. Returns records touched.
-WITH decoded AS (
-  SELECT id, j FROM (
-    SELECT id, eventpipe_try_jsonb(raw) AS j FROM dead_letters WHERE id >= $2 AND id < $3
-  ) s WHERE j IS NOT NULL
-), matched AS (
-  SELECT d.id, jsonb_typeof(d.j) = 'array' AS batched,
-         coalesce(jsonb_agg(x.e) FILTER (WHERE NOT x.hit), '[]'::jsonb) AS kept,
-         bool_or(x.hit) AS any_hit
-  FROM decoded d,
-       LATERAL (
-         SELECT e, coalesce(e ->> 'shop_id' = $1::text, false) AS hit
-         FROM jsonb_array_elements(
-           CASE jsonb_typeof(d.j) WHEN 'array' THEN d.j ELSE jsonb_build_array(d.j) END) AS e
-       ) x
-  GROUP BY d.id, d.j
-), removed AS (
-  DELETE FROM dead_letters t USING matched m
-  WHERE t.id = m.id AND m.any_hit AND (NOT m.batched OR jsonb_array_length(m.kept) = 0)
-  RETURNING t.id
-), trimmed AS (
-  UPDATE dead_letters t SET raw = convert_to(m.kept::text, 'UTF8')
-  FROM matched m
-  WHERE t.id = m.id AND m.any_hit AND m.batched AND jsonb_array_length(m.kept) > 0
-  RETURNING t.id
-)
-SELECT (SELECT count(*) FROM removed) + (SELECT count(*) FROM trimmed) AS touched;
 
 -- name: shop_uninstall
 -- `eventpipe shops uninstall`: uninstalled now (an earlier uninstall's time kept) and every

@@ -554,8 +554,18 @@ class PartitionManager(Catalog):
             assert span is not None
             low, high = int(span["low"]), int(span["high"])
             for start in range(low, high + 1, self.batch_rows):
+                # Erasure's query, matching every event of the shop (no ids, $8).
                 total += await self._shop_batch(
-                    conn, "pm_uninstalled_dead_letters", shop_id, start, start + self.batch_rows
+                    conn,
+                    "erase_dead_letters",
+                    shop_id,
+                    [],
+                    [],
+                    [],
+                    start,
+                    start + self.batch_rows,
+                    False,
+                    True,
                 )
         elif step.blocks:
             blocks = int(await conn.fetchval(ddl.table_blocks(table)))
@@ -571,14 +581,15 @@ class PartitionManager(Catalog):
         return total
 
     async def _shop_batch(self, conn: asyncpg.Connection, sql: str, *args: object) -> int:
-        """One batch (a statement, or a named query returning ``touched``), retried with
-        backoff when its lock is not granted within the session's lock_timeout."""
+        """One batch (a statement, or a named query whose first column counts the rows
+        or records it touched), retried with backoff when its lock is not granted
+        within the session's lock_timeout."""
         for n in range(self.lock_retries):
             try:
                 if not args:
                     status = await conn.execute(sql)
                     return int(status.split()[-1])
-                if sql.startswith("pm_"):
+                if sql in queries:
                     return int(await queries.fetchval(conn, sql, *args))
                 status = await conn.execute(sql, *args)
                 return int(status.split()[-1])

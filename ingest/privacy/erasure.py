@@ -223,6 +223,7 @@ async def _dead_letters(
                 start,
                 start + step,
                 dry_run,
+                False,  # the visitor's events, not the whole shop's
             )
         assert row is not None
         touched += int(row["matched"])
