@@ -156,7 +156,7 @@ PARTITION_REFUSED_MONTHS = Counter(
 PARTITION_REFUSAL_REASONS = ("too_old", "too_new")
 PARTITION_ACTIONS = Counter(
     "eventpipe_partition_actions_total",
-    "Partition maintenance actions done (create, detach, drop, archive, purge_shop)",
+    "Partition maintenance actions done (create, detach, drop, archive, purge_shop, prune_retimes)",
     ["table", "kind"],
 )
 

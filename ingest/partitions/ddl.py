@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
+from ingest.core.db import literal
 from ingest.core.errors import PartitionError
 from ingest.core.identifiers import ident, quote
 from ingest.partitions.model import (
@@ -209,6 +210,21 @@ def purge_step(
 ) -> PurgeStep:
     """The purge of a shop's older rows from ``child``, one batch at a time."""
     return PurgeStep(purge_statement(child, column, shop_id, cutoff, batch_rows))
+
+
+def retimes_prune_step(table: str, before: datetime, batch_rows: int) -> PurgeStep:
+    """The pruning of ``table``'s ``event_retimes`` rows stored before ``before`` (the
+    oldest month still attached), one bounded batch at a time."""
+    return PurgeStep(
+        "DELETE FROM event_retimes WHERE ctid IN (SELECT ctid FROM event_retimes "
+        f"WHERE table_name = {literal(table)} AND event_time < {_ts_literal(before)} "
+        f"LIMIT {int(batch_rows)})"
+    )
+
+
+RETIMES_BEFORE = (
+    "SELECT EXISTS (SELECT 1 FROM event_retimes WHERE table_name = $1 AND event_time < $2)"
+)
 
 
 def rows_before(child: str, column: str) -> str:

@@ -224,6 +224,7 @@ class PartitionManager(Catalog):
         """Everything ``maintain`` would do to ``policy.table`` at ``now``."""
         children = await self.children(policy.table)
         attached = {c.month: c for c in children if c.month is not None}
+        wanted = self.months_wanted(policy, now, set(attached))
         actions = [
             Action(
                 policy.table,
@@ -232,7 +233,7 @@ class PartitionManager(Catalog):
                 [ddl.create_step(policy, m, parent, self.lock_timeout_ms)],
                 partition_name(policy.table, m),
             )
-            for m in self.months_wanted(policy, now, set(attached))
+            for m in wanted
             if m not in attached
         ]
         retiring = [c for c in children if c.month and policy.expired(c.month, now)]
@@ -246,7 +247,22 @@ class PartitionManager(Catalog):
         gone = {c.name for c in retiring}
         kept = [c for c in children if c.month and c.name not in gone]
         actions += await self._purge_actions(policy, now, kept)
+        months = {c.month for c in kept if c.month is not None} | set(wanted)
+        actions += await self._retimes_actions(policy, months)
         return actions
+
+    async def _retimes_actions(self, policy: Policy, months: set[date]) -> list[Action]:
+        """The pruning of ``event_retimes`` rows older than every month attached once
+        this maintenance is done (``months``): what it remembers is where a retimed
+        event's row was stored, for its retries, and no retry of an event that old comes."""
+        if not months:
+            return []
+        before = month_bound(min(months))
+        if not await self.db.pool.fetchval(ddl.RETIMES_BEFORE, policy.table, before):
+            return []
+        step = ddl.retimes_prune_step(policy.table, before, self.batch_rows)
+        note = f"event_retimes rows before {before.date().isoformat()}"
+        return [Action(policy.table, "prune_retimes", None, [step], "event_retimes", note=note)]
 
     @staticmethod
     def months_wanted(policy: Policy, now: datetime, existing: set[date]) -> list[date]:

@@ -243,7 +243,8 @@ class Action:
     """
 
     table: str
-    # create | detach | drop | archive | purge_shop | delete_uninstalled | anonymize_uninstalled
+    # create | detach | drop | archive | purge_shop | prune_retimes | delete_uninstalled |
+    # anonymize_uninstalled
     kind: str
     month: date | None
     steps: list[Step]

@@ -454,6 +454,35 @@ async def test_shop_retention_deletes_in_batches(fresh: Database) -> None:
     assert (await manager.maintain(NOW)).actions == []
 
 
+async def test_retimes_of_months_retired_are_pruned_in_batches(fresh: Database) -> None:
+    """Before this change event_retimes kept its rows for ever: it grows with every
+    retimed event, and nothing ever read the rows of a dropped month again."""
+    manager = PartitionManager(fresh, batch_rows=2)
+    await _old_months(fresh, manager)
+    insert = (
+        "INSERT INTO event_retimes (table_name, shop_id, session_id, event_id, event_time) "
+        "VALUES ($1, $2, 's1', $3, $4)"
+    )
+    old = [month_bound(date(2026, 3, 1)) + timedelta(days=d) for d in range(5)]
+    recent = [NOW - timedelta(days=d) for d in (1, 2)]
+    for when in old + recent:
+        await fresh.pool.execute(insert, "behavior_events", uuid.uuid4(), uuid.uuid4(), when)
+    # Another table's rows of the same time follow that table's own months.
+    await fresh.pool.execute(insert, "events", uuid.uuid4(), uuid.uuid4(), old[0])
+    dry = await manager.maintain(NOW, dry_run=True)
+    pruning = [a for a in dry.actions if a.kind == "prune_retimes"]
+    assert len(pruning) == 1 and "LIMIT 2" in pruning[0].statements[0]
+    assert await fresh.pool.fetchval("SELECT count(*) FROM event_retimes") == 8
+    report = await manager.maintain(NOW)
+    [pruned] = [a for a in report.actions if a.kind == "prune_retimes"]
+    assert pruned.rows == 5 and pruned.table == "behavior_events"
+    left = await fresh.pool.fetch("SELECT table_name, event_time FROM event_retimes")
+    assert sorted((r["table_name"], r["event_time"]) for r in left) == sorted(
+        [("behavior_events", t) for t in recent] + [("events", old[0])]
+    )
+    assert (await manager.maintain(NOW)).actions == []
+
+
 async def test_status_warnings_and_default_partition_rows(fresh: Database) -> None:
     manager = PartitionManager(fresh)
     report = await manager.status(NOW)
