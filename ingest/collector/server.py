@@ -17,7 +17,7 @@ from ingest.core import metrics, streams
 from ingest.core.db import Database
 from ingest.core.http import HttpServer
 from ingest.core.producer import EventProducer
-from ingest.core.runtime import tune_gc
+from ingest.core.runtime import tune_gc, until_stopped
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopDirectory
 from ingest.core.supervisor import Child, Supervisor
@@ -67,10 +67,16 @@ async def serving(
 
 async def run_collector(settings: Settings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set; then stop accepting, finish requests, flush or spool."""
-    async with (
-        Database(settings.dsn, max_size=4) as db,
-        serving(settings, db) as (server, _),
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start() -> HttpServer:
+            db = await stack.enter_async_context(Database(settings.dsn, max_size=4))
+            server, _ = await stack.enter_async_context(serving(settings, db))
+            return server
+
+        server = await until_stopped(start(), stop)
+        if server is None:  # stopped while connecting: what started closes on the way out
+            return
         tune_gc(settings)
         log.info("collector ready", url=server.url, worker=settings.collector_worker_index)
         await stop.wait()
