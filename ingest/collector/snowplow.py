@@ -44,19 +44,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
+import pydantic
 from aiohttp import web
 
 from ingest.collector import app as collector
 from ingest.collector.delivery import Unavailable
 from ingest.collector.enrich import Received
-from ingest.collector.models import BehaviorEvent, StorefrontEvent
+from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.shops import Shop
@@ -77,6 +80,19 @@ FORM_EVENTS = {
     "focus_form": "form_start",
     "change_form": "form_start",
 }
+
+
+# The tracker's ids kept in every event (``$snowplow``, a behavior event's metadata).
+_IDS = (
+    ("aid", "app_id"),
+    ("p", "platform"),
+    ("tv", "tracker"),
+    ("tna", "namespace"),
+    ("duid", "anon_id"),
+    ("uid", "user_id"),
+    ("vid", "visit"),
+    ("tz", "timezone"),
+)
 
 
 def _json_field(fields: Mapping[str, str], plain: str, encoded: str) -> Any:
@@ -202,20 +218,7 @@ def to_event(shop: Shop, fields: Mapping[str, str]) -> BehaviorEvent | Storefron
     session = (fields.get("sid") or f"{anon}/{day}")[:256]
     identifier = event_id(shop, fields)
     contexts = _contexts(fields)
-    ids = {
-        name: fields[key][:256]
-        for key, name in (
-            ("aid", "app_id"),
-            ("p", "platform"),
-            ("tv", "tracker"),
-            ("tna", "namespace"),
-            ("duid", "anon_id"),
-            ("uid", "user_id"),
-            ("vid", "visit"),
-            ("tz", "timezone"),
-        )
-        if fields.get(key)
-    }
+    ids = {name: fields[key][:256] for key, name in _IDS if fields.get(key)}
     behavior: dict[str, Any] | None = None
     url = fields.get("url")
     names = {"pv": "page_view", "pp": "page_ping"}
@@ -480,6 +483,201 @@ def identify(shop: Shop, fields: Mapping[str, str]) -> StorefrontEvent | None:
     return event
 
 
+# The fast path of the mapping (``_fast``) beside the reference (``to_event`` and
+# ``derived``), after aiokafka's fast and reference record code: page views, page
+# pings and link clicks with their page are what browser trackers send most, and the
+# reference's generality (a pydantic validation per event, a ping's contexts decoded
+# twice and its viewport parsed twice, dicts built to be merged) was most of the
+# route's CPU. Anything else takes the reference; tests/ingest/collector/
+# test_snowplow_fast.py checks that both make the same events of the same payloads.
+
+# The fields of the model each kind's values give (the rest are the model's defaults),
+# as ``model_validate`` records them.
+_GIVEN_PV = frozenset(
+    ("event_id", "event_type", "session_id", "page_url", "timestamp", "viewport_size", "metadata")
+)
+_GIVEN_PP = _GIVEN_PV | {"event_data"}
+_GIVEN_CLICK = _GIVEN_PP | {"element_path", "element_type", "element_text", "component_id"}
+_OFFSETS = ("pp_mix", "pp_max", "pp_miy", "pp_may")
+_set = object.__setattr__
+# Viewports, document sizes and scroll offsets repeat from event to event: parsed once.
+_cached_size = functools.lru_cache(maxsize=4096)(_size)
+_cached_int = functools.lru_cache(maxsize=16_384)(_int)
+
+
+def _uuid(text: str | None) -> uuid.UUID | None:
+    """``uuid.UUID(text)`` when ``text`` is a UUID's 32 hex digits, with dashes or not (as
+    trackers send an ``eid``); None for anything else (``event_id`` then decides).
+
+    msgspec parses those in C, in a third of ``uuid.UUID``'s time, to the same UUID;
+    the other forms ``uuid.UUID`` reads (braces, ``urn:uuid:``, dashes elsewhere)
+    are left to it."""
+    if text is None:
+        return None
+    try:
+        return msgspec.convert(text, uuid.UUID)
+    except msgspec.ValidationError:
+        return None
+
+
+# pydantic's slots of a model instance, set as its ``model_construct`` sets them.
+_MODEL_SLOTS = vars(pydantic.BaseModel)
+_set_fields_set = _MODEL_SLOTS["__pydantic_fields_set__"].__set__
+_set_extra = _MODEL_SLOTS["__pydantic_extra__"].__set__
+_set_private = _MODEL_SLOTS["__pydantic_private__"].__set__
+
+
+def _trusted(values: dict[str, Any], given: frozenset[str]) -> BehaviorEvent:
+    """The ``BehaviorEvent`` of ``values`` without validating them: ``values`` hold every
+    field in the model's order, each one already what the model checks (``_fast``
+    builds no other).
+
+    By hand, as pydantic's ``model_construct`` builds a model (its ``__dict__``, fields
+    set, no extra, no private attributes), without its per-field Python loop that costs
+    more than validating; ``test_snowplow_fast`` checks the result equals
+    ``model_validate``'s."""
+    event = BehaviorEvent.__new__(BehaviorEvent)
+    _set(event, "__dict__", values)
+    _set_fields_set(event, set(given))
+    _set_extra(event, None)
+    _set_private(event, None)
+    return event
+
+
+@functools.lru_cache(maxsize=4096)
+def _link_click(
+    plain: str | None, encoded: str | None
+) -> tuple[str, str | None, str | None, str | None, str | None] | None:
+    """(element path, text, component id, href, target) of a ``link_click`` sent as
+    ``ue_pr`` / ``ue_px``, as ``to_event`` maps it; None when it is another event, or
+    its href or target is not text (then the reference maps it).
+
+    Cached: a page's links are clicked again and again, each time the same payload, and
+    its base64 and JSON were most of a click's time. Only text is kept, never decoded
+    objects two events would share. EventRejected as ``_self_describing`` raises it
+    (never cached)."""
+    sent = {k: v for k, v in (("ue_pr", plain), ("ue_px", encoded)) if v is not None}
+    schema, data = _self_describing(sent)
+    if not schema.startswith(IGLU) or _name(schema) != "link_click":
+        return None
+    href, target = data.get("targetUrl"), data.get("elementTarget")
+    if not (href is None or isinstance(href, str)) or not (
+        target is None or isinstance(target, str)
+    ):
+        return None
+    element_id = data.get("elementId")
+    return (
+        _element_path("a", element_id, data.get("elementClasses")),
+        _text(data.get("elementContent"), 100),
+        _text(element_id, 256),
+        href,
+        target,
+    )
+
+
+def _fast(shop: Shop, fields: Mapping[str, str]) -> list[BehaviorEvent | StorefrontEvent] | None:
+    """``[to_event(...), *derived(...)]`` of a page view, page ping or link click with its
+    page (EventRejected as they raise it); None for any other payload."""
+    get = fields.get
+    kind = get("e")
+    if kind != "pv" and kind != "pp" and kind != "ue":
+        return None
+    url = get("url")
+    if not url or len(url) > 4096:
+        return None  # no page: a storefront event; too long a page: refused by the model
+    at = _ms(get("ttm")) or _ms(get("dtm"))
+    anon = (get("duid") or get("uid") or get("nuid") or get("tnuid") or "anonymous")[:256]
+    session = get("sid")
+    if session:
+        session = session[:256]
+    else:
+        session = f"{anon}/{(at or datetime.now(UTC)).date().isoformat()}"[:256]
+    identifier = _uuid(get("eid"))
+    if identifier is None:
+        identifier = event_id(shop, fields)
+    # Decoded once: the reference decodes a ping's again for its element statistics.
+    contexts = _contexts(fields) if "co" in fields or "cx" in fields else []
+    ids: dict[str, Any] = {}
+    for key, name in _IDS:
+        value = get(key)
+        if value:
+            ids[name] = value[:256]
+    viewport = _cached_size(get("vp"))
+    element_path = element_type = element_text = component_id = None
+    event_data: dict[str, Any] = {}
+    if kind == "pv":
+        event_type, given = "page_view", _GIVEN_PV
+        metadata: dict[str, Any] = {
+            "referrer": _text(get("refr"), 1024),
+            "language": _text(get("lang"), 256),
+            "screen_resolution": _text(get("res"), 64),
+            "title": _text(get("page")),
+            **ids,
+        }
+    elif kind == "pp":
+        event_type, given, metadata = "scroll_depth", _GIVEN_PP, ids
+        for key in _OFFSETS:
+            if (offset := _cached_int(get(key))) is not None:
+                event_data[key] = offset
+        document = _cached_size(get("ds")) or _cached_size(get("cd"))
+        if viewport and document and document[1] > 0:
+            reached = max(event_data.get("pp_may") or 0, 0) + viewport[1]
+            if reached <= document[1] + 2:  # else a stale ``ds``: see ``_ping``
+                event_data["percentage"] = min(100, round(reached / document[1] * 100))
+        event_data["ping"] = True
+    else:
+        click = _link_click(get("ue_pr"), get("ue_px"))
+        if click is None:
+            return None
+        event_type, given, metadata, element_type = "click", _GIVEN_CLICK, ids, "a"
+        element_path, element_text, component_id, href, target = click
+        event_data = {"href": href, "target": target}
+    if contexts:
+        metadata["contexts"] = contexts
+    event = _trusted(
+        {
+            "event_id": identifier,
+            "event_type": event_type,
+            "session_id": session,
+            "page_url": url,
+            "timestamp": at,
+            "element_path": element_path,
+            "element_type": element_type,
+            "element_text": element_text,
+            "coordinates": None,
+            "viewport_size": {"width": viewport[0], "height": viewport[1]} if viewport else None,
+            "event_data": event_data,
+            "component_id": component_id,
+            "metadata": metadata,
+        },
+        given,
+    )
+    if kind == "pv":
+        identity = identify(shop, fields)
+        return [event] if identity is None else [event, identity]
+    if kind == "pp" and contexts:
+        return [event, *times_on_elements(event, contexts)]
+    return [event]
+
+
+def mapped(shop: Shop, fields: Mapping[str, str]) -> list[BehaviorEvent | StorefrontEvent]:
+    """The event of one tracker payload and the records made beside it (``to_event``,
+    then ``derived``), by the fast path when it takes the payload."""
+    made = _fast(shop, fields)
+    if made is None:
+        event = to_event(shop, fields)
+        made = [event, *derived(shop, fields, event)]
+    return made
+
+
+def reference_mapped(
+    shop: Shop, fields: Mapping[str, str]
+) -> list[BehaviorEvent | StorefrontEvent]:
+    """What ``mapped`` gives, by the reference alone (``to_event``, then ``derived``)."""
+    event = to_event(shop, fields)
+    return [event, *derived(shop, fields, event)]
+
+
 async def shop_for(
     request: web.Request, key: str | None, shops: dict[str, Shop], *, kind: str, refusal: str
 ) -> Shop:
@@ -510,6 +708,21 @@ async def _shop(request: web.Request, aid: str | None, shops: dict[str, Shop]) -
 
 async def accept(request: web.Request, payloads: list[Any], received_at: datetime) -> web.Response:
     """Authenticate, map and deliver the events of one request."""
+    return await _accept(request, payloads, received_at, checked=False, fast=True)
+
+
+async def _accept(
+    request: web.Request,
+    payloads: list[Any],
+    received_at: datetime,
+    *,
+    checked: bool,
+    fast: bool,
+) -> web.Response:
+    """``accept``. ``checked``: every payload is known to be an object of strings whose
+    JSON is within ``max_event_bytes`` with no NUL (``_payload_data``'s body), so no
+    event is checked on its own. ``fast``: events mapped by ``mapped``, else by
+    ``reference_mapped``."""
     settings = request.app[collector.SETTINGS]
     limiter = request.app[collector.LIMITER]
     rejected: list[dict[str, Any]] = []
@@ -518,39 +731,41 @@ async def accept(request: web.Request, payloads: list[Any], received_at: datetim
     groups: dict[tuple[str, str, str], list[tuple[int, BehaviorEvent | StorefrontEvent]]] = {}
     events: list[tuple[int, dict[str, str]]] = []
     made = 0  # records made here beside the events sent (``derived``)
-    for index, raw in enumerate(payloads):
-        try:
-            fields = _fields(raw)
-            collector.check_encoded(fields, settings.max_event_bytes)
-        except collector.EventRejected as exc:
-            rejected.append({"index": index, "reason": exc.reason})
-            metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
-            continue
-        events.append((index, fields))
-    for _, fields in events:  # every app id known before anything is taken
-        await _shop(request, fields.get("aid"), shops)
+    if checked:
+        events = list(enumerate(payloads))
+    else:
+        for index, raw in enumerate(payloads):
+            try:
+                fields = _fields(raw)
+                collector.check_encoded(fields, settings.max_event_bytes)
+            except collector.EventRejected as exc:
+                rejected.append({"index": index, "reason": exc.reason})
+                metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+                continue
+            events.append((index, fields))
+    # Every app id known before anything is taken, looked up in the events' order.
+    for aid in dict.fromkeys(fields.get("aid") for _, fields in events):
+        await _shop(request, aid, shops)
     client = collector.client_identity(request)
     for key in shops:
         if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
             raise collector._limited(wait)
+    mapping = mapped if fast else reference_mapped
+    behavior, storefront = streams.BEHAVIOR.name, streams.STOREFRONT.name
     for index, fields in events:
+        aid = fields.get("aid") or ""
         try:
-            shop = shops[fields.get("aid") or ""]
-            event = to_event(shop, fields)
-            extras = derived(shop, fields, event)  # an event whose extras fail is rejected
+            # An event whose derived records fail is rejected with them.
+            made_events = mapping(shops[aid], fields)
         except collector.EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
-        for made_event in (event, *extras):
-            stream = (
-                streams.BEHAVIOR.name
-                if isinstance(made_event, BehaviorEvent)
-                else streams.STOREFRONT.name
-            )
-            group = (stream, fields.get("aid") or "", fields.get("stm") or "")
-            groups.setdefault(group, []).append((index, made_event))
-        made += len(extras)
+        stm = fields.get("stm") or ""
+        for made_event in made_events:
+            stream = behavior if isinstance(made_event, BehaviorEvent) else storefront
+            groups.setdefault((stream, aid, stm), []).append((index, made_event))
+        made += len(made_events) - 1
     received = {stm: _ms(stm) for _, _, stm in groups}
     return await deliver_groups(
         request,
@@ -617,30 +832,67 @@ async def deliver_groups(
 
 async def post_tp2(request: web.Request) -> web.StreamResponse:
     """``POST /com.snowplowanalytics.snowplow/tp2``: a ``payload_data`` batch of events."""
-    received_at = datetime.now(UTC)
+    return await _tp2(request, datetime.now(UTC), fast=True)
+
+
+class _PayloadData(msgspec.Struct, forbid_unknown_fields=True):
+    """A ``payload_data`` body as trackers send it: a schema, and events of strings."""
+
+    data: list[dict[str, str]]
+    schema: str | None = None
+
+
+_PAYLOAD_DATA = msgspec.json.Decoder(_PayloadData)
+
+
+def _payload_data(body: bytes, max_event_bytes: int) -> list[dict[str, str]] | None:
+    """The events of a body none of whose events needs its own check, else None (the
+    reference then decides, event by event, with reasons).
+
+    The rule of the native routes' ``app._whole_batch``: a body no larger than
+    ``max_event_bytes`` holding no escaped NUL (an event's JSON as orjson writes it is
+    never longer than its text in the body, and JSON has no other way to write a NUL),
+    whose events are all objects of strings (msgspec checks them as it decodes, in C)."""
+    if len(body) > max_event_bytes or has_nul(body):
+        return None
+    try:
+        return _PAYLOAD_DATA.decode(body).data
+    except msgspec.DecodeError:  # ValidationError is one
+        return None
+
+
+async def _tp2(request: web.Request, received_at: datetime, *, fast: bool) -> web.StreamResponse:
+    """``post_tp2`` received at ``received_at``; ``fast`` False: by the reference alone."""
     settings = request.app[collector.SETTINGS]
     try:
         raw = await collector.read_raw(request)
         async with collector._decode_slot(request):
             body = collector.inflate(request, raw)
             collector._check_values(body, settings.max_json_values)
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise collector.Refused(400, f"body is not JSON: {exc}") from exc
+            payloads: list[Any] | None = (
+                _payload_data(body, settings.max_event_bytes) if fast else None
+            )
+            checked = payloads is not None
+            if payloads is None:
+                try:
+                    data = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    raise collector.Refused(400, f"body is not JSON: {exc}") from exc
+                payloads = data.get("data") if isinstance(data, dict) else None
+                if not isinstance(payloads, list):
+                    raise collector.Refused(
+                        400, 'body is not payload_data: {"schema": ..., "data": [events]}'
+                    )
             del body
-            payloads = data.get("data") if isinstance(data, dict) else None
-            if not isinstance(payloads, list):
-                raise collector.Refused(
-                    400, 'body is not payload_data: {"schema": ..., "data": [events]}'
-                )
             if len(payloads) > settings.max_events_per_batch:
                 raise collector.Refused(
                     413,
                     f"batch has {len(payloads)} events, max_events_per_batch="
                     f"{settings.max_events_per_batch}",
                 )
-            response: web.StreamResponse = await accept(request, payloads, received_at)
+            response: web.StreamResponse = await _accept(
+                request, payloads, received_at, checked=checked, fast=fast
+            )
     except collector.Refused as exc:
         response = collector._json({"error": exc.reason}, exc.status, exc.headers)
     return cors(request, response)
