@@ -333,7 +333,7 @@ def _benchmark_bodies() -> list[bytes]:
 def test_the_benchmarks_events_take_the_fast_path_and_are_the_references() -> None:
     for body in _benchmark_bodies():
         payloads = snowplow._payload_data(body, 32_768)
-        assert payloads == orjson.loads(body)["data"]
+        assert payloads is not None and payloads == orjson.loads(body)["data"]
         for fields in payloads:
             assert snowplow._fast(SHOP, fields) is not None
             _same(fields)
@@ -450,7 +450,7 @@ async def test_the_fast_route_answers_and_delivers_as_the_reference(
             headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
             app=app,
         )
-        request._read_bytes = body  # type: ignore[attr-defined]
+        request._read_bytes = body
         del sink.sent[:]
         answer = await snowplow._tp2(request, AT, fast=fast)
         return answer.status, answer.body, list(sink.sent)  # type: ignore[attr-defined]
