@@ -44,10 +44,12 @@ import base64
 import binascii
 import functools
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 import pydantic
 from aiohttp import web
@@ -61,6 +63,7 @@ from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.settings import Settings
 from ingest.core.shops import Shop
+from ingest.core.streams import CONTEXT, STOREFRONT
 
 STREAM = streams.STOREFRONT.name
 KIND = "segment"  # the stream label of this API's metrics
@@ -172,6 +175,198 @@ def _whole_batch(body: bytes, settings: Settings) -> tuple[WholeBatch, list[Mess
             own = message.context
             message.context = {**shared, **own} if own else dict(shared)
     return envelope, envelope.batch
+
+
+# The fast decoder of a batch: msgspec reads the body into structs in C, checking
+# what it can (types, lengths, the message type), and ``_fast_batch`` does the rest
+# of ``Message``'s checks and normalisation in one loop. The pydantic models above
+# stay the reference: a body the fast decoder does not take whole, or could read
+# otherwise than pydantic, goes their way as before. analytics.js and the server
+# SDKs send such batches; pydantic's per-field Python callbacks (``_id``, ``_time``)
+# and its models were a third of a batch's handling.
+_WireId = Annotated[str, msgspec.Meta(max_length=256)] | int | float | None
+_WireType = Literal["track", "page", "screen", "identify", "group", "alias"]
+
+
+class _WireMessage(msgspec.Struct, gc=False):
+    """A message as the fast decoder reads it: ids and times as sent, before
+    ``_fast_batch`` normalises them (fields and limits as ``Message``'s)."""
+
+    type: _WireType
+    event: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    properties: dict[str, Any] | None = None
+    traits: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
+    anonymousId: _WireId = None
+    userId: _WireId = None
+    groupId: _WireId = None
+    previousId: _WireId = None
+    messageId: Annotated[str, msgspec.Meta(max_length=1024)] | int | float | None = None
+    timestamp: str | None = None
+    originalTimestamp: str | None = None
+    sentAt: str | None = None
+
+
+class _WireBatch(msgspec.Struct, gc=False):
+    """A batch body as the fast decoder reads it (other keys skipped, as ``Batch``)."""
+
+    batch: list[_WireMessage]
+    context: dict[str, Any] | None = None
+    writeKey: str | None = None
+    sentAt: str | None = None
+
+
+_WIRE = msgspec.json.Decoder(_WireBatch)
+# The times the fast decoder parses itself: RFC 3339 with a 'T', at most 6 digits of
+# a second, a 'Z' or an offset in hours and minutes, or no zone (UTC): the shape
+# analytics.js and the server SDKs send. Within it ``datetime.fromisoformat`` and
+# pydantic agree (test_segment_fast); the ranges are pydantic's (no leap second, an
+# offset's minutes below 60, which ``fromisoformat`` would take). pydantic reads
+# more (a space for the 'T', unix seconds, a date alone): those go the reference way.
+_TIME = re.compile(
+    r"\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?",
+    re.ASCII,
+).fullmatch
+
+
+class _Decline(Exception):
+    """The fast decoder leaves the body to the reference path."""
+
+
+def _fast_time(value: str) -> datetime:
+    """``Time`` of a non-empty text, as pydantic reads it (``_Decline`` when the fast
+    decoder does not read it)."""
+    if _TIME(value) is None:
+        raise _Decline
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:  # a day its month does not have
+        raise _Decline from None
+
+
+def _number_id(value: int | float, limit: int) -> str:
+    """``_id`` of a number, at most ``limit`` characters (``_Decline`` otherwise)."""
+    try:
+        text = str(value)
+    except ValueError:  # an integer of more digits than str() writes
+        raise _Decline from None
+    if len(text) > limit:
+        raise _Decline
+    return text
+
+
+class FastMessage(msgspec.Struct, gc=False):
+    """One message of a batch the fast decoder took: the fields of ``Message`` its
+    record is made of, as ``Message`` has them (ids as text, absent when empty; the
+    batch's context merged in), with its ``client_time`` (zone UTC when it had none)."""
+
+    type: str
+    event: str | None
+    name: str | None
+    properties: dict[str, Any] | None
+    traits: dict[str, Any] | None
+    context: dict[str, Any] | None
+    anonymousId: str | None
+    userId: str | None
+    groupId: str | None
+    previousId: str | None
+    messageId: str
+    client_time: datetime | None
+    sentAt: datetime | None
+
+
+class FastBatch(msgspec.Struct, gc=False):
+    """A batch body the fast decoder took whole."""
+
+    messages: list[FastMessage]
+    context: dict[str, Any] | None
+    writeKey: str | None
+    sentAt: datetime | None
+
+
+def _fast_batch(body: bytes, settings: Settings) -> FastBatch | None:
+    """The batch as the fast decoder reads it when it takes the body, else None.
+
+    It takes what ``_whole_batch`` takes, and less: a body within
+    ``segment_max_message_bytes`` without NUL that msgspec decodes into ``_WireBatch``,
+    whose every message passes ``_refusal`` with a ``messageId`` and whose times are
+    of ``_TIME``'s shape. Any other body goes to ``_whole_batch`` and the per-message
+    path, as before.
+    """
+    if len(body) > settings.segment_max_message_bytes or (b"\\" in body and has_nul(body)):
+        # b"\\" first: a NUL in JSON is an escape, and a one-byte search is memchr's
+        # (has_nul's five-byte one took as long as the decoding of a message).
+        return None
+    try:
+        wire = _WIRE.decode(body)
+        shared = wire.context
+        messages: list[FastMessage] = []
+        append = messages.append
+        for m in wire.batch:
+            # _id: a number as its digits, "" as absent (msgspec checked the lengths
+            # of texts, the number's are checked here).
+            message_id = m.messageId
+            if message_id is not None and not isinstance(message_id, str):
+                message_id = _number_id(message_id, 1024)
+            anonymous_id = m.anonymousId
+            if anonymous_id is not None and not isinstance(anonymous_id, str):
+                anonymous_id = _number_id(anonymous_id, 256)
+            user_id = m.userId
+            if user_id is not None and not isinstance(user_id, str):
+                user_id = _number_id(user_id, 256)
+            group_id = m.groupId
+            if group_id is not None and not isinstance(group_id, str):
+                group_id = _number_id(group_id, 256)
+            previous_id = m.previousId
+            if previous_id is not None and not isinstance(previous_id, str):
+                previous_id = _number_id(previous_id, 256)
+            kind = m.type
+            if (
+                not message_id  # its id is of its raw JSON: only the reference keeps it
+                or not (anonymous_id or user_id)  # _refusal's reasons
+                or (kind == "track" and not m.event)
+                or (kind == "alias" and not (previous_id and user_id))
+                or (kind == "group" and not group_id)
+            ):
+                raise _Decline
+            # Message.client_time: originalTimestamp, else timestamp ("" is absent).
+            # Both are checked whatever is used: either may be what pydantic refuses.
+            original = m.originalTimestamp
+            client_time = _fast_time(original) if original else None
+            timestamp = m.timestamp
+            if timestamp:
+                parsed = _fast_time(timestamp)
+                if client_time is None:
+                    client_time = parsed
+            if client_time is not None and client_time.tzinfo is None:
+                client_time = client_time.replace(tzinfo=UTC)
+            sent = m.sentAt
+            context = m.context
+            if shared:
+                context = {**shared, **context} if context else dict(shared)
+            append(
+                FastMessage(
+                    kind,
+                    m.event,
+                    m.name,
+                    m.properties,
+                    m.traits,
+                    context,
+                    anonymous_id or None,
+                    user_id or None,
+                    group_id or None,
+                    previous_id or None,
+                    message_id,
+                    client_time,
+                    _fast_time(sent) if sent else None,
+                )
+            )
+        sent = wire.sentAt
+        return FastBatch(messages, shared, wire.writeKey, _fast_time(sent) if sent else None)
+    except (msgspec.DecodeError, _Decline):
+        return None
 
 
 def _parse(
@@ -302,15 +497,31 @@ async def _accept(
                 f"body larger than segment_max_batch_bytes={settings.segment_max_batch_bytes}",
             )
         collector._check_values(body, settings.max_json_values)
-        messages, shared, body_key, sent_at, validated = _parse(body, batched, settings)
+        fast = _fast_batch(body, settings) if batched else None
+        messages: list[Any]
+        if fast is not None:
+            messages, shared, body_key, sent_at = (
+                fast.messages,
+                fast.context,
+                fast.writeKey,
+                fast.sentAt,
+            )
+            validated = None
+        else:
+            messages, shared, body_key, sent_at, validated = _parse(body, batched, settings)
         del body
         if shop is None:  # the body's key, else the query's
             given = body_key or request.query.get("writeKey") or request.query.get("k")
             shop = await _authenticate(request, given)
         key = printable_ascii(given) or ""
-        if shared is not None and has_nul(orjson.dumps(shared)):
-            # Merged into every message: PostgreSQL's jsonb cannot hold it.
-            raise collector.Refused(400, "context must not contain NUL (\\u0000)")
+        if shared is not None:
+            # Merged into every message: what no message could be stored with.
+            try:
+                encoded = orjson.dumps(shared)
+            except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError) as exc:
+                raise collector.Refused(400, f"context cannot be encoded: {exc}") from None
+            if has_nul(encoded):  # PostgreSQL's jsonb cannot hold it
+                raise collector.Refused(400, "context must not contain NUL (\\u0000)")
         if not messages:
             return collector._json({"success": True, "accepted": 0, "rejected": []})
         limit = settings.segment_max_batch_messages
@@ -320,12 +531,19 @@ async def _accept(
             )
         if (wait := limiter.take(key, client)) > 0:
             raise collector._limited(wait)
-        return await _deliver(
-            request, shop, messages, shared, sent_at, kind, historical, received_at, validated
-        )
+        if fast is not None:
+            sessions, rejected = _fast_sessions(request, shop, fast, historical, received_at)
+        else:
+            sessions, rejected = _sessions(
+                request, shop, messages, shared, sent_at, kind, historical, received_at, validated
+            )
+        return await _deliver(request, shop, sessions, rejected)
 
 
-async def _deliver(
+Sessions = dict[str, list[tuple[int, dict[str, Any]]]]
+
+
+def _sessions(
     request: web.Request,
     shop: Shop,
     messages: list[Any],
@@ -335,14 +553,14 @@ async def _deliver(
     historical: bool,
     received_at: datetime,
     validated: list[Message] | None = None,
-) -> web.Response:
-    """Records of the batch's messages (``validated`` when the fast path checked them
-    already), delivered; the Segment-shaped answer."""
+) -> tuple[Sessions, list[dict[str, Any]]]:
+    """(The records of the batch's messages by session, the messages refused): the
+    reference path (``validated`` when ``_whole_batch`` checked them already)."""
     settings = request.app[collector.SETTINGS]
     times = request.app[collector.TIMES]
     rejected: list[dict[str, Any]] = []
     receipts: dict[datetime | None, Received] = {}
-    sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    sessions: Sessions = {}
     for index, raw in enumerate(messages):
         try:
             message = (
@@ -363,6 +581,17 @@ async def _deliver(
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
         sessions.setdefault(record["session_id"], []).append((index, record))
+    return sessions, rejected
+
+
+async def _deliver(
+    request: web.Request,
+    shop: Shop,
+    sessions: Sessions,
+    rejected: list[dict[str, Any]],
+) -> web.Response:
+    """The batch's records delivered; the Segment-shaped answer."""
+    settings = request.app[collector.SETTINGS]
     late: list[dict[str, Any]] = []
     encoded: list[tuple[bytes, bytes]] = []
     for session, items in sessions.items():
@@ -386,6 +615,121 @@ async def _deliver(
         {"success": False, "accepted": 0, "rejected": rejected, "error": rejected[0]["reason"]},
         status,
     )
+
+
+# A UUID's version and variant digits in its text: the 13th hex digit is the version
+# (5), the 17th's two high bits are 10 (8, 9, a or b for the digest's digit there).
+_VARIANT = {f"{n:x}": f"{n & 0x3 | 0x8:x}" for n in range(16)}
+
+
+def _fast_sessions(
+    request: web.Request,
+    shop: Shop,
+    batch: FastBatch,
+    historical: bool,
+    received_at: datetime,
+) -> tuple[Sessions, list[dict[str, Any]]]:
+    """``_sessions`` of a batch the fast decoder took: the records ``_record`` makes
+    and ``storefront_fields_record`` completes, made in one loop (test_segment_fast
+    checks that the two give the same bytes).
+
+    What the functions of the reference path work out again for every message is
+    worked out once per request here (the shop's view of the request, its country,
+    the namespace's bytes), and the event id is kept as the text of its UUID (what
+    the record's JSON holds; ``uuid5``'s UUID object cost as much as its SHA-1).
+    """
+    settings = request.app[collector.SETTINGS]
+    times = request.app[collector.TIMES]
+    rejected: list[dict[str, Any]] = []
+    receipts: dict[datetime | None, tuple[Received, dict[str, str | None], bool]] = {}
+    sessions: Sessions = {}
+    space = namespace(shop).bytes
+    shop_id = shop.id
+    sent_at = batch.sentAt
+    original_key = STOREFRONT.original_time_key
+    sha1 = hashlib.sha1
+    variant_digit = _VARIANT
+    for index, message in enumerate(batch.messages):
+        clock = None if historical else (message.sentAt or sent_at)
+        if clock is not None and clock.tzinfo is None:
+            clock = clock.replace(tzinfo=UTC)
+        receipt = receipts.get(clock)
+        if receipt is None:
+            received = Received.of(request, settings, clock, received_at)
+            view = received.of_shop(shop)
+            receipt = receipts[clock] = (received, view.context, view.bot)
+        received, context_of_request, bot = receipt
+        kind = message.type
+        message_id = message.messageId
+        # uuid5(namespace(shop), message_id) as text.
+        h = sha1(space + message_id.encode()).hexdigest()
+        identifier = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant_digit[h[16]]}{h[17:20]}-{h[20:32]}"
+        properties = message.properties or {}
+        context = message.context or {}
+        anon = (
+            (message.previousId or "")
+            if kind == "alias"
+            else (message.anonymousId or message.userId or "")
+        )
+        if kind in EVENT_MESSAGES:
+            props: dict[str, Any] = {**properties, "$context": context}
+        else:
+            props = {"traits": message.traits or {}, "$context": context}
+            if message.groupId:
+                props["group_id"] = message.groupId
+        props["$message_id"] = message_id
+        if message.name:
+            props["$name"] = message.name
+        client_time = message.client_time
+        try:
+            # What _record and storefront_fields_record do, in their order, on dicts
+            # of this loop's own (so set in place where they copy).
+            session = context.get("sessionId")
+            session = (session[:256] or None) if type(session) is str else _text(session)
+            # Received.event_time, inline.
+            if client_time is None:
+                assigned = times.time_for(shop, uuid.UUID(identifier), received.at)
+                ts = assigned or received.at
+            else:
+                ts = client_time + received.skew if received.skew else client_time
+                if ts > received.latest:
+                    ts = received.at
+                if ts is not client_time:
+                    props[original_key] = client_time.isoformat()
+            if session is None:
+                session = f"{anon}/{ts.astimezone(UTC).date().isoformat()}"
+            if bot:
+                props["bot"] = True
+            country = context_of_request.get("country_code")
+            if country and "geo" not in context:
+                props["$context"] = {**context, "geo": {"country": {"code": country}}}
+            session_id = session[:256]
+            product = properties.get("product_id")
+            experiment = properties.get("experiment_id")
+            variant = properties.get("variation_id")
+            if variant is None:
+                variant = properties.get("variant")
+            record = {
+                "event_id": identifier,
+                "event_type": EVENT_TYPES.get(kind) or message.event,
+                "anon_id": anon,
+                "session_id": session_id,
+                "ts": ts,
+                "props": props,
+                "product_id": None if product is None else _text(product),
+                "experiment_id": None if experiment is None else _text(experiment),
+                "variant": None if variant is None else _text(variant),
+                "user_id": message.userId,
+                "shop_id": shop_id,
+                "received_at": received.at,
+                CONTEXT: context_of_request,
+            }
+        except (OverflowError, ValueError) as exc:
+            rejected.append({"index": index, "reason": f"message cannot be stored: {exc}"})
+            metrics.EVENTS_REJECTED.labels(KIND, "unencodable").inc()
+            continue
+        sessions.setdefault(session_id, []).append((index, record))
+    return sessions, rejected
 
 
 def _message(raw: Any, shared: dict[str, Any] | None, kind: str | None, max_bytes: int) -> Message:
@@ -440,10 +784,6 @@ def _record(
     anon = message.anonymousId or message.userId or ""
     if message.type == "alias":
         anon = message.previousId or ""
-    session = _text(context.get("sessionId"))
-    if session is None:
-        at, _ = received.event_time(client_time, assigned)
-        session = f"{anon}/{at.astimezone(UTC).date().isoformat()}"
     props: dict[str, Any] = {**properties, "$context": context}
     if message.type not in EVENT_MESSAGES:
         props = {"traits": message.traits or {}, "$context": context}
@@ -455,6 +795,12 @@ def _record(
         props["$name"] = message.name
     variant = properties.get("variation_id")
     try:
+        session = _text(context.get("sessionId"))
+        if session is None:
+            # Inside the try: a time the skew correction (or the zone's offset) moves
+            # past year 9999 or before year 1 is a refusal of its message, not a 500.
+            at, _ = received.event_time(client_time, assigned)
+            session = f"{anon}/{at.astimezone(UTC).date().isoformat()}"
         # The fields of a StorefrontEvent, not the model: every one is already what
         # the model checks (the event type a route constant or the track's
         # non-empty ``event`` of at most 256 characters, the ids ``Id``-checked
