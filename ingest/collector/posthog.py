@@ -663,12 +663,16 @@ def _fast_event(
     if type(name) is not str or not name or type(properties) is not dict:
         return None
     distinct = raw.get("distinct_id")
-    if type(distinct) is str and distinct:
-        distinct = distinct[:256]
-    else:
-        distinct = _text(distinct) or _text(properties.get("distinct_id"))
+    if type(distinct) is not str or not distinct:
+        if distinct is None:  # posthog-js sends it in the properties
+            distinct = properties.get("distinct_id")
+            if type(distinct) is not str or not distinct:
+                distinct = _text(distinct)
+        else:
+            distinct = _text(distinct) or _text(properties.get("distinct_id"))
         if not distinct:
             return None
+    distinct = distinct[:256]
     at: datetime | None = None
     given = raw.get("timestamp")
     if type(given) is str and 0 < len(given) <= 64:
@@ -679,7 +683,7 @@ def _fast_event(
         else:
             if at.tzinfo is None:
                 at = at.replace(tzinfo=UTC)
-            if at.year == 1 or at.year == 9999:
+            if not 1 < at.year < 9999:
                 return None  # to_event works out its UTC day, which may be out of range
     if at is None:
         offset = raw.get("offset")
@@ -812,8 +816,24 @@ def _given_ids(events: list[dict[str, Any]]) -> list[uuid.UUID | None]:
     (8-4-4-4-12 hex digits), else None (``_event_id`` decides): all parsed in one call
     into pydantic-core rather than one ``uuid.UUID`` each. The form is checked here:
     ``uuid.UUID`` and pydantic each accept other forms, not the same ones, but read
-    this one alike; one that is not hex after all leaves every event to ``_event_id``."""
-    given = [raw.get("uuid") for raw in events]
+    this one alike (and pydantic refuses it when it is not hex)."""
+    given: list[Any] = [raw.get("uuid") for raw in events]
+    try:
+        joined = "".join(given)  # the usual case, every one a string of 36 characters
+    except TypeError:
+        joined = ""
+    if joined and len(joined) == 36 * len(given) and set(map(len, given)) == {36}:
+        hyphens = "-" * len(given)
+        if (
+            joined[8::36] == hyphens
+            and joined[13::36] == hyphens
+            and joined[18::36] == hyphens
+            and joined[23::36] == hyphens
+        ):
+            try:
+                return list(_UUIDS.validate_python(given))
+            except pydantic.ValidationError:
+                pass
     canonical = [
         type(g) is str and len(g) == 36 and g[8] == g[13] == g[18] == g[23] == "-" for g in given
     ]
@@ -936,10 +956,11 @@ async def capture(request: web.Request) -> web.StreamResponse:
         answer = await _accept(request)
         response: web.StreamResponse = answer
         if answer.status == 200:
-            body = orjson.loads(answer.body) if isinstance(answer.body, bytes) else {}
-            response = collector._json({"status": 1, **body})
             if request.query.get("beacon") == "1":
                 response = web.Response(status=204)
+            else:  # the answer with PostHog's status: 1 (the same response, its body anew)
+                body = orjson.loads(answer.body) if isinstance(answer.body, bytes) else {}
+                answer.body = orjson.dumps({"status": 1, **body})
     except collector.Refused as exc:
         response = collector._json({"error": exc.reason}, exc.status, exc.headers)
     return snowplow.cors(request, response)
