@@ -95,9 +95,9 @@ def _agree(
         reference, refused = segment._sessions(
             reference_request, shop, validated, shared, sent_at, None, historical, at, validated
         )
-        quick, quick_refused = segment._fast_sessions(fast_request, shop, fast, historical, at)
-        assert quick_refused == refused
-        assert _encoded(shop, quick) == _encoded(shop, reference)
+        made, made_refused = segment._fast_sessions(fast_request, shop, fast, historical, at)
+        assert made_refused == refused
+        assert _encoded(shop, made) == _encoded(shop, reference)
     return True
 
 
@@ -465,7 +465,9 @@ def test_a_time_moved_out_of_range_refuses_its_message_on_both_paths() -> None:
         if sent_at:
             body["sentAt"] = sent_at
         assert _agree(orjson.dumps(body))
-        envelope, validated = segment._whole_batch(orjson.dumps(body), SETTINGS) or ([], [])
+        whole = segment._whole_batch(orjson.dumps(body), SETTINGS)
+        assert whole is not None
+        envelope, validated = whole
         sessions, refused = segment._sessions(
             _request({}), SHOP, validated, None, envelope.sentAt, None, False, AT, validated
         )
@@ -500,11 +502,12 @@ async def test_a_shared_context_that_cannot_be_encoded_is_a_400_not_a_500(
         request = make_mocked_request(
             "POST", "/v1/batch", headers={"Content-Type": "text/plain"}, app=app
         )
-        request._read_bytes = raw  # type: ignore[attr-defined]  # the body, read already
+        request._read_bytes = raw  # the body, as if read already
         response = await segment._handler(None, batched=True)(request)
         assert isinstance(response, web.Response)
         assert response.status == 400
-        assert orjson.loads(response.body or b"") == {
+        assert isinstance(response.body, bytes)
+        assert orjson.loads(response.body) == {
             "error": "context cannot be encoded: Integer exceeds 64-bit range"
         }
 
