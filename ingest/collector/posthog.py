@@ -430,15 +430,18 @@ def to_event(
         raise collector.EventRejected("invalid", "distinct_id is required")
     at = _time(raw.get("timestamp"))
     offset = raw.get("offset")
-    if (
-        at is None
-        and isinstance(offset, int)
-        and not isinstance(offset, bool)
-        and 0 <= offset < 10**10
-    ):
-        at = (sent_at or received_at) - timedelta(milliseconds=offset)
+    try:
+        if (
+            at is None
+            and isinstance(offset, int)
+            and not isinstance(offset, bool)
+            and 0 <= offset < 10**10
+        ):
+            at = (sent_at or received_at) - timedelta(milliseconds=offset)
+        day = (at or received_at).astimezone(UTC).date().isoformat()
+    except OverflowError as exc:  # a time of year 1 or 9999 whose UTC day is out of range
+        raise collector.EventRejected("invalid", "timestamp: out of range") from exc
     identifier = _event_id(shop, raw)
-    day = (at or received_at).astimezone(UTC).date().isoformat()
     session = (_text(properties.get("$session_id")) or f"{distinct}/{day}")[:256]
     url = _text(properties.get("$current_url"), 4096)
     behavior: dict[str, Any] | None = None
@@ -455,9 +458,14 @@ def to_event(
                 "title": _text(properties.get("title"), 4096),
             },
         }
-    elif name == "$autocapture" and properties.get("$event_type") in AUTOCAPTURE:
+    elif (
+        name == "$autocapture"
+        # Only a string can be a kind (a list was looked up in the dict: a crash).
+        and isinstance(kind := properties.get("$event_type"), str)
+        and kind in AUTOCAPTURE
+    ):
         behavior = {
-            "event_type": AUTOCAPTURE[str(properties["$event_type"])],
+            "event_type": AUTOCAPTURE[kind],
             **_autocaptured(properties),
         }
     elif name == "$rageclick":
@@ -688,6 +696,8 @@ def _fast_event(
     if at is None:
         offset = raw.get("offset")
         if type(offset) is int and 0 <= offset < 10**10:
+            if not 1 < (sent_at or received_at).year < 9999:
+                return None  # may be out of range
             at = (sent_at or received_at) - timedelta(milliseconds=offset)
     if identifier is None:
         identifier = _event_id(shop, raw)
@@ -708,9 +718,7 @@ def _fast_event(
         event_type = ""
         if name == "$autocapture":
             kind = properties.get("$event_type")
-            if type(kind) is not str:
-                return None
-            event_type = AUTOCAPTURE.get(kind, "")
+            event_type = AUTOCAPTURE.get(kind, "") if type(kind) is str else ""
         elif name == "$pageview":
             event_type = "page_view"
             width, height = properties.get("$screen_width"), properties.get("$screen_height")
@@ -764,8 +772,6 @@ def _fast_event(
                 },
                 _BEHAVIOR_GIVEN if path is None else _ELEMENT_GIVEN,
             )
-    elif name == "$autocapture" and type(properties.get("$event_type")) is not str:
-        return None
     identity = _identity(name, distinct, properties, raw)
     if identity is not None:
         return _built(

@@ -304,3 +304,29 @@ def test_a_remembered_chain_gives_the_fields_its_parse_gives() -> None:
     assert posthog._autocaptured({"$elements_chain": chain})["element_path"] == (
         "div#main > button.buy.primary"
     )
+
+
+def test_an_odd_event_type_or_time_is_an_answer_not_a_crash() -> None:
+    """A ``$event_type`` that is a list, and a time whose UTC day is out of range, crashed
+    the mapping (a 500 for the whole batch): the first is an event like any unknown
+    kind, the second a refused event with its reason."""
+    from datetime import UTC, datetime
+
+    from ingest.collector import app as collector
+    from ingest.collector.models import StorefrontEvent
+    from ingest.core.shops import Shop
+
+    shop = Shop(uuid.uuid4(), "odd.example", None)
+    now = datetime.now(UTC)
+    page = {"distinct_id": "d", "$current_url": "https://shop.test/"}
+    odd = {"event": "$autocapture", "properties": {**page, "$event_type": ["click"]}}
+    event = capture_api.to_event(shop, odd, None, now)
+    assert isinstance(event, StorefrontEvent) and event.event_type == "$autocapture"
+    year_one = datetime(1, 1, 1, tzinfo=UTC)
+    for raw, sent_at in (
+        ({"event": "$pageview", "timestamp": "0001-01-01T00:00:00+05:00"}, None),
+        ({"event": "$pageview", "timestamp": "9999-12-31T23:59:59-05:00"}, None),
+        ({"event": "$pageview", "offset": 1000}, year_one),
+    ):
+        with pytest.raises(collector.EventRejected, match="timestamp: out of range"):
+            capture_api.to_event(shop, {**raw, "properties": page}, sent_at, now)

@@ -211,6 +211,7 @@ def _same_model(fast: BehaviorEvent | StorefrontEvent, reference: Any) -> None:
 def test_a_fast_event_is_the_event_to_event_gives(raw: dict[str, Any], sent_at: Any) -> None:
     raw = _as_decoded(raw)
     kind, reference = _outcome(lambda: posthog.to_event(SHOP, raw, sent_at, RECEIVED))
+    assert kind != "error", reference
     ids = posthog._given_ids([raw])
     for identifier in (None, ids[0]):
         fast_kind, fast = _outcome(
@@ -384,3 +385,26 @@ async def test_a_batch_is_answered_and_delivered_as_the_reference_does(
 
     await asyncio.to_thread(check)
     assert any(c[0] == 200 and c[2] for c in compared)  # events were delivered
+    assert not [c for c in compared if c[0] == "error"]  # and nothing crashed
+
+
+async def test_an_odd_event_is_refused_alone_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(posthog, "datetime", _Clock)
+    sink = _Sink()
+    app = collector.create_app(Settings(rate_limit_per_s=0), sink, _Shops())  # type: ignore[arg-type]
+    page = {"distinct_id": "d", "$current_url": "https://shop.test/", "$session_id": "s"}
+    batch = [
+        {"event": "$autocapture", "properties": {**page, "$event_type": ["click"]}},
+        {"event": "$pageview", "timestamp": "0001-01-01T00:00:00+05:00", "properties": page},
+        {"event": "$pageview", "properties": page},
+    ]
+    body = orjson.dumps({"api_key": KEY, "batch": batch})
+    for reference in (False, True):
+        status, answer, delivered = await _answer(app, sink, body, reference=reference)
+        assert status == 200
+        assert answer == {
+            "accepted": 2,
+            "rejected": [{"index": 1, "reason": "timestamp: out of range"}],
+        }
+        types = sorted(r["event_type"] for _, _, m in delivered for _, rs in m for r in rs)
+        assert types == ["$autocapture", "page_view"]
