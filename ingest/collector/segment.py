@@ -644,8 +644,8 @@ def _fast_sessions(
     rejected: list[dict[str, Any]] = []
     receipts: dict[datetime | None, tuple[Received, dict[str, str | None], bool, str | None]] = {}
     sessions: Sessions = {}
-    # The SHA-1 of the namespace, copied for each message: a new hash object from
-    # OpenSSL cost a quarter more than a copy.
+    # The SHA-1 of the namespace, copied for each message: a copy costs less than a
+    # new hash object from OpenSSL.
     space = hashlib.sha1(namespace(shop).bytes)
     shop_id = shop.id
     sent_at = batch.sentAt
