@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -177,7 +177,13 @@ SDK_EVENT = st.builds(
     st.sampled_from(["s1", "s2", None]),
 )
 SENT_AT = st.none() | st.sampled_from(
-    [RECEIVED, RECEIVED - timedelta(hours=3), datetime(1, 1, 1, tzinfo=UTC)]
+    [
+        RECEIVED,
+        RECEIVED - timedelta(hours=3),
+        datetime(1, 1, 1, tzinfo=UTC),
+        # offset ms before it: year 1 (east of UTC), whose UTC day is out of range
+        datetime(1, 1, 2, tzinfo=timezone(timedelta(hours=5))),
+    ]
 )
 
 
