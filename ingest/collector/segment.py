@@ -44,7 +44,6 @@ import base64
 import binascii
 import functools
 import hashlib
-import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -220,16 +219,19 @@ class _WireBatch(msgspec.Struct, gc=False):
 
 _WIRE = msgspec.json.Decoder(_WireBatch)
 # The times the fast decoder parses itself: RFC 3339 with a 'T', at most 6 digits of
-# a second, a 'Z' or an offset in hours and minutes, or no zone (UTC): the shape
-# analytics.js and the server SDKs send. Within it ``datetime.fromisoformat`` and
-# pydantic agree (test_segment_fast); the ranges are pydantic's (no leap second, an
-# offset's minutes below 60, which ``fromisoformat`` would take). pydantic reads
-# more (a space for the 'T', unix seconds, a date alone): those go the reference way.
-_TIME = re.compile(
-    r"\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
-    r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?",
-    re.ASCII,
-).fullmatch
+# a second, a 'Z' or an offset in hours and minutes, or no zone (UTC): the shapes
+# analytics.js and the server SDKs send. Within them ``datetime.fromisoformat`` and
+# pydantic agree (test_segment_fast): fromisoformat checks the ranges as pydantic
+# does (a month's days, no hour 24, no leap second) but for an offset's minutes,
+# which it takes up to 99. pydantic reads more (a space for the 'T', unix seconds, a
+# date alone): those go the reference way. A text's shape is its bytes with every
+# ASCII digit a 0 (bytes.translate, a third of what a regular expression took).
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_TIME_SHAPES = frozenset(
+    f"0000-00-00T00:00:00{fraction}{zone}".encode()
+    for fraction in ("", *("." + "0" * digits for digits in range(1, 7)))
+    for zone in ("", "Z", "+00:00", "-00:00")
+)
 
 
 class _Decline(Exception):
@@ -239,7 +241,9 @@ class _Decline(Exception):
 def _fast_time(value: str) -> datetime:
     """``Time`` of a non-empty text, as pydantic reads it (``_Decline`` when the fast
     decoder does not read it)."""
-    if _TIME(value) is None:
+    if value.encode().translate(_DIGITS) not in _TIME_SHAPES or (
+        value[-6] in "+-" and value[-2] > "5"  # an offset's minutes past 59
+    ):
         raise _Decline
     try:
         return datetime.fromisoformat(value)
@@ -293,7 +297,7 @@ def _fast_batch(body: bytes, settings: Settings) -> FastBatch | None:
     It takes what ``_whole_batch`` takes, and less: a body within
     ``segment_max_message_bytes`` without NUL that msgspec decodes into ``_WireBatch``,
     whose every message passes ``_refusal`` with a ``messageId`` and whose times are
-    of ``_TIME``'s shape. Any other body goes to ``_whole_batch`` and the per-message
+    of ``_TIME_SHAPES``. Any other body goes to ``_whole_batch`` and the per-message
     path, as before.
     """
     if len(body) > settings.segment_max_message_bytes or (b"\\" in body and has_nul(body)):

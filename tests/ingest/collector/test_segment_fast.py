@@ -315,6 +315,10 @@ def test_the_fast_path_makes_the_reference_records(
 @settings(max_examples=2000, deadline=None)
 @given(text=TEXTS)
 @example(text="2026-11-30T10:00:00+05:60")  # fromisoformat takes it, pydantic does not
+@example(text="2026-11-30T10:00:00-05:99")
+@example(text="2026-11-30T10:00:60")
+@example(text="2026-11-30T10:00:00.000000-00:00")
+@example(text="\u0662026-11-30T10:00:00Z")  # an Arabic-Indic digit
 @example(text="2026-11-30T10:00:00.Z")
 @example(text="2026-11-30T10:00:00.1234567Z")  # pydantic cuts the 7th digit
 def test_a_time_the_fast_decoder_reads_is_pydantics(text: str) -> None:
