@@ -46,8 +46,9 @@ import base64
 import binascii
 import functools
 import hashlib
+import operator
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,7 @@ import msgspec
 import orjson
 import pydantic
 from aiohttp import web
+from msgspec import UNSET, UnsetType
 
 from ingest.collector import app as collector
 from ingest.collector.delivery import Unavailable
@@ -62,6 +64,7 @@ from ingest.collector.enrich import Received
 from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
+from ingest.core.settings import Settings
 from ingest.core.shops import Shop
 
 KIND = "snowplow"  # the stream label of this protocol's metrics
@@ -483,13 +486,108 @@ def identify(shop: Shop, fields: Mapping[str, str]) -> StorefrontEvent | None:
     return event
 
 
-# The fast path of the mapping (``_fast``) beside the reference (``to_event`` and
-# ``derived``), after aiokafka's fast and reference record code: page views, page
-# pings and link clicks with their page are what browser trackers send most, and the
-# reference's generality (a pydantic validation per event, a ping's contexts decoded
-# twice and its viewport parsed twice, dicts built to be merged) was most of the
-# route's CPU. Anything else takes the reference; tests/ingest/collector/
-# test_snowplow_fast.py checks that both make the same events of the same payloads.
+# The fast path of the tp2 route (``_tracked``, ``_accept_fast``, ``_fast``) beside the
+# reference (orjson, ``accept``, ``to_event``, ``derived``), after aiokafka's fast and
+# reference record code. Page views, page pings and link clicks with their page are
+# what browser trackers send most, and the reference's generality (each event checked
+# on its own and validated by pydantic, a ping's contexts decoded twice, the same ids
+# rebuilt for every event of a batch) was most of the route's CPU. Anything else takes
+# the reference; tests/ingest/collector/test_snowplow_fast.py checks that both give
+# the same events, records, refusals and answers.
+
+
+class _Read(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One event of a ``payload_data`` body as the fast path reads it: each field of the
+    tracker protocol a string when sent, UNSET when not (never None: a JSON null is
+    not a string, and such an event is the reference's to refuse)."""
+
+    e: str | UnsetType = UNSET
+    eid: str | UnsetType = UNSET
+    aid: str | UnsetType = UNSET
+    p: str | UnsetType = UNSET
+    tv: str | UnsetType = UNSET
+    tna: str | UnsetType = UNSET
+    duid: str | UnsetType = UNSET
+    uid: str | UnsetType = UNSET
+    vid: str | UnsetType = UNSET
+    tz: str | UnsetType = UNSET
+    nuid: str | UnsetType = UNSET
+    tnuid: str | UnsetType = UNSET
+    sid: str | UnsetType = UNSET
+    dtm: str | UnsetType = UNSET
+    ttm: str | UnsetType = UNSET
+    stm: str | UnsetType = UNSET
+    url: str | UnsetType = UNSET
+    refr: str | UnsetType = UNSET
+    lang: str | UnsetType = UNSET
+    res: str | UnsetType = UNSET
+    page: str | UnsetType = UNSET
+    vp: str | UnsetType = UNSET
+    ds: str | UnsetType = UNSET
+    cd: str | UnsetType = UNSET
+    co: str | UnsetType = UNSET
+    cx: str | UnsetType = UNSET
+    ue_pr: str | UnsetType = UNSET
+    ue_px: str | UnsetType = UNSET
+    pp_mix: str | UnsetType = UNSET
+    pp_max: str | UnsetType = UNSET
+    pp_miy: str | UnsetType = UNSET
+    pp_may: str | UnsetType = UNSET
+
+
+# The other fields of Snowplow's tracker protocol: decoded (checked to be strings) and
+# not read by the fast path. A field of none of them sends its body to the reference.
+_UNREAD = (
+    "tid", "ip", "ua", "fp", "ctype", "cookie", "cs", "mac", "f_pdf", "f_qt", "f_realp",
+    "f_wma", "f_dir", "f_fla", "f_java", "f_gears", "f_ag", "se_ca", "se_ac", "se_la",
+    "se_pr", "se_va", "tr_id", "tr_af", "tr_tt", "tr_tx", "tr_sh", "tr_ci", "tr_st",
+    "tr_co", "tr_cu", "ti_id", "ti_sk", "ti_nm", "ti_na", "ti_ca", "ti_pr", "ti_qu",
+    "ti_cu",
+)  # fmt: skip
+_TRACKED_EVENT = msgspec.defstruct(
+    "_TrackedEvent",
+    [(name, str | UnsetType, UNSET) for name in _UNREAD],
+    bases=(_Read,),
+    forbid_unknown_fields=True,
+    gc=False,
+)
+_TRACKED = msgspec.json.Decoder(
+    msgspec.defstruct(
+        "_Tracked",
+        [("data", list[_TRACKED_EVENT]), ("schema", str | None, None)],  # type: ignore[valid-type]
+        forbid_unknown_fields=True,
+    )
+)
+
+
+class _PayloadData(msgspec.Struct, forbid_unknown_fields=True):
+    """A body ``_tracked`` took, its events as the reference reads them."""
+
+    data: list[dict[str, str]]
+    schema: str | None = None
+
+
+_PAYLOAD_DATA = msgspec.json.Decoder(_PayloadData)
+
+
+def _tracked(body: bytes, max_event_bytes: int) -> list[_Read] | None:
+    """The events of a body none of whose events needs its own check, else None (the
+    reference then decides, event by event, with reasons).
+
+    The rule of the native routes' ``app._whole_batch``: a body no larger than
+    ``max_event_bytes`` holding no escaped NUL (an event's JSON as orjson writes it is
+    never longer than its text in the body, and JSON has no other way to write a NUL),
+    whose events are all objects of the protocol's fields, each a string (msgspec
+    checks them as it decodes, in C)."""
+    if len(body) > max_event_bytes or has_nul(body):
+        return None
+    try:
+        decoded: Any = _TRACKED.decode(body)  # a struct of a class made at import
+    except msgspec.DecodeError:  # ValidationError is one
+        return None
+    events: list[_Read] = decoded.data
+    return events
+
 
 # The fields of the model each kind's values give (the rest are the model's defaults),
 # as ``model_validate`` records them.
@@ -499,25 +597,47 @@ _GIVEN_PV = frozenset(
 _GIVEN_PP = _GIVEN_PV | {"event_data"}
 _GIVEN_CLICK = _GIVEN_PP | {"element_path", "element_type", "element_text", "component_id"}
 _OFFSETS = ("pp_mix", "pp_max", "pp_miy", "pp_may")
+_MAIN = operator.attrgetter("e", "url", "ttm", "dtm", "vp", "co", "cx")
+# What the ids, the visitor and the session of an event are made of, in _IDS's order
+# first: the same for every event of a tracker's batch, so made once a batch.
+_PING = operator.attrgetter(*_OFFSETS, "vp", "ds", "cd")
+_WHO = operator.attrgetter(*(key for key, _ in _IDS), "nuid", "tnuid", "sid")
 _set = object.__setattr__
-# Viewports, document sizes and scroll offsets repeat from event to event: parsed once.
+# Viewports repeat from event to event: parsed once.
 _cached_size = functools.lru_cache(maxsize=4096)(_size)
-_cached_int = functools.lru_cache(maxsize=16_384)(_int)
+_UUIDS = list[uuid.UUID]
 
 
-def _uuid(text: str | None) -> uuid.UUID | None:
+@functools.lru_cache(maxsize=4096)
+def _scroll(*sent: str | UnsetType) -> dict[str, Any]:
+    """``_ping``'s event data of a ping's ``pp_mix``, ``pp_max``, ``pp_miy``, ``pp_may``,
+    ``vp``, ``ds`` and ``cd``. Cached (pings of a page repeat them): callers copy it."""
+    fields = dict(zip((*_OFFSETS, "vp", "ds", "cd"), sent, strict=True))
+    return _ping({k: v for k, v in fields.items() if not isinstance(v, UnsetType)})
+
+
+def _uuid(text: str | UnsetType) -> uuid.UUID | None:
     """``uuid.UUID(text)`` when ``text`` is a UUID's 32 hex digits, with dashes or not (as
     trackers send an ``eid``); None for anything else (``event_id`` then decides).
 
     msgspec parses those in C, in a third of ``uuid.UUID``'s time, to the same UUID;
     the other forms ``uuid.UUID`` reads (braces, ``urn:uuid:``, dashes elsewhere)
     are left to it."""
-    if text is None:
+    if not text:
         return None
     try:
         return msgspec.convert(text, uuid.UUID)
     except msgspec.ValidationError:
         return None
+
+
+def _uuids(events: list[_Read]) -> list[uuid.UUID | None]:
+    """``_uuid`` of each event's ``eid``: in one call when every one is a UUID."""
+    try:
+        found: list[uuid.UUID | None] = msgspec.convert([e.eid for e in events], _UUIDS)
+    except msgspec.ValidationError:
+        return [_uuid(e.eid) for e in events]
+    return found
 
 
 # pydantic's slots of a model instance, set as its ``model_construct`` sets them.
@@ -542,6 +662,11 @@ def _trusted(values: dict[str, Any], given: frozenset[str]) -> BehaviorEvent:
     _set_extra(event, None)
     _set_private(event, None)
     return event
+
+
+def _sent(**fields: str | UnsetType) -> dict[str, str]:
+    """The fields sent of ``fields``, as the reference's helpers read them."""
+    return {k: v for k, v in fields.items() if not isinstance(v, UnsetType)}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -575,58 +700,65 @@ def _link_click(
     )
 
 
-def _fast(shop: Shop, fields: Mapping[str, str]) -> list[BehaviorEvent | StorefrontEvent] | None:
+_Who = tuple[dict[str, str], str, str | None]
+
+
+def _who(key: tuple[str | UnsetType, ...]) -> _Who:
+    """(ids, visitor, session or None: by the event's day) of ``_WHO``'s fields, as
+    ``to_event`` makes them."""
+    ids = {name: value[:256] for (_, name), value in zip(_IDS, key, strict=False) if value}
+    duid, uid, nuid, tnuid, sid = key[4], key[5], key[8], key[9], key[10]
+    anon = (duid or uid or nuid or tnuid or "anonymous")[:256]
+    return ids, anon, sid[:256] if sid else None
+
+
+def _fast(
+    shop: Shop,
+    event: _Read,
+    identifier: uuid.UUID | None,
+    known: dict[tuple[str | UnsetType, ...], _Who],
+) -> list[BehaviorEvent | StorefrontEvent] | None:
     """``[to_event(...), *derived(...)]`` of a page view, page ping or link click with its
-    page (EventRejected as they raise it); None for any other payload."""
-    get = fields.get
-    kind = get("e")
+    page and a UUID ``eid`` (``identifier``), EventRejected as they raise it; None for
+    any other event. ``known``: the ``_who`` of the batch's events so far."""
+    kind, url, ttm, dtm, vp, co, cx = _MAIN(event)
     if kind != "pv" and kind != "pp" and kind != "ue":
         return None
-    url = get("url")
-    if not url or len(url) > 4096:
-        return None  # no page: a storefront event; too long a page: refused by the model
-    at = _ms(get("ttm")) or _ms(get("dtm"))
-    anon = (get("duid") or get("uid") or get("nuid") or get("tnuid") or "anonymous")[:256]
-    session = get("sid")
-    if session:
-        session = session[:256]
-    else:
+    if not url or len(url) > 4096 or identifier is None:
+        # No page: a storefront event; too long a page: refused by the model; an eid
+        # not a UUID: the id of the whole payload.
+        return None
+    at = _ms(ttm) if ttm else None
+    if at is None and dtm:
+        at = _ms(dtm)
+    key = _WHO(event)
+    who = known.get(key)
+    if who is None:
+        who = known[key] = _who(key)
+    template, anon, session = who
+    if session is None:
         session = f"{anon}/{(at or datetime.now(UTC)).date().isoformat()}"[:256]
-    identifier = _uuid(get("eid"))
-    if identifier is None:
-        identifier = event_id(shop, fields)
     # Decoded once: the reference decodes a ping's again for its element statistics.
-    contexts = _contexts(fields) if "co" in fields or "cx" in fields else []
-    ids: dict[str, Any] = {}
-    for key, name in _IDS:
-        value = get(key)
-        if value:
-            ids[name] = value[:256]
-    viewport = _cached_size(get("vp"))
+    contexts = [] if co is UNSET and cx is UNSET else _contexts(_sent(co=co, cx=cx))
+    viewport = _cached_size(vp or None)
+    ids: dict[str, Any] = template.copy()
     element_path = element_type = element_text = component_id = None
     event_data: dict[str, Any] = {}
     if kind == "pv":
         event_type, given = "page_view", _GIVEN_PV
         metadata: dict[str, Any] = {
-            "referrer": _text(get("refr"), 1024),
-            "language": _text(get("lang"), 256),
-            "screen_resolution": _text(get("res"), 64),
-            "title": _text(get("page")),
+            "referrer": _text(event.refr, 1024),
+            "language": _text(event.lang, 256),
+            "screen_resolution": _text(event.res, 64),
+            "title": _text(event.page),
             **ids,
         }
     elif kind == "pp":
         event_type, given, metadata = "scroll_depth", _GIVEN_PP, ids
-        for key in _OFFSETS:
-            if (offset := _cached_int(get(key))) is not None:
-                event_data[key] = offset
-        document = _cached_size(get("ds")) or _cached_size(get("cd"))
-        if viewport and document and document[1] > 0:
-            reached = max(event_data.get("pp_may") or 0, 0) + viewport[1]
-            if reached <= document[1] + 2:  # else a stale ``ds``: see ``_ping``
-                event_data["percentage"] = min(100, round(reached / document[1] * 100))
-        event_data["ping"] = True
+        event_data = _scroll(*_PING(event)).copy()
     else:
-        click = _link_click(get("ue_pr"), get("ue_px"))
+        pr, px = event.ue_pr, event.ue_px
+        click = _link_click(None if pr is UNSET else pr, None if px is UNSET else px)
         if click is None:
             return None
         event_type, given, metadata, element_type = "click", _GIVEN_CLICK, ids, "a"
@@ -634,7 +766,7 @@ def _fast(shop: Shop, fields: Mapping[str, str]) -> list[BehaviorEvent | Storefr
         event_data = {"href": href, "target": target}
     if contexts:
         metadata["contexts"] = contexts
-    event = _trusted(
+    made = _trusted(
         {
             "event_id": identifier,
             "event_type": event_type,
@@ -653,27 +785,40 @@ def _fast(shop: Shop, fields: Mapping[str, str]) -> list[BehaviorEvent | Storefr
         given,
     )
     if kind == "pv":
-        identity = identify(shop, fields)
-        return [event] if identity is None else [event, identity]
+        user, duid = event.uid, event.duid
+        if not user or not duid or user == duid:
+            return [made]
+        return [made, _identity(identifier, user, duid, event.sid, at)]
     if kind == "pp" and contexts:
-        return [event, *times_on_elements(event, contexts)]
-    return [event]
+        return [made, *times_on_elements(made, contexts)]
+    return [made]
 
 
-def mapped(shop: Shop, fields: Mapping[str, str]) -> list[BehaviorEvent | StorefrontEvent]:
-    """The event of one tracker payload and the records made beside it (``to_event``,
-    then ``derived``), by the fast path when it takes the payload."""
-    made = _fast(shop, fields)
-    if made is None:
-        event = to_event(shop, fields)
-        made = [event, *derived(shop, fields, event)]
-    return made
+def _identity(
+    identifier: uuid.UUID, user: str, anon: str, sid: str | UnsetType, at: datetime | None
+) -> StorefrontEvent:
+    """``identify``'s record of the page view ``identifier`` of ``user`` and ``anon``."""
+    event = collector.validated(
+        StorefrontEvent,
+        {
+            "event_id": uuid.uuid5(identifier, "identify"),
+            "event_type": "$identify",
+            "anon_id": anon[:256],
+            "user_id": user[:256],
+            "session_id": (sid or anon)[:256],
+            "ts": at,
+            "props": {"traits": {}},
+        },
+    )
+    assert isinstance(event, StorefrontEvent)
+    return event
 
 
 def reference_mapped(
     shop: Shop, fields: Mapping[str, str]
 ) -> list[BehaviorEvent | StorefrontEvent]:
-    """What ``mapped`` gives, by the reference alone (``to_event``, then ``derived``)."""
+    """The event of one tracker payload and the records made beside it: ``to_event``,
+    then ``derived``."""
     event = to_event(shop, fields)
     return [event, *derived(shop, fields, event)]
 
@@ -706,66 +851,78 @@ async def _shop(request: web.Request, aid: str | None, shops: dict[str, Shop]) -
     )
 
 
-async def accept(request: web.Request, payloads: list[Any], received_at: datetime) -> web.Response:
-    """Authenticate, map and deliver the events of one request."""
-    return await _accept(request, payloads, received_at, checked=False, fast=True)
-
-
-async def _accept(
-    request: web.Request,
-    payloads: list[Any],
-    received_at: datetime,
-    *,
-    checked: bool,
-    fast: bool,
-) -> web.Response:
-    """``accept``. ``checked``: every payload is known to be an object of strings whose
-    JSON is within ``max_event_bytes`` with no NUL (``_payload_data``'s body), so no
-    event is checked on its own. ``fast``: events mapped by ``mapped``, else by
-    ``reference_mapped``."""
-    settings = request.app[collector.SETTINGS]
-    limiter = request.app[collector.LIMITER]
-    rejected: list[dict[str, Any]] = []
+async def _taken(request: web.Request, aids: Iterable[str | None]) -> dict[str, Shop]:
+    """The shops of a request's app ids (in the events' order: the first unknown one is
+    the 401), a token of each one's rate limit taken (429 otherwise)."""
     shops: dict[str, Shop] = {}
-    # (stream, aid, stm) -> the valid events of one shop sent at one time.
-    groups: dict[tuple[str, str, str], list[tuple[int, BehaviorEvent | StorefrontEvent]]] = {}
-    events: list[tuple[int, dict[str, str]]] = []
-    made = 0  # records made here beside the events sent (``derived``)
-    if checked:
-        events = list(enumerate(payloads))
-    else:
-        for index, raw in enumerate(payloads):
-            try:
-                fields = _fields(raw)
-                collector.check_encoded(fields, settings.max_event_bytes)
-            except collector.EventRejected as exc:
-                rejected.append({"index": index, "reason": exc.reason})
-                metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
-                continue
-            events.append((index, fields))
-    # Every app id known before anything is taken, looked up in the events' order.
-    for aid in dict.fromkeys(fields.get("aid") for _, fields in events):
+    for aid in aids:
         await _shop(request, aid, shops)
     client = collector.client_identity(request)
+    limiter = request.app[collector.LIMITER]
     for key in shops:
         if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
             raise collector._limited(wait)
-    mapping = mapped if fast else reference_mapped
-    behavior, storefront = streams.BEHAVIOR.name, streams.STOREFRONT.name
-    for index, fields in events:
-        aid = fields.get("aid") or ""
+    return shops
+
+
+_Made = list[tuple[int, BehaviorEvent | StorefrontEvent]]
+_STOREFRONT = streams.STOREFRONT.name
+
+
+async def accept(request: web.Request, payloads: list[Any], received_at: datetime) -> web.Response:
+    """Authenticate, map and deliver the events of one request."""
+    settings = request.app[collector.SETTINGS]
+    rejected: list[dict[str, Any]] = []
+    # (stream, aid, stm) -> the valid events of one shop sent at one time.
+    groups: dict[tuple[str, str, str], _Made] = {}
+    events: list[tuple[int, dict[str, str]]] = []
+    made = 0  # records made here beside the events sent (``derived``)
+    for index, raw in enumerate(payloads):
         try:
-            # An event whose derived records fail is rejected with them.
-            made_events = mapping(shops[aid], fields)
+            fields = _fields(raw)
+            collector.check_encoded(fields, settings.max_event_bytes)
         except collector.EventRejected as exc:
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
-        stm = fields.get("stm") or ""
-        for made_event in made_events:
-            stream = behavior if isinstance(made_event, BehaviorEvent) else storefront
-            groups.setdefault((stream, aid, stm), []).append((index, made_event))
-        made += len(made_events) - 1
+        events.append((index, fields))
+    # Every app id known before anything is taken.
+    shops = await _taken(request, (fields.get("aid") for _, fields in events))
+    for index, fields in events:
+        try:
+            shop = shops[fields.get("aid") or ""]
+            event = to_event(shop, fields)
+            extras = derived(shop, fields, event)  # an event whose extras fail is rejected
+        except collector.EventRejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+            metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+            continue
+        _group(groups, index, fields.get("aid") or "", fields.get("stm") or "", [event, *extras])
+        made += len(extras)
+    return await _deliver(request, groups, shops, rejected, received_at, made)
+
+
+def _group(
+    groups: dict[tuple[str, str, str], _Made],
+    index: int,
+    aid: str,
+    stm: str,
+    made: list[BehaviorEvent | StorefrontEvent],
+) -> None:
+    """Add the records ``made`` of event ``index`` to their (stream, aid, stm) groups."""
+    for event in made:
+        stream = streams.BEHAVIOR.name if isinstance(event, BehaviorEvent) else _STOREFRONT
+        groups.setdefault((stream, aid, stm), []).append((index, event))
+
+
+async def _deliver(
+    request: web.Request,
+    groups: dict[tuple[str, str, str], _Made],
+    shops: dict[str, Shop],
+    rejected: list[dict[str, Any]],
+    received_at: datetime,
+    made: int,
+) -> web.Response:
     received = {stm: _ms(stm) for _, _, stm in groups}
     return await deliver_groups(
         request,
@@ -778,6 +935,40 @@ async def _accept(
         received_at,
         derived=made,
     )
+
+
+async def _accept_fast(
+    request: web.Request, events: list[_Read], body: bytes, received_at: datetime
+) -> web.Response:
+    """``accept`` of the events ``_tracked`` read from ``body``: no event checked on its
+    own (none needs it), each mapped by ``_fast``, else by the reference."""
+    rejected: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str, str], _Made] = {}
+    made = 0
+    shops = await _taken(request, (e.aid or None for e in events))
+    identifiers = _uuids(events)
+    known: dict[tuple[str | UnsetType, ...], _Who] = {}
+    payloads: list[dict[str, str]] | None = None  # the reference's events, when needed
+    behavior = streams.BEHAVIOR.name
+    for index, event in enumerate(events):
+        aid = event.aid or ""
+        stm = event.stm or ""
+        try:
+            records = _fast(shops[aid], event, identifiers[index], known)
+            if records is None:
+                if payloads is None:
+                    payloads = _PAYLOAD_DATA.decode(body).data
+                records = reference_mapped(shops[aid], payloads[index])
+        except collector.EventRejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+            metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+            continue
+        if len(records) == 1 and isinstance(records[0], BehaviorEvent):
+            groups.setdefault((behavior, aid, stm), []).append((index, records[0]))
+        else:
+            _group(groups, index, aid, stm, records)
+            made += len(records) - 1
+    return await _deliver(request, groups, shops, rejected, received_at, made)
 
 
 Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, BehaviorEvent | StorefrontEvent]]]
@@ -835,30 +1026,12 @@ async def post_tp2(request: web.Request) -> web.StreamResponse:
     return await _tp2(request, datetime.now(UTC), fast=True)
 
 
-class _PayloadData(msgspec.Struct, forbid_unknown_fields=True):
-    """A ``payload_data`` body as trackers send it: a schema, and events of strings."""
-
-    data: list[dict[str, str]]
-    schema: str | None = None
-
-
-_PAYLOAD_DATA = msgspec.json.Decoder(_PayloadData)
-
-
-def _payload_data(body: bytes, max_event_bytes: int) -> list[dict[str, str]] | None:
-    """The events of a body none of whose events needs its own check, else None (the
-    reference then decides, event by event, with reasons).
-
-    The rule of the native routes' ``app._whole_batch``: a body no larger than
-    ``max_event_bytes`` holding no escaped NUL (an event's JSON as orjson writes it is
-    never longer than its text in the body, and JSON has no other way to write a NUL),
-    whose events are all objects of strings (msgspec checks them as it decodes, in C)."""
-    if len(body) > max_event_bytes or has_nul(body):
-        return None
-    try:
-        return _PAYLOAD_DATA.decode(body).data
-    except msgspec.DecodeError:  # ValidationError is one
-        return None
+def _check_count(events: int, settings: Settings) -> None:
+    if events > settings.max_events_per_batch:
+        raise collector.Refused(
+            413,
+            f"batch has {events} events, max_events_per_batch={settings.max_events_per_batch}",
+        )
 
 
 async def _tp2(request: web.Request, received_at: datetime, *, fast: bool) -> web.StreamResponse:
@@ -869,30 +1042,24 @@ async def _tp2(request: web.Request, received_at: datetime, *, fast: bool) -> we
         async with collector._decode_slot(request):
             body = collector.inflate(request, raw)
             collector._check_values(body, settings.max_json_values)
-            payloads: list[Any] | None = (
-                _payload_data(body, settings.max_event_bytes) if fast else None
-            )
-            checked = payloads is not None
-            if payloads is None:
+            tracked = _tracked(body, settings.max_event_bytes) if fast else None
+            response: web.StreamResponse
+            if tracked is not None:
+                _check_count(len(tracked), settings)
+                response = await _accept_fast(request, tracked, body, received_at)
+            else:
                 try:
                     data = orjson.loads(body)
                 except orjson.JSONDecodeError as exc:
                     raise collector.Refused(400, f"body is not JSON: {exc}") from exc
+                del body
                 payloads = data.get("data") if isinstance(data, dict) else None
                 if not isinstance(payloads, list):
                     raise collector.Refused(
                         400, 'body is not payload_data: {"schema": ..., "data": [events]}'
                     )
-            del body
-            if len(payloads) > settings.max_events_per_batch:
-                raise collector.Refused(
-                    413,
-                    f"batch has {len(payloads)} events, max_events_per_batch="
-                    f"{settings.max_events_per_batch}",
-                )
-            response: web.StreamResponse = await _accept(
-                request, payloads, received_at, checked=checked, fast=fast
-            )
+                _check_count(len(payloads), settings)
+                response = await accept(request, payloads, received_at)
     except collector.Refused as exc:
         response = collector._json({"error": exc.reason}, exc.status, exc.headers)
     return cors(request, response)

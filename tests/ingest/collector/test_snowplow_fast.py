@@ -1,4 +1,4 @@
-"""Snowplow's fast path (``snowplow._fast``, ``_payload_data``, ``_uuid``) against its
+"""Snowplow's fast path (``snowplow._tracked``, ``_fast``, ``_uuid``) against its
 reference (``to_event`` and ``derived``, orjson and ``_fields``, ``uuid.UUID``): the
 same events, records, refusals and answers for the same inputs."""
 
@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -192,23 +194,26 @@ FIELDS = st.fixed_dictionaries(
         "se_ac": TEXT,
         "tr_id": TEXT,
         "ti_sk": TEXT,
+        "ua": TEXT,
         "other": TEXT,
     },
 )
 
 
-def _outcome(
-    mapping: Callable[[Shop, dict[str, str]], list[BehaviorEvent | StorefrontEvent]],
-    fields: dict[str, str],
-) -> Any:
-    """What ``mapping`` makes of ``fields``: each event's type, fields, fields set, record
-    and record's JSON; or the exception it raises."""
+KNOWN_FIELDS = FIELDS.map(lambda f: {k: v for k, v in f.items() if k != "other"})
+Made = list[BehaviorEvent | StorefrontEvent]
+
+
+def _outcome(make: Callable[[], Made]) -> Any:
+    """What ``make`` makes: each event's type, fields, fields set, record and record's
+    JSON; or the exception it raises."""
     try:
-        made = mapping(SHOP, dict(fields))
+        made = make()
     except Exception as exc:  # the same exception, whatever it is, from both paths
         return (type(exc), str(exc), getattr(exc, "kind", None))
     out = []
     for event in made:
+        assert type(event).model_validate(vars(event)) == event  # valid as built
         record = (
             behavior_record(event, SHOP, RECEIVED)
             if isinstance(event, BehaviorEvent)
@@ -218,22 +223,38 @@ def _outcome(
     return out
 
 
-def _same(fields: dict[str, str]) -> None:
-    fast, reference = _outcome(snowplow.mapped, fields), _outcome(snowplow.reference_mapped, fields)
-    assert fast == reference, fields
-    if isinstance(fast, list):
-        # The events themselves equal as pydantic compares them, and valid as built.
-        for event, again in zip(
-            snowplow.mapped(SHOP, fields), snowplow.reference_mapped(SHOP, fields), strict=True
-        ):
-            assert event == again
-            assert type(event).model_validate(vars(event)) == event
+def _fast(
+    fields: dict[str, str], event: Any, identifier: Any, known: Any, taken: list[bool]
+) -> Made:
+    """``_fast``'s events, else the reference's (``_accept_fast``'s rule)."""
+    taken.append(False)  # raised, if not set below
+    made = snowplow._fast(SHOP, event, identifier, known)
+    taken[-1] = made is not None
+    return snowplow.reference_mapped(SHOP, fields) if made is None else made
+
+
+def _same(*batch: dict[str, str]) -> list[bool]:
+    """Assert that the events of a batch the fast path reads are mapped as the reference
+    maps each; whether ``_fast`` took each one (none: the body is the reference's)."""
+    try:  # as _tracked reads a body (a NUL in it or not: the mapping takes any text)
+        decoded: Any = snowplow._TRACKED.decode(orjson.dumps({"schema": "x", "data": batch}))
+    except msgspec.ValidationError:
+        return []
+    events = decoded.data
+    identifiers = snowplow._uuids(events)
+    known: dict[Any, Any] = {}  # the batch's, shared as _accept_fast shares it
+    taken: list[bool] = []
+    for fields, event, identifier in zip(batch, events, identifiers, strict=True):
+        outcome = _outcome(functools.partial(_fast, fields, event, identifier, known, taken))
+        reference = _outcome(functools.partial(snowplow.reference_mapped, SHOP, fields))
+        assert outcome == reference, fields
+    return taken
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(fields=FIELDS)
-def test_the_fast_mapping_is_the_references(fields: dict[str, str]) -> None:
-    _same(fields)
+@given(batch=st.lists(KNOWN_FIELDS, min_size=1, max_size=3))
+def test_the_fast_mapping_is_the_references(batch: list[dict[str, str]]) -> None:
+    assert len(_same(*batch)) == len(batch)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -254,13 +275,23 @@ def test_the_fast_mapping_is_the_references(fields: dict[str, str]) -> None:
                 LINK_DATA,
             ),
         },
-        optional={"cx": _json_text(CONTEXTS), "uid": TEXT, "duid": TEXT, "pp_may": OFFSETS},
+        optional={
+            "cx": _json_text(CONTEXTS),
+            "uid": TEXT,
+            "duid": TEXT,
+            "pp_may": OFFSETS,
+            "page": st.text(min_size=4090, max_size=4100) | TEXT,
+            "refr": st.text(min_size=1020, max_size=1030) | TEXT,
+            "lang": st.text(min_size=250, max_size=260) | TEXT,
+            "res": st.text(min_size=60, max_size=70) | SIZES,
+        },
     )
 )
 def test_the_fast_mapping_of_what_browsers_send_is_the_references(fields: dict[str, str]) -> None:
     """Page views, pings and link clicks as a browser tracker sends them (the fast path's
     own events, with identities and element statistics)."""
-    _same(fields)
+    without = {k: v for k, v in fields.items() if k != "cx"}  # the same visitor, no contexts
+    _same(fields, {**fields, "e": "pp"}, {**fields, "e": "pv", "sid": "other"}, without)
 
 
 LINK_CLICK = f"{snowplow.IGLU}link_click/jsonschema/1-0-1"
@@ -319,10 +350,16 @@ def test_the_fast_mapping_of_each_case_is_the_references(fields: dict[str, str])
 
 
 def test_the_fast_path_makes_a_pings_element_times_and_a_views_identity() -> None:
-    ping = snowplow.mapped(SHOP, {**PAGE, "e": "pp", "cx": _b64(STATS, "std")})
-    assert [e.event_type for e in ping] == ["scroll_depth", "time_on_element"]
-    view = snowplow.mapped(SHOP, {**PAGE, "e": "pv", "uid": "u", "duid": "d"})
-    assert [e.event_type for e in view] == ["page_view", "$identify"]
+    ping = {**PAGE, "e": "pp", "cx": _b64(STATS, "std")}
+    view = {**PAGE, "e": "pv", "uid": "u", "duid": "d"}
+    assert _same(ping, view) == [True, True]
+    events = snowplow._tracked(orjson.dumps({"data": [ping, view]}), 32_768)
+    assert events is not None
+    made = [snowplow._fast(SHOP, e, uuid.UUID(EID), {}) for e in events]
+    assert [[e.event_type for e in m or []] for m in made] == [
+        ["scroll_depth", "time_on_element"],
+        ["page_view", "$identify"],
+    ]
 
 
 def _benchmark_bodies() -> list[bytes]:
@@ -332,11 +369,8 @@ def _benchmark_bodies() -> list[bytes]:
 
 def test_the_benchmarks_events_take_the_fast_path_and_are_the_references() -> None:
     for body in _benchmark_bodies():
-        payloads = snowplow._payload_data(body, 32_768)
-        assert payloads is not None and payloads == orjson.loads(body)["data"]
-        for fields in payloads:
-            assert snowplow._fast(SHOP, fields) is not None
-            _same(fields)
+        batch = orjson.loads(body)["data"]
+        assert _same(*batch) == [True] * len(batch)
 
 
 @settings(max_examples=500, deadline=None)
@@ -358,7 +392,8 @@ def test_the_uuids_trackers_send_take_the_fast_path(value: uuid.UUID) -> None:
 # a key twice, a value not a string, another member beside schema and data.
 STRINGS = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8)
 EVENTS = st.lists(
-    st.dictionaries(st.sampled_from(["e", "eid", "url", "aid", "x\u2028", "é"]), STRINGS)
+    st.dictionaries(st.sampled_from(["e", "eid", "url", "aid", "ua", "se_ca"]), STRINGS)
+    | st.dictionaries(st.sampled_from(["e", "sid", "x\u2028", "é"]), STRINGS)
     | st.dictionaries(TEXT, JSON, max_size=3)
     | JSON,
     max_size=4,
@@ -392,17 +427,23 @@ def _body(document: Any, ascii_only: bool, spaced: bool, twice: bool) -> bytes:
 def test_the_fast_decode_is_the_references(
     document: Any, ascii_only: bool, spaced: bool, twice: bool, limit: int, cut: int | None
 ) -> None:
-    """Whenever ``_payload_data`` takes a body, orjson reads the same events from it,
-    in the same order, and no event would be refused by its own checks."""
+    """Whenever ``_tracked`` takes a body, orjson reads the same events from it, the
+    reference's decode of such a body reads them in the same order, and no event would
+    be refused by its own checks."""
     body = _body(document, ascii_only, spaced, twice)
     if cut is not None:
         body = body[:cut]
-    fast = snowplow._payload_data(body, limit)
+    fast = snowplow._tracked(body, limit)
     if fast is None:
         return
     data = orjson.loads(body)
     assert isinstance(data, dict) and isinstance(data["data"], list)
-    assert [list(e.items()) for e in fast] == [list(e.items()) for e in data["data"]]
+    sent = [
+        {k: v for k, v in msgspec.structs.asdict(e).items() if v is not msgspec.UNSET} for e in fast
+    ]
+    assert sent == data["data"]
+    payloads = snowplow._PAYLOAD_DATA.decode(body).data
+    assert [list(e.items()) for e in payloads] == [list(e.items()) for e in data["data"]]
     for raw in data["data"]:
         snowplow._fields(raw)
         collector.check_encoded(raw, limit)
@@ -417,10 +458,13 @@ def test_the_fast_decode_is_the_references(
         b'{"schema":1,"data":[]}',
         b'{"data":{}}',
         b"[]",
+        b'{"data":[{"e":"pv","unknown":"x"}]}',  # a field of no tracker
+        b'{"data":[{"e":null}]}',
     ],
 )
 def test_bodies_the_fast_decode_leaves_to_the_reference(body: bytes) -> None:
-    assert snowplow._payload_data(body, 32_768) is None
+    assert snowplow._tracked(body, 32_768) is None
+    assert snowplow._tracked(b'{"data":[{"e":"pv","ua":"x"}]}', 32_768) is not None
 
 
 class _Sink:
