@@ -501,44 +501,49 @@ class _Read(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     tracker protocol a string when sent, UNSET when not (never None: a JSON null is
     not a string, and such an event is the reference's to refuse)."""
 
+    # In the order the load generator's payloads list them (Snowplow's trackers differ
+    # a little): msgspec looks for each key from where it found the last one.
     e: str | UnsetType = UNSET
-    eid: str | UnsetType = UNSET
-    aid: str | UnsetType = UNSET
-    p: str | UnsetType = UNSET
-    tv: str | UnsetType = UNSET
-    tna: str | UnsetType = UNSET
-    duid: str | UnsetType = UNSET
-    uid: str | UnsetType = UNSET
-    vid: str | UnsetType = UNSET
-    tz: str | UnsetType = UNSET
-    nuid: str | UnsetType = UNSET
-    tnuid: str | UnsetType = UNSET
-    sid: str | UnsetType = UNSET
-    dtm: str | UnsetType = UNSET
-    ttm: str | UnsetType = UNSET
-    stm: str | UnsetType = UNSET
-    url: str | UnsetType = UNSET
-    refr: str | UnsetType = UNSET
-    lang: str | UnsetType = UNSET
-    res: str | UnsetType = UNSET
     page: str | UnsetType = UNSET
-    vp: str | UnsetType = UNSET
-    ds: str | UnsetType = UNSET
-    cd: str | UnsetType = UNSET
-    co: str | UnsetType = UNSET
-    cx: str | UnsetType = UNSET
-    ue_pr: str | UnsetType = UNSET
+    refr: str | UnsetType = UNSET
     ue_px: str | UnsetType = UNSET
+    ue_pr: str | UnsetType = UNSET
     pp_mix: str | UnsetType = UNSET
     pp_max: str | UnsetType = UNSET
     pp_miy: str | UnsetType = UNSET
     pp_may: str | UnsetType = UNSET
+    eid: str | UnsetType = UNSET
+    dtm: str | UnsetType = UNSET
+    stm: str | UnsetType = UNSET
+    tv: str | UnsetType = UNSET
+    tna: str | UnsetType = UNSET
+    aid: str | UnsetType = UNSET
+    p: str | UnsetType = UNSET
+    cookie: str | UnsetType = UNSET
+    cs: str | UnsetType = UNSET
+    duid: str | UnsetType = UNSET
+    sid: str | UnsetType = UNSET
+    url: str | UnsetType = UNSET
+    vp: str | UnsetType = UNSET
+    ds: str | UnsetType = UNSET
+    res: str | UnsetType = UNSET
+    cd: str | UnsetType = UNSET
+    lang: str | UnsetType = UNSET
+    tz: str | UnsetType = UNSET
+    ttm: str | UnsetType = UNSET
+    vid: str | UnsetType = UNSET
+    uid: str | UnsetType = UNSET
+    nuid: str | UnsetType = UNSET
+    tnuid: str | UnsetType = UNSET
+    co: str | UnsetType = UNSET
+    cx: str | UnsetType = UNSET
+    ua: str | UnsetType = UNSET
 
 
 # The other fields of Snowplow's tracker protocol: decoded (checked to be strings) and
 # not read by the fast path. A field of none of them sends its body to the reference.
 _UNREAD = (
-    "tid", "ip", "ua", "fp", "ctype", "cookie", "cs", "mac", "f_pdf", "f_qt", "f_realp",
+    "tid", "ip", "fp", "ctype", "mac", "f_pdf", "f_qt", "f_realp",
     "f_wma", "f_dir", "f_fla", "f_java", "f_gears", "f_ag", "se_ca", "se_ac", "se_la",
     "se_pr", "se_va", "tr_id", "tr_af", "tr_tt", "tr_tx", "tr_sh", "tr_ci", "tr_st",
     "tr_co", "tr_cu", "ti_id", "ti_sk", "ti_nm", "ti_na", "ti_ca", "ti_pr", "ti_qu",
