@@ -645,28 +645,17 @@ def _uuids(events: list[_Read]) -> list[uuid.UUID | None]:
     return found
 
 
-# pydantic's slots of a model instance, set as its ``model_construct`` sets them.
+# A BehaviorEvent built without validating its values, by hand as pydantic's
+# ``model_construct`` builds a model (its ``__dict__``, the fields set, no extra, no
+# private attributes) without its per-field Python loop, which costs more than
+# validating. ``_fast`` builds only values the model accepts (every field, in the
+# model's order, each what it checks); test_snowplow_fast checks each such event equals
+# ``model_validate``'s of the same values.
 _MODEL_SLOTS = vars(pydantic.BaseModel)
 _set_fields_set = _MODEL_SLOTS["__pydantic_fields_set__"].__set__
 _set_extra = _MODEL_SLOTS["__pydantic_extra__"].__set__
 _set_private = _MODEL_SLOTS["__pydantic_private__"].__set__
-
-
-def _trusted(values: dict[str, Any], given: frozenset[str]) -> BehaviorEvent:
-    """The ``BehaviorEvent`` of ``values`` without validating them: ``values`` hold every
-    field in the model's order, each one already what the model checks (``_fast``
-    builds no other).
-
-    By hand, as pydantic's ``model_construct`` builds a model (its ``__dict__``, fields
-    set, no extra, no private attributes), without its per-field Python loop that costs
-    more than validating; ``test_snowplow_fast`` checks the result equals
-    ``model_validate``'s."""
-    event = BehaviorEvent.__new__(BehaviorEvent)
-    _set(event, "__dict__", values)
-    _set_fields_set(event, set(given))
-    _set_extra(event, None)
-    _set_private(event, None)
-    return event
+_new_behavior = BehaviorEvent.__new__
 
 
 def _sent(**fields: str | UnsetType) -> dict[str, str]:
@@ -771,7 +760,11 @@ def _fast(
         event_data = {"href": href, "target": target}
     if contexts:
         metadata["contexts"] = contexts
-    made = _trusted(
+    # The model, built as ``model_construct`` builds one (see ``_MODEL_SLOTS``).
+    made = _new_behavior(BehaviorEvent)
+    _set(
+        made,
+        "__dict__",
         {
             "event_id": identifier,
             "event_type": event_type,
@@ -787,8 +780,10 @@ def _fast(
             "component_id": component_id,
             "metadata": metadata,
         },
-        given,
     )
+    _set_fields_set(made, set(given))
+    _set_extra(made, None)
+    _set_private(made, None)
     if kind == "pv":
         user, duid = event.uid, event.duid
         if not user or not duid or user == duid:
@@ -860,7 +855,8 @@ async def _taken(request: web.Request, aids: Iterable[str | None]) -> dict[str, 
     """The shops of a request's app ids (in the events' order: the first unknown one is
     the 401), a token of each one's rate limit taken (429 otherwise)."""
     shops: dict[str, Shop] = {}
-    for aid in aids:
+    # Each app id once (None and "" are the same missing one): a batch has one, mostly.
+    for aid in dict.fromkeys(aid or None for aid in aids):
         await _shop(request, aid, shops)
     client = collector.client_identity(request)
     limiter = request.app[collector.LIMITER]
@@ -950,7 +946,7 @@ async def _accept_fast(
     rejected: list[dict[str, Any]] = []
     groups: dict[tuple[str, str, str], _Made] = {}
     made = 0
-    shops = await _taken(request, (e.aid or None for e in events))
+    shops = await _taken(request, [e.aid or None for e in events])
     identifiers = _uuids(events)
     known: dict[tuple[str | UnsetType, ...], _Who] = {}
     payloads: list[dict[str, str]] | None = None  # the reference's events, when needed
