@@ -656,6 +656,7 @@ _set_fields_set = _MODEL_SLOTS["__pydantic_fields_set__"].__set__
 _set_extra = _MODEL_SLOTS["__pydantic_extra__"].__set__
 _set_private = _MODEL_SLOTS["__pydantic_private__"].__set__
 _new_behavior = BehaviorEvent.__new__
+_fromtimestamp = datetime.fromtimestamp
 
 
 def _sent(**fields: str | UnsetType) -> dict[str, str]:
@@ -724,7 +725,10 @@ def _fast(
         return None
     at = _ms(ttm) if ttm else None
     if at is None and dtm:
-        at = _ms(dtm)
+        try:  # ``_ms``, inlined
+            at = _fromtimestamp(int(dtm) / 1000, UTC)
+        except (ValueError, OverflowError, OSError):
+            at = None
     key = _WHO(event)
     who = known.get(key)
     if who is None:
@@ -951,11 +955,11 @@ async def _accept_fast(
     known: dict[tuple[str | UnsetType, ...], _Who] = {}
     payloads: list[dict[str, str]] | None = None  # the reference's events, when needed
     behavior = streams.BEHAVIOR.name
-    for index, event in enumerate(events):
+    for index, (event, identifier) in enumerate(zip(events, identifiers, strict=True)):
         aid = event.aid or ""
         stm = event.stm or ""
         try:
-            records = _fast(shops[aid], event, identifiers[index], known)
+            records = _fast(shops[aid], event, identifier, known)
             if records is None:
                 if payloads is None:
                     payloads = _PAYLOAD_DATA.decode(body).data
