@@ -155,7 +155,9 @@ def _ms(value: str | None) -> datetime | None:
 def _size(value: str | None) -> tuple[int, int] | None:
     """``1024x768`` -> (1024, 768); None when not a size."""
     width, x, height = (value or "").partition("x")
-    if x and width.isdigit() and height.isdigit() and len(width) < 7 and len(height) < 7:
+    # isdecimal, not isdigit: that is true of superscripts and circled digits too,
+    # which int refuses.
+    if x and width.isdecimal() and height.isdecimal() and len(width) < 7 and len(height) < 7:
         return int(width), int(height)
     return None
 

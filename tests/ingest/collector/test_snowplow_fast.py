@@ -516,3 +516,16 @@ async def test_the_fast_route_answers_and_delivers_as_the_reference(
         asyncio.run_coroutine_threadsafe(both(body), loop).result(30)
 
     await asyncio.to_thread(check)
+
+
+@pytest.mark.parametrize("size", ["²x1", "1x①", "¹²x³⁴"])
+def test_a_size_of_digits_int_cannot_read_is_no_size(size: str) -> None:
+    """``str.isdigit`` is true of superscripts and circled digits, which ``int`` refuses:
+    such a ``vp``, ``ds`` or ``res`` was a ValueError out of the mapping (a 500, the
+    pixel's too), not a size it cannot read."""
+    assert snowplow._size(size) is None
+    for kind in ("pp", "pv"):
+        fields = {**PAGE, "e": kind, "vp": size, "ds": size, "res": size}
+        (event,) = snowplow.reference_mapped(SHOP, fields)
+        assert isinstance(event, BehaviorEvent) and event.viewport_size is None
+        assert _same(fields) == [True]
