@@ -47,17 +47,16 @@ import hashlib
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
 import pydantic
 from aiohttp import web
-from pydantic import BaseModel
 
 from ingest.collector import app as collector
 from ingest.collector import snowplow
-from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul
+from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul, trusted
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.shops import Shop
@@ -596,33 +595,6 @@ def _identity(
 # compares them on many inputs) for a fraction of the CPU: every step of the
 # reference costs a few microseconds an event, and a PostHog batch has dozens.
 
-_Model = TypeVar("_Model", BehaviorEvent, StorefrontEvent)
-_new = object.__new__
-# The slots of a pydantic model, set as its model_construct sets them (pydantic's
-# internals: should a release hold a model's state otherwise, the comparison of
-# models in test_posthog_fast.py fails).
-_SET_DICT = BaseModel.__dict__["__dict__"].__set__
-_SET_FIELDS_SET = BaseModel.__dict__["__pydantic_fields_set__"].__set__
-_SET_EXTRA = BaseModel.__dict__["__pydantic_extra__"].__set__
-_SET_PRIVATE = BaseModel.__dict__["__pydantic_private__"].__set__
-
-
-def _built(model: type[_Model], fields: dict[str, Any], fields_set: frozenset[str]) -> _Model:
-    """The ``model`` holding ``fields`` (every field, in the model's order, each already
-    what validation would make of it), without validating them again.
-
-    What pydantic's ``model_construct`` ends with, without its loop over the fields
-    (slower than a validation): ``_fast_event`` builds values the models always accept
-    (its names, its cut lengths), so the validation ``to_event`` asks for only copies
-    them. ``fields_set`` is what ``model_validate`` would record as given."""
-    event = _new(model)
-    _SET_DICT(event, fields)
-    _SET_FIELDS_SET(event, set(fields_set))
-    _SET_EXTRA(event, None)
-    _SET_PRIVATE(event, None)
-    return event
-
-
 # What to_event gives model_validate, by kind of event (the fields it sets).
 _BEHAVIOR_GIVEN = frozenset(
     {"event_id", "session_id", "page_url", "timestamp", "viewport_size", "event_type"}
@@ -754,7 +726,7 @@ def _fast_event(
                 else:
                     path, tag, text, component = _element_tuple(_autocaptured(properties))
             width, height = properties.get("$viewport_width"), properties.get("$viewport_height")
-            return _built(
+            return trusted(
                 BehaviorEvent,
                 {
                     "event_id": identifier,
@@ -777,7 +749,7 @@ def _fast_event(
             )
     identity = _identity(name, distinct, properties, raw)
     if identity is not None:
-        return _built(
+        return trusted(
             StorefrontEvent,
             {
                 "event_id": identifier,
@@ -799,7 +771,7 @@ def _fast_event(
         found = raw.get(extra)
         if type(found) is dict:
             props[extra] = found
-    return _built(
+    return trusted(
         StorefrontEvent,
         {
             "event_id": identifier,

@@ -54,14 +54,13 @@ from typing import Any
 
 import msgspec
 import orjson
-import pydantic
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
 from ingest.collector import app as collector
 from ingest.collector.delivery import Unavailable
 from ingest.collector.enrich import Received
-from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul
+from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul, trusted
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.settings import Settings
@@ -609,7 +608,6 @@ _MAIN = operator.attrgetter("e", "url", "ttm", "dtm", "vp", "co", "cx")
 # first: the same for every event of a tracker's batch, so made once a batch.
 _PING = operator.attrgetter(*_OFFSETS, "vp", "ds", "cd")
 _WHO = operator.attrgetter(*(key for key, _ in _IDS), "nuid", "tnuid", "sid")
-_set = object.__setattr__
 # Viewports repeat from event to event: parsed once.
 _cached_size = functools.lru_cache(maxsize=4096)(_size)
 _UUIDS = list[uuid.UUID]
@@ -647,17 +645,6 @@ def _uuids(events: list[_Read]) -> list[uuid.UUID | None]:
     return found
 
 
-# A BehaviorEvent built without validating its values, by hand as pydantic's
-# ``model_construct`` builds a model (its ``__dict__``, the fields set, no extra, no
-# private attributes) without its per-field Python loop, which costs more than
-# validating. ``_fast`` builds only values the model accepts (every field, in the
-# model's order, each what it checks); test_snowplow_fast checks each such event equals
-# ``model_validate``'s of the same values.
-_MODEL_SLOTS = vars(pydantic.BaseModel)
-_set_fields_set = _MODEL_SLOTS["__pydantic_fields_set__"].__set__
-_set_extra = _MODEL_SLOTS["__pydantic_extra__"].__set__
-_set_private = _MODEL_SLOTS["__pydantic_private__"].__set__
-_new_behavior = BehaviorEvent.__new__
 _fromtimestamp = datetime.fromtimestamp
 
 
@@ -766,11 +753,9 @@ def _fast(
         event_data = {"href": href, "target": target}
     if contexts:
         metadata["contexts"] = contexts
-    # The model, built as ``model_construct`` builds one (see ``_MODEL_SLOTS``).
-    made = _new_behavior(BehaviorEvent)
-    _set(
-        made,
-        "__dict__",
+    # Built without a second validation: every value is one the model accepts.
+    made = trusted(
+        BehaviorEvent,
         {
             "event_id": identifier,
             "event_type": event_type,
@@ -786,10 +771,8 @@ def _fast(
             "component_id": component_id,
             "metadata": metadata,
         },
+        given,
     )
-    _set_fields_set(made, set(given))
-    _set_extra(made, None)
-    _set_private(made, None)
     if kind == "pv":
         user, duid = event.uid, event.duid
         if not user or not duid or user == duid:
