@@ -914,8 +914,8 @@ def test_role_settings_refuse_hostile_names() -> None:
 
 
 # Modules allowed to build SQL text: only from identifiers checked by ident()
-# (or catalog names quoted by quote()), integers and UTC timestamps they make
-# themselves. Any other module must use the named queries of sql/queries.sql
+# (or catalog names quoted by quote()), texts quoted by literal(), integers and UTC
+# timestamps they make themselves. Any other module must use the named queries of sql/queries.sql
 # with bind parameters; a new SQL-building module fails here until reviewed.
 SQL_BUILDERS = {
     "ingest/partitions/ddl.py",  # every statement of the partition manager
@@ -938,7 +938,9 @@ _SQL_START = (
     "SET ",
     "RESET",
 )
-_SAFE_CALLS = {"ident", "quote", "int", "_literal", "_ts_literal", "partition_name"}
+# literal: ingest.core.db's quoting of a text as PostgreSQL's quote_literal does (the
+# table name an event_retimes pruning matches on).
+_SAFE_CALLS = {"ident", "quote", "int", "_literal", "_ts_literal", "partition_name", "literal"}
 
 
 def _sql_fstrings(path: Path) -> list[ast.JoinedStr]:

@@ -311,9 +311,18 @@ async def test_conversion_funnels_equal_a_direct_walk_and_follow_changes(fdb: Da
     await assert_funnels_equal_the_walk(fdb, shops.ids)
     assert await stored_rows(fdb, shops.ids) != before
 
-    # Nothing loaded: nothing walked.
-    done = {r.rollup: r for r in await refresh(fdb)}
-    assert done["conversion_funnels"].groups == 0
+    # Nothing loaded: nothing walked, once the watermark has passed what was loaded. A
+    # transaction with an xid running anywhere in the cluster when a refresh starts
+    # (other tests' databases share the server) holds its watermark below the rows
+    # loaded after it, and the next refresh walks them again, by design (CI saw one
+    # such session): so a refresh may still walk a few, and one after it nothing.
+    walked = []
+    for _ in range(3):
+        done = {r.rollup: r for r in await refresh(fdb)}
+        walked.append(done["conversion_funnels"].groups)
+        if walked[-1] == 0:
+            break
+    assert walked[-1] == 0 and all(n <= 4 for n in walked), walked
 
     # A redefinition walks the shop's sessions again with the new steps.
     assert not await funnels.define(
