@@ -153,6 +153,14 @@ async def test_autocapture_rage_clicks_and_leaving_without_console_errors(
         await page.click("#next")  # $pageleave of page 1, then page 2's $pageview
         await page.wait_for_url(page_2)
         await page.wait_for_function(ready)
+
+        async def page_2_viewed() -> bool:
+            views = of_type(await behavior_rows(db, shop), "page_view")
+            return page_2 in [v["page_url"] for v in views]
+
+        # Page 2's view stored: posthog-js has loaded its config and turned autocapture on
+        # (a click right after loading was once not captured: CI).
+        await wait_for(page_2_viewed)
         await page.click("#ok")
         await page.evaluate("posthog.identify('user-42', {plan: 'pro'})")  # signs in
 
