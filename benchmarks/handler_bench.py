@@ -132,7 +132,9 @@ async def bench(dsn: str, names: list[str], count: int, profile: str | None) -> 
             profiler.enable()
             await _round(HANDLERS[profile], requests[profile], count)
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            stats = pstats.Stats(profiler).sort_stats("tottime")
+            stats.print_stats(30)
+            stats.print_callees("_taken|_shop|shop_for")
     events = collector_bench.EVENTS_PER_REQUEST
     out: dict[str, Any] = {}
     for name in names:

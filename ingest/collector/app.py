@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,9 +20,10 @@ from ingest.collector.delivery import Delivery, Unavailable
 from ingest.collector.enrich import (
     AssignedTimes,
     Received,
-    behavior_record,
+    behavior_fields_record,
     client_address,
     geoip_reader,
+    storefront_fields_record,
     storefront_record,
     user_agent,
 )
@@ -32,6 +33,7 @@ from ingest.collector.models import (
     BatchEnvelope,
     BehaviorBatch,
     BehaviorEvent,
+    EventFields,
     StorefrontBatch,
     StorefrontEvent,
     has_nul,
@@ -353,9 +355,15 @@ def _valid_events(
     return valid
 
 
+_FIELDS_RECORDS = {
+    streams.BEHAVIOR.name: behavior_fields_record,
+    streams.STOREFRONT.name: storefront_fields_record,
+}
+
+
 def _records(
     stream: str,
-    valid: list[tuple[int, Valid]],
+    valid: Sequence[tuple[int, Valid | EventFields]],
     shop: Shop,
     received: Received,
     times: AssignedTimes,
@@ -364,23 +372,29 @@ def _records(
 ) -> tuple[list[tuple[bytes, bytes]], int]:
     """(Kafka records, events accepted): the events enriched, one record per session.
 
-    An event refused here (a time the skew correction moves out of range, an
-    integer beyond 64 bits) joins ``rejected``, kept in index order.
+    Each event is a model of ``stream`` or, from a tracker protocol's fast path, its
+    fields (``EventFields``, which become the record). An event refused here (a time
+    the skew correction moves out of range, an integer beyond 64 bits) joins
+    ``rejected``, kept in index order.
     """
+    make = _FIELDS_RECORDS[stream]
+    time_column = streams.STREAMS[stream].time_column
     sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     late: list[dict[str, Any]] = []
     for index, event in valid:
-        given = None if event.event_time() else times.time_for(shop, event.event_id, received.at)
+        # A model's fields copied (shallow: nested values are shared with the model and
+        # never mutated by enrichment); a fast path's dict is its own already.
+        fields = event if type(event) is dict else vars(event).copy()
+        given = (
+            None if fields[time_column] else times.time_for(shop, fields["event_id"], received.at)
+        )
         try:
-            if isinstance(event, BehaviorEvent):
-                record = behavior_record(event, shop, received, given)
-            else:
-                record = storefront_record(event, shop, received, given)
+            record = make(fields, shop, received, given)
         except (OverflowError, ValueError) as exc:
             late.append({"index": index, "reason": f"event cannot be stored: {exc}"})
             metrics.EVENTS_REJECTED.labels(stream, "unencodable").inc()
             continue
-        sessions.setdefault(event.session_id, []).append((index, record))
+        sessions.setdefault(record["session_id"], []).append((index, record))
     messages: list[tuple[bytes, bytes]] = []
     for session, items in sessions.items():
         messages += _encode(f"{shop.id}:{session}".encode(), items, stream, late, max_record_bytes)

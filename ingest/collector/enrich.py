@@ -18,7 +18,7 @@ import maxminddb
 from aiohttp import web
 
 from ingest.collector import bots
-from ingest.collector.models import BehaviorEvent, StorefrontEvent
+from ingest.collector.models import BehaviorEvent, EventFields, StorefrontEvent
 from ingest.core.errors import ConfigError
 from ingest.core.headers import valid_text
 from ingest.core.settings import Settings
@@ -347,9 +347,17 @@ def behavior_record(
     event: BehaviorEvent, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a behavior event: its fields, server facts, and session context."""
+    return behavior_fields_record(_fields(event), shop, received, assigned)
+
+
+def behavior_fields_record(
+    fields: EventFields, shop: Shop, received: Received, assigned: datetime | None = None
+) -> dict[str, Any]:
+    """The Kafka record of a behavior event given as the fields of a ``BehaviorEvent``
+    (``models.EventFields``: the dict becomes the record)."""
     view = received.of_shop(shop)
-    record = _record(_fields(event), shop, received, assigned, BEHAVIOR, view)
-    metadata = event.metadata
+    metadata = fields["metadata"]  # the client's, before _record adds server keys
+    record = _record(fields, shop, received, assigned, BEHAVIOR, view)
     if metadata and not metadata.keys().isdisjoint(_SESSION_FACTS):  # one C call
         if view.anonymous:  # no session fact kept, in the context or the metadata
             record["metadata"] = {
@@ -382,12 +390,12 @@ def _fields(event: BehaviorEvent | StorefrontEvent) -> dict[str, Any]:
 
 
 def storefront_fields_record(
-    fields: dict[str, Any], shop: Shop, received: Received, assigned: datetime | None = None
+    fields: EventFields, shop: Shop, received: Received, assigned: datetime | None = None
 ) -> dict[str, Any]:
     """The Kafka record of a storefront event given as the fields of a
-    ``StorefrontEvent`` (every one of them, each already what the model checks; the
-    dict becomes the record): how a tracker protocol that has checked its message
-    skips building the model only to copy its fields out again."""
+    ``StorefrontEvent`` (``models.EventFields``: the dict becomes the record): how a
+    tracker protocol that has checked its message skips building the model only to
+    copy its fields out again."""
     view = received.of_shop(shop)
     record = _record(fields, shop, received, assigned, STOREFRONT, view)
     record[CONTEXT] = view.context

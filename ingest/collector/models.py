@@ -130,6 +130,11 @@ class StorefrontBatch(BatchEnvelope):
 
 
 EventModel = TypeVar("EventModel", "BehaviorEvent", "StorefrontEvent")
+# An event model's fields as a dict: every field, in the model's order, each already
+# what validation would make of it (``trusted``'s contract). A tracker protocol's fast
+# path hands these to ``app._records`` in place of a model (which would only be copied
+# back into a dict); which model's fields they are is the stream they are delivered to.
+EventFields = dict[str, Any]
 # The slots of a pydantic model instance, set as its ``model_construct`` sets them
 # (pydantic's internals: should a release hold a model's state otherwise, the tests
 # comparing ``trusted`` with ``model_validate`` fail).

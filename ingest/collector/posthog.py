@@ -909,7 +909,7 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
         ids = [None] * len(checked) if reference else _given_ids([r for _, r, _ in checked])
         groups: snowplow.Groups = {}
         # The group of each (stream, key), found once: a group's key hashes its Shop.
-        targets: dict[tuple[bool, str | None], list[tuple[int, collector.Valid]]] = {}
+        targets: dict[tuple[bool, str | None], list[tuple[int, snowplow.Mapped]]] = {}
         for (index, raw, key), identifier in zip(checked, ids, strict=True):
             shop = shops[key or ""]
             try:

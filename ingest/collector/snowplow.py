@@ -60,7 +60,13 @@ from msgspec import UNSET, UnsetType
 from ingest.collector import app as collector
 from ingest.collector.delivery import Unavailable
 from ingest.collector.enrich import Received
-from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul, trusted
+from ingest.collector.models import (
+    BehaviorEvent,
+    EventFields,
+    StorefrontEvent,
+    has_nul,
+    trusted,
+)
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.settings import Settings
@@ -701,10 +707,11 @@ def _fast(
     event: _Read,
     identifier: uuid.UUID | None,
     known: dict[tuple[str | UnsetType, ...], _Who],
-) -> list[BehaviorEvent | StorefrontEvent] | None:
+) -> list[BehaviorEvent | StorefrontEvent | EventFields] | None:
     """``[to_event(...), *derived(...)]`` of a page view, page ping or link click with its
     page and a UUID ``eid`` (``identifier``), EventRejected as they raise it; None for
-    any other event. ``known``: the ``_who`` of the batch's events so far."""
+    any other event. ``known``: the ``_who`` of the batch's events so far. A behavior
+    event is given as its fields (``EventFields``) unless a model was needed."""
     kind, url, ttm, dtm, vp, co, cx = _MAIN(event)
     if kind != "pv" and kind != "pp" and kind != "ue":
         return None
@@ -753,34 +760,32 @@ def _fast(
         event_data = {"href": href, "target": target}
     if contexts:
         metadata["contexts"] = contexts
-    # Built without a second validation: every value is one the model accepts.
-    made = trusted(
-        BehaviorEvent,
-        {
-            "event_id": identifier,
-            "event_type": event_type,
-            "session_id": session,
-            "page_url": url,
-            "timestamp": at,
-            "element_path": element_path,
-            "element_type": element_type,
-            "element_text": element_text,
-            "coordinates": None,
-            "viewport_size": {"width": viewport[0], "height": viewport[1]} if viewport else None,
-            "event_data": event_data,
-            "component_id": component_id,
-            "metadata": metadata,
-        },
-        given,
-    )
+    # The event's fields, every one the model would hold (``models.EventFields``): no
+    # model is built, ``app._records`` makes the record of the dict itself.
+    fields: EventFields = {
+        "event_id": identifier,
+        "event_type": event_type,
+        "session_id": session,
+        "page_url": url,
+        "timestamp": at,
+        "element_path": element_path,
+        "element_type": element_type,
+        "element_text": element_text,
+        "coordinates": None,
+        "viewport_size": {"width": viewport[0], "height": viewport[1]} if viewport else None,
+        "event_data": event_data,
+        "component_id": component_id,
+        "metadata": metadata,
+    }
     if kind == "pv":
         user, duid = event.uid, event.duid
         if not user or not duid or user == duid:
-            return [made]
-        return [made, _identity(identifier, user, duid, event.sid, at)]
-    if kind == "pp" and contexts:
-        return [made, *times_on_elements(made, contexts)]
-    return [made]
+            return [fields]
+        return [fields, _identity(identifier, user, duid, event.sid, at)]
+    if kind == "pp" and contexts:  # element times are made of the ping's model
+        ping = trusted(BehaviorEvent, fields, given)
+        return [ping, *times_on_elements(ping, contexts)]
+    return [fields]
 
 
 def _identity(
@@ -803,9 +808,7 @@ def _identity(
     return event
 
 
-def reference_mapped(
-    shop: Shop, fields: Mapping[str, str]
-) -> list[BehaviorEvent | StorefrontEvent]:
+def reference_mapped(shop: Shop, fields: Mapping[str, str]) -> list[Mapped]:
     """The event of one tracker payload and the records made beside it: ``to_event``,
     then ``derived``."""
     event = to_event(shop, fields)
@@ -855,7 +858,8 @@ async def _taken(request: web.Request, aids: Iterable[str | None]) -> dict[str, 
     return shops
 
 
-_Made = list[tuple[int, BehaviorEvent | StorefrontEvent]]
+Mapped = BehaviorEvent | StorefrontEvent | EventFields  # a dict: a behavior event's fields
+_Made = list[tuple[int, Mapped]]
 _STOREFRONT = streams.STOREFRONT.name
 
 
@@ -897,11 +901,12 @@ def _group(
     index: int,
     aid: str,
     stm: str,
-    made: list[BehaviorEvent | StorefrontEvent],
+    made: list[Mapped],
 ) -> None:
     """Add the records ``made`` of event ``index`` to their (stream, aid, stm) groups."""
     for event in made:
-        stream = streams.BEHAVIOR.name if isinstance(event, BehaviorEvent) else _STOREFRONT
+        behavior = type(event) is dict or isinstance(event, BehaviorEvent)
+        stream = streams.BEHAVIOR.name if behavior else _STOREFRONT
         groups.setdefault((stream, aid, stm), []).append((index, event))
 
 
@@ -944,7 +949,7 @@ async def _accept_fast(
         aid = event.aid or ""
         stm = event.stm or ""
         try:
-            records = _fast(shops[aid], event, identifier, known)
+            records: list[Mapped] | None = _fast(shops[aid], event, identifier, known)
             if records is None:
                 if payloads is None:
                     payloads = _PAYLOAD_DATA.decode(body).data
@@ -953,7 +958,7 @@ async def _accept_fast(
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
-        if len(records) == 1 and isinstance(records[0], BehaviorEvent):
+        if len(records) == 1 and type(records[0]) is dict:  # the usual: one behavior event
             groups.setdefault((behavior, aid, stm), []).append((index, records[0]))
         else:
             _group(groups, index, aid, stm, records)
@@ -961,7 +966,7 @@ async def _accept_fast(
     return await _deliver(request, groups, shops, rejected, received_at, made)
 
 
-Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, BehaviorEvent | StorefrontEvent]]]
+Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, Mapped]]]
 
 
 async def deliver_groups(
