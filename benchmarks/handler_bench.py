@@ -162,8 +162,11 @@ async def main(dsn: str | None, names: list[str], count: int, profile: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         async with scratch_database(dsn, Path(tmp)) as scratch:
             handlers = await bench(scratch, names, count, profile)
+    # A partial or profiled run has a file of its own: handlers.json is every handler's.
+    partial = profile is not None or set(names) != set(HANDLERS)
     return write_result(
-        "handlers", {"machine": machine(), "requests_per_round": count, "handlers": handlers}
+        "handlers-partial" if partial else "handlers",
+        {"machine": machine(), "requests_per_round": count, "handlers": handlers},
     )
 
 
