@@ -33,7 +33,7 @@ from ingest.collector.models import (
     BatchEnvelope,
     BehaviorBatch,
     BehaviorEvent,
-    EventFields,
+    MappedEvent,
     StorefrontBatch,
     StorefrontEvent,
     has_nul,
@@ -160,6 +160,16 @@ def _check_values(body: bytes, limit: int) -> None:
     if count > limit:
         raise Refused(
             413, f"body holds more than max_json_values={limit} JSON values (about {count})"
+        )
+
+
+def check_count(events: int, settings: Settings) -> None:
+    """A 413 for a batch of more than ``max_events_per_batch`` events (every route's rule:
+    the native batches, Snowplow's payloads, PostHog's batches)."""
+    if events > settings.max_events_per_batch:
+        raise Refused(
+            413,
+            f"batch has {events} events, max_events_per_batch={settings.max_events_per_batch}",
         )
 
 
@@ -299,12 +309,7 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
         key = printable_ascii(given or envelope.write_key) or ""
         if not envelope.events:
             return _json({"accepted": 0, "rejected": []})  # no event: no token spent
-        if len(envelope.events) > settings.max_events_per_batch:
-            raise Refused(
-                413,
-                f"batch has {len(envelope.events)} events, max_events_per_batch="
-                f"{settings.max_events_per_batch}",
-            )
+        check_count(len(envelope.events), settings)
         if (wait := limiter.take(key, client)) > 0:
             raise _limited(wait)
         return await _deliver_batch(request, stream, shop, envelope, received_at)
@@ -363,7 +368,7 @@ _FIELDS_RECORDS = {
 
 def _records(
     stream: str,
-    valid: Sequence[tuple[int, Valid | EventFields]],
+    valid: Sequence[tuple[int, MappedEvent]],
     shop: Shop,
     received: Received,
     times: AssignedTimes,

@@ -56,7 +56,14 @@ from aiohttp import web
 
 from ingest.collector import app as collector
 from ingest.collector import snowplow
-from ingest.collector.models import BehaviorEvent, StorefrontEvent, has_nul, trusted
+from ingest.collector.models import (
+    BehaviorEvent,
+    EventFields,
+    MappedEvent,
+    StorefrontEvent,
+    has_nul,
+    trusted,
+)
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.shops import Shop
@@ -595,14 +602,7 @@ def _identity(
 # compares them on many inputs) for a fraction of the CPU: every step of the
 # reference costs a few microseconds an event, and a PostHog batch has dozens.
 
-# What to_event gives model_validate, by kind of event (the fields it sets).
-_BEHAVIOR_GIVEN = frozenset(
-    {"event_id", "session_id", "page_url", "timestamp", "viewport_size", "event_type"}
-    | {"event_data", "metadata"}
-)
-_ELEMENT_GIVEN = (
-    _BEHAVIOR_GIVEN | {"element_path", "element_type", "element_text"} | {"component_id"}
-)
+# What to_event gives model_validate, by kind of storefront event (the fields it sets).
 _STOREFRONT_GIVEN = frozenset(
     {"event_id", "event_type", "anon_id", "session_id", "ts", "props"}
     | {"product_id", "experiment_id", "variant"}
@@ -634,12 +634,13 @@ def _fast_event(
     sent_at: datetime | None,
     received_at: datetime,
     identifier: uuid.UUID | None,
-) -> BehaviorEvent | StorefrontEvent | None:
-    """``to_event(shop, raw, sent_at, received_at)`` for the events SDKs send, or None
-    when ``raw`` is not one of them (then the caller asks ``to_event``, which also
-    gives the reasons of refusals). ``identifier``: the event's ``uuid`` already read
-    (``_given_ids``), None to read it here. The usual case of each step (a string
-    where one is expected) is written out rather than asked of ``_text`` or ``_time``."""
+) -> StorefrontEvent | EventFields | None:
+    """``to_event(shop, raw, sent_at, received_at)`` for the events SDKs send (a behavior
+    event as its fields, ``EventFields``), or None when ``raw`` is not one of them (then
+    the caller asks ``to_event``, which also gives the reasons of refusals).
+    ``identifier``: the event's ``uuid`` already read (``_given_ids``), None to read it
+    here. The usual case of each step (a string where one is expected) is written out
+    rather than asked of ``_text`` or ``_time``."""
     name = raw.get("event")
     properties = raw.get("properties")
     if type(name) is not str or not name or type(properties) is not dict:
@@ -726,27 +727,25 @@ def _fast_event(
                 else:
                     path, tag, text, component = _element_tuple(_autocaptured(properties))
             width, height = properties.get("$viewport_width"), properties.get("$viewport_height")
-            return trusted(
-                BehaviorEvent,
-                {
-                    "event_id": identifier,
-                    "event_type": event_type,
-                    "session_id": session,
-                    "page_url": url,
-                    "timestamp": at,
-                    "element_path": path,
-                    "element_type": tag,
-                    "element_text": text,
-                    "coordinates": None,
-                    "viewport_size": {"width": width, "height": height}
-                    if type(width) is int and type(height) is int
-                    else None,
-                    "event_data": event_data,
-                    "component_id": component,
-                    "metadata": metadata or {"anon_id": distinct, "event": name},
-                },
-                _BEHAVIOR_GIVEN if path is None else _ELEMENT_GIVEN,
-            )
+            # The event's fields (``models.EventFields``): no model is built for a
+            # behavior event, ``app._records`` makes the record of the dict itself.
+            return {
+                "event_id": identifier,
+                "event_type": event_type,
+                "session_id": session,
+                "page_url": url,
+                "timestamp": at,
+                "element_path": path,
+                "element_type": tag,
+                "element_text": text,
+                "coordinates": None,
+                "viewport_size": {"width": width, "height": height}
+                if type(width) is int and type(height) is int
+                else None,
+                "event_data": event_data,
+                "component_id": component,
+                "metadata": metadata or {"anon_id": distinct, "event": name},
+            }
     identity = _identity(name, distinct, properties, raw)
     if identity is not None:
         return trusted(
@@ -874,12 +873,7 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
             events = data
         if not isinstance(events, list):
             raise collector.Refused(400, "body is not an event, a list or a batch of events")
-        if len(events) > settings.max_events_per_batch:
-            raise collector.Refused(
-                413,
-                f"batch has {len(events)} events, "
-                f"max_events_per_batch={settings.max_events_per_batch}",
-            )
+        collector.check_count(len(events), settings)
         max_bytes = settings.max_event_bytes
         each = reference or not _all_encoded(data, max_bytes)
         rejected: list[dict[str, Any]] = []
@@ -909,11 +903,11 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
         ids = [None] * len(checked) if reference else _given_ids([r for _, r, _ in checked])
         groups: snowplow.Groups = {}
         # The group of each (stream, key), found once: a group's key hashes its Shop.
-        targets: dict[tuple[bool, str | None], list[tuple[int, snowplow.Mapped]]] = {}
+        targets: dict[tuple[bool, str | None], list[tuple[int, MappedEvent]]] = {}
         for (index, raw, key), identifier in zip(checked, ids, strict=True):
             shop = shops[key or ""]
             try:
-                event = (
+                event: MappedEvent | None = (
                     None if reference else _fast_event(shop, raw, sent_at, received_at, identifier)
                 )
                 if event is None:
@@ -922,7 +916,7 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
                 rejected.append({"index": index, "reason": exc.reason})
                 metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
                 continue
-            behavior = isinstance(event, BehaviorEvent)
+            behavior = type(event) is dict or isinstance(event, BehaviorEvent)
             target = targets.get((behavior, key))
             if target is None:
                 stream = streams.BEHAVIOR.name if behavior else streams.STOREFRONT.name

@@ -63,13 +63,13 @@ from ingest.collector.enrich import Received
 from ingest.collector.models import (
     BehaviorEvent,
     EventFields,
+    MappedEvent,
     StorefrontEvent,
     has_nul,
     trusted,
 )
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
-from ingest.core.settings import Settings
 from ingest.core.shops import Shop
 
 KIND = "snowplow"  # the stream label of this protocol's metrics
@@ -707,7 +707,7 @@ def _fast(
     event: _Read,
     identifier: uuid.UUID | None,
     known: dict[tuple[str | UnsetType, ...], _Who],
-) -> list[BehaviorEvent | StorefrontEvent | EventFields] | None:
+) -> list[MappedEvent] | None:
     """``[to_event(...), *derived(...)]`` of a page view, page ping or link click with its
     page and a UUID ``eid`` (``identifier``), EventRejected as they raise it; None for
     any other event. ``known``: the ``_who`` of the batch's events so far. A behavior
@@ -808,7 +808,7 @@ def _identity(
     return event
 
 
-def reference_mapped(shop: Shop, fields: Mapping[str, str]) -> list[Mapped]:
+def reference_mapped(shop: Shop, fields: Mapping[str, str]) -> list[MappedEvent]:
     """The event of one tracker payload and the records made beside it: ``to_event``,
     then ``derived``."""
     event = to_event(shop, fields)
@@ -858,8 +858,7 @@ async def _taken(request: web.Request, aids: Iterable[str | None]) -> dict[str, 
     return shops
 
 
-Mapped = BehaviorEvent | StorefrontEvent | EventFields  # a dict: a behavior event's fields
-_Made = list[tuple[int, Mapped]]
+_Made = list[tuple[int, MappedEvent]]
 _STOREFRONT = streams.STOREFRONT.name
 
 
@@ -901,7 +900,7 @@ def _group(
     index: int,
     aid: str,
     stm: str,
-    made: list[Mapped],
+    made: list[MappedEvent],
 ) -> None:
     """Add the records ``made`` of event ``index`` to their (stream, aid, stm) groups."""
     for event in made:
@@ -949,7 +948,7 @@ async def _accept_fast(
         aid = event.aid or ""
         stm = event.stm or ""
         try:
-            records: list[Mapped] | None = _fast(shops[aid], event, identifier, known)
+            records: list[MappedEvent] | None = _fast(shops[aid], event, identifier, known)
             if records is None:
                 if payloads is None:
                     payloads = _PAYLOAD_DATA.decode(body).data
@@ -966,7 +965,7 @@ async def _accept_fast(
     return await _deliver(request, groups, shops, rejected, received_at, made)
 
 
-Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, Mapped]]]
+Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, MappedEvent]]]
 
 
 async def deliver_groups(
@@ -1021,14 +1020,6 @@ async def post_tp2(request: web.Request) -> web.StreamResponse:
     return await _tp2(request, datetime.now(UTC), fast=True)
 
 
-def _check_count(events: int, settings: Settings) -> None:
-    if events > settings.max_events_per_batch:
-        raise collector.Refused(
-            413,
-            f"batch has {events} events, max_events_per_batch={settings.max_events_per_batch}",
-        )
-
-
 async def _tp2(request: web.Request, received_at: datetime, *, fast: bool) -> web.StreamResponse:
     """``post_tp2`` received at ``received_at``; ``fast`` False: by the reference alone."""
     settings = request.app[collector.SETTINGS]
@@ -1040,7 +1031,7 @@ async def _tp2(request: web.Request, received_at: datetime, *, fast: bool) -> we
             tracked = _tracked(body, settings.max_event_bytes) if fast else None
             response: web.StreamResponse
             if tracked is not None:
-                _check_count(len(tracked), settings)
+                collector.check_count(len(tracked), settings)
                 response = await _accept_fast(request, tracked, body, received_at)
             else:
                 try:
@@ -1053,7 +1044,7 @@ async def _tp2(request: web.Request, received_at: datetime, *, fast: bool) -> we
                     raise collector.Refused(
                         400, 'body is not payload_data: {"schema": ..., "data": [events]}'
                     )
-                _check_count(len(payloads), settings)
+                collector.check_count(len(payloads), settings)
                 response = await accept(request, payloads, received_at)
     except collector.Refused as exc:
         response = collector._json({"error": exc.reason}, exc.status, exc.headers)

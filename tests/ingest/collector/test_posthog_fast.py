@@ -201,7 +201,14 @@ def _outcome(call: Any) -> tuple[str, Any]:
         return "error", type(exc)
 
 
-def _same_model(fast: BehaviorEvent | StorefrontEvent, reference: Any) -> None:
+def _same_model(fast: BehaviorEvent | StorefrontEvent | dict[str, Any], reference: Any) -> None:
+    if isinstance(fast, dict):  # a behavior event's fields: the model they stand for
+        assert type(reference) is BehaviorEvent
+        assert list(fast) == list(vars(reference))  # every field, in the model's order
+        assert fast == vars(reference)
+        assert orjson.dumps(fast) == orjson.dumps(vars(reference))
+        assert BehaviorEvent.model_validate(fast) == reference  # valid as given
+        return
     assert type(fast) is type(reference)
     assert list(vars(fast)) == list(vars(reference))  # the fields, in the same order
     assert vars(fast) == vars(reference)
