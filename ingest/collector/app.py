@@ -384,6 +384,7 @@ def _records(
     """
     make = _FIELDS_RECORDS[stream]
     time_column = streams.STREAMS[stream].time_column
+    view = received.of_shop(shop)  # once: every event of the call is the shop's
     sessions: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     late: list[dict[str, Any]] = []
     for index, event in valid:
@@ -394,7 +395,7 @@ def _records(
             None if fields[time_column] else times.time_for(shop, fields["event_id"], received.at)
         )
         try:
-            record = make(fields, shop, received, given)
+            record = make(fields, shop, received, given, view)
         except (OverflowError, ValueError) as exc:
             late.append({"index": index, "reason": f"event cannot be stored: {exc}"})
             metrics.EVENTS_REJECTED.labels(stream, "unencodable").inc()

@@ -351,11 +351,17 @@ def behavior_record(
 
 
 def behavior_fields_record(
-    fields: EventFields, shop: Shop, received: Received, assigned: datetime | None = None
+    fields: EventFields,
+    shop: Shop,
+    received: Received,
+    assigned: datetime | None = None,
+    view: ShopView | None = None,
 ) -> dict[str, Any]:
     """The Kafka record of a behavior event given as the fields of a ``BehaviorEvent``
-    (``models.EventFields``: the dict becomes the record)."""
-    view = received.of_shop(shop)
+    (``models.EventFields``: the dict becomes the record). ``view``: ``received``'s
+    ``of_shop(shop)``, when the caller has it (a batch's events share it)."""
+    if view is None:
+        view = received.of_shop(shop)
     metadata = fields["metadata"]  # the client's, before _record adds server keys
     record = _record(fields, shop, received, assigned, BEHAVIOR, view)
     if metadata and not metadata.keys().isdisjoint(_SESSION_FACTS):  # one C call
@@ -390,13 +396,18 @@ def _fields(event: BehaviorEvent | StorefrontEvent) -> dict[str, Any]:
 
 
 def storefront_fields_record(
-    fields: EventFields, shop: Shop, received: Received, assigned: datetime | None = None
+    fields: EventFields,
+    shop: Shop,
+    received: Received,
+    assigned: datetime | None = None,
+    view: ShopView | None = None,
 ) -> dict[str, Any]:
     """The Kafka record of a storefront event given as the fields of a
     ``StorefrontEvent`` (``models.EventFields``: the dict becomes the record): how a
     tracker protocol that has checked its message skips building the model only to
-    copy its fields out again."""
-    view = received.of_shop(shop)
+    copy its fields out again. ``view`` as for ``behavior_fields_record``."""
+    if view is None:
+        view = received.of_shop(shop)
     record = _record(fields, shop, received, assigned, STOREFRONT, view)
     record[CONTEXT] = view.context
     country = view.context.get("country_code")
