@@ -344,7 +344,7 @@ RETURNING id;
 SELECT s.id, s.domain, s.allowed_origins,
        CASE WHEN jsonb_typeof(s.settings->'data_retention_days') = 'number'
             THEN floor((s.settings->>'data_retention_days')::numeric)::int END AS retention_days,
-       s.installed_at, s.uninstalled_at,
+       s.settings, s.installed_at, s.uninstalled_at,
        (SELECT count(*) FROM shop_write_keys k
         WHERE k.shop_id = s.id AND k.revoked_at IS NULL) AS live_keys
 FROM shops s
@@ -356,13 +356,17 @@ SELECT webhook_secret FROM shops WHERE domain = $1;
 
 -- name: shop_set
 -- `eventpipe shops set`: $2 true: any origin (NULL); else $3 (when not NULL) replaces the
--- origins; $4 (when not NULL) becomes settings.data_retention_days. NULL: no such shop.
+-- origins; $4 (when not NULL) becomes settings.data_retention_days; the keys of $5 (an
+-- object, when not NULL) are set in settings and the keys $6 removed (their defaults
+-- apply). NULL: no such shop.
 UPDATE shops SET
   allowed_origins = CASE WHEN $2::bool THEN NULL
                          WHEN $3::text[] IS NOT NULL THEN $3::text[]
                          ELSE allowed_origins END,
-  settings = CASE WHEN $4::int IS NULL THEN settings
-                  ELSE settings || jsonb_build_object('data_retention_days', $4::int) END,
+  settings = (CASE WHEN $4::int IS NULL THEN settings
+                   ELSE settings || jsonb_build_object('data_retention_days', $4::int) END
+              || coalesce($5::jsonb, '{}'::jsonb))
+             - coalesce($6::text[], '{}'::text[]),
   updated_at = now()
 WHERE domain = $1
 RETURNING id;

@@ -24,6 +24,10 @@ from ingest.core.db import Database, queries
 from ingest.core.errors import ConfigError
 from ingest.core.settings import Settings
 from ingest.core.shops import (
+    BOT_POLICIES,
+    IP_POLICIES,
+    SETTING_KEYS,
+    UNINSTALLED_DATA,
     ShopInfo,
     create_shop,
     list_shops,
@@ -62,7 +66,9 @@ def add_parser(
     show.set_defaults(func=show_command)
 
     change = ssub.add_parser(
-        "set", parents=[common], help="replace a shop's allowed origins, set its retention"
+        "set",
+        parents=[common],
+        help="replace a shop's allowed origins, set its retention and privacy settings",
     )
     change.add_argument("domain")
     _origins(change, "replaces the list")
@@ -70,6 +76,7 @@ def add_parser(
         "--clear-origins", action="store_true", help="allow beacons from any origin"
     )
     _retention(change)
+    _privacy(change)
     change.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     change.set_defaults(func=set_command)
 
@@ -93,6 +100,49 @@ def _origins(parser: argparse.ArgumentParser, extra: str = "") -> None:
         + (f"; {extra}" if extra else "")
         + " (none: any origin)",
     )
+
+
+def _privacy(parser: argparse.ArgumentParser) -> None:
+    """The privacy settings (README, "A shop's privacy settings"); ``default`` removes
+    one from the shop, so that the collector's own setting applies."""
+    group = parser.add_argument_group("privacy settings ('default': the collector's)")
+    group.add_argument("--ip-policy", choices=[*IP_POLICIES, "default"])
+    group.add_argument("--consent-required", choices=["yes", "no", "default"])
+    group.add_argument("--bot-policy", choices=[*BOT_POLICIES, "default"])
+    group.add_argument(
+        "--bot-deny",
+        action="append",
+        dest="bot_deny_list",
+        metavar="TEXT",
+        help="a User-Agent substring this shop counts as a bot; repeat for more (replaces "
+        "the list)",
+    )
+    group.add_argument(
+        "--clear-bot-deny-list", action="store_true", help="no User-Agents of the shop's own"
+    )
+    group.add_argument(
+        "--uninstalled-data",
+        choices=[*UNINSTALLED_DATA, "default"],
+        help="what partitions maintain does with the rows once the shop is uninstalled",
+    )
+
+
+def _privacy_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``set`` changes: a value, or None to remove it (its default applies)."""
+    if args.clear_bot_deny_list and args.bot_deny_list:
+        raise ConfigError(
+            "--clear-bot-deny-list and --bot-deny contradict each other", hint="give one of them"
+        )
+    given: dict[str, Any] = {
+        "ip_policy": args.ip_policy,
+        "consent_required": {"yes": True, "no": False, "default": "default"}.get(
+            args.consent_required or ""
+        ),
+        "bot_policy": args.bot_policy,
+        "uninstalled_data": args.uninstalled_data,
+        "bot_deny_list": "default" if args.clear_bot_deny_list else args.bot_deny_list,
+    }
+    return {k: None if v == "default" else v for k, v in given.items() if v is not None}
 
 
 def _retention(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +231,7 @@ async def set_command(settings: Settings, args: argparse.Namespace, console: Con
             allowed_origins=args.allowed_origins,
             clear_origins=args.clear_origins,
             retention_days=args.retention_days,
+            settings=_privacy_changes(args),
         )
     _print_shop(console, shop, args.json, None)
     return 0
@@ -228,6 +279,14 @@ def _print_json(console: Console, value: object) -> None:
     print(json.dumps(value, indent=2))
 
 
+def _setting_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
 def _origins_text(shop: ShopInfo) -> str:
     return "any" if shop.allowed_origins is None else " ".join(shop.allowed_origins) or "none"
 
@@ -247,6 +306,10 @@ def _print_shop(console: Console, shop: ShopInfo, as_json: bool, secret: str | N
         f"  live write keys  {shop.live_keys}  (eventpipe keys list --shop {shop.domain})",
         f"  installed        {shop.installed_at}",
     ]
+    for key in SETTING_KEYS:
+        value = shop.privacy.get(key)
+        shown = "the collector's" if value is None else _setting_text(value)
+        lines.append(f"  {key:<17}{shown}")
     if shop.uninstalled_at:
         lines.append(f"  uninstalled      {shop.uninstalled_at}")
     if secret is not None:

@@ -7,8 +7,8 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -289,6 +289,41 @@ class ShopInfo:
     live_keys: int
     installed_at: str
     uninstalled_at: str | None
+    # The privacy settings the shop sets (SETTING_KEYS'; absent: the collector's default).
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+# The per-shop settings ``shops set`` changes besides origins and retention (README,
+# "A shop's privacy settings"), and the values each may take.
+UNINSTALLED_DATA = ("delete", "anonymize")
+SETTING_KEYS = ("ip_policy", "consent_required", "bot_policy", "bot_deny_list", "uninstalled_data")
+
+
+def valid_setting(key: str, value: Any) -> Any:
+    """``value`` for the shop setting ``key`` as stored (a deny list's entries stripped);
+    ConfigError naming what it may be otherwise."""
+    choices: tuple[object, ...] | None = {
+        "ip_policy": IP_POLICIES,
+        "consent_required": (True, False),
+        "bot_policy": BOT_POLICIES,
+        "uninstalled_data": UNINSTALLED_DATA,
+    }.get(key)
+    if choices is not None:
+        if value not in choices or type(value) is not type(choices[0]):
+            shown = ", ".join(str(c).lower() for c in choices)
+            raise ConfigError(f"{key} {value!r} is not one of {shown}")
+        return value
+    if key != "bot_deny_list":
+        raise ConfigError(f"{key} is not a shop setting", hint=", ".join(SETTING_KEYS))
+    entries = [str(e).strip() for e in value]
+    if len(entries) > MAX_DENY_ENTRIES:
+        raise ConfigError(f"bot_deny_list has {len(entries)} entries, at most {MAX_DENY_ENTRIES}")
+    for entry in entries:
+        if not entry or len(entry) > MAX_DENY_LENGTH or not entry.isprintable():
+            raise ConfigError(
+                f"bot_deny_list entry {entry!r} is not 1 to {MAX_DENY_LENGTH} printable characters"
+            )
+    return entries
 
 
 async def create_shop(
@@ -359,9 +394,14 @@ async def update_shop(
     allowed_origins: Sequence[str] | None = None,
     clear_origins: bool = False,
     retention_days: int | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> ShopInfo:
-    """Replace the allowed origins (or allow any, ``clear_origins``) and/or set the
-    retention; the shop as it is now. ConfigError on bad input or an unknown shop."""
+    """Replace the allowed origins (or allow any, ``clear_origins``), set the retention
+    and/or the ``settings`` given (``SETTING_KEYS``; None removes one: its default
+    applies); the shop as it is now. ConfigError on bad input or an unknown shop."""
+    changes = {k: None if v is None else valid_setting(k, v) for k, v in (settings or {}).items()}
+    kept = {k: v for k, v in changes.items() if v is not None}
+    removed = [k for k, v in changes.items() if v is None]
     if clear_origins and allowed_origins:
         raise ConfigError(
             "--clear-origins and --allowed-origin contradict each other",
@@ -370,13 +410,21 @@ async def update_shop(
     origins = [valid_origin(o) for o in allowed_origins] if allowed_origins else None
     if retention_days is not None:
         valid_retention_days(retention_days)
-    if origins is None and not clear_origins and retention_days is None:
+    if origins is None and not clear_origins and retention_days is None and not changes:
         raise ConfigError(
-            "nothing to change", hint="give --allowed-origin, --clear-origins or --retention-days"
+            "nothing to change",
+            hint="give --allowed-origin, --clear-origins, --retention-days or a privacy setting",
         )
     domain = valid_domain(domain)
     changed = await queries.fetchval(
-        db.pool, "shop_set", domain, clear_origins, origins, retention_days
+        db.pool,
+        "shop_set",
+        domain,
+        clear_origins,
+        origins,
+        retention_days,
+        json.dumps(kept) if kept else None,
+        removed or None,
     )
     if changed is None:
         raise _no_such_shop(domain)
@@ -389,6 +437,9 @@ def _no_such_shop(domain: str) -> ConfigError:
 
 def _info(row: asyncpg.Record) -> ShopInfo:
     days = row["retention_days"]
+    settings = json.loads(row["settings"]) if row["settings"] else {}
+    if not isinstance(settings, dict):
+        settings = {}
     return ShopInfo(
         id=UUID(bytes=row["id"].bytes),
         domain=row["domain"],
@@ -401,4 +452,5 @@ def _info(row: asyncpg.Record) -> ShopInfo:
         uninstalled_at=(
             row["uninstalled_at"].isoformat(timespec="seconds") if row["uninstalled_at"] else None
         ),
+        privacy={k: settings[k] for k in SETTING_KEYS if k in settings},
     )

@@ -136,6 +136,74 @@ async def test_an_origin_set_by_the_cli_is_the_one_the_collector_accepts(
                 assert resp.status == expected, (origin, await resp.text())
 
 
+async def test_set_changes_the_privacy_settings_and_default_removes_them(
+    run: Run, db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    domain = _domain()
+    assert await run("shops", "add", domain, "--retention-days", "9") == 0
+    capsys.readouterr()
+    argv = ["--ip-policy", "remove", "--consent-required", "yes", "--bot-policy", "flag"]
+    argv += ["--bot-deny", " MyMonitor ", "--bot-deny", "scraper", "--uninstalled-data"]
+    assert await run("shops", "set", domain, *argv, "anonymize", "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["privacy"] == {
+        "ip_policy": "remove",
+        "consent_required": True,
+        "bot_policy": "flag",
+        "bot_deny_list": ["MyMonitor", "scraper"],
+        "uninstalled_data": "anonymize",
+    }
+    assert shown["retention_days"] == 9  # untouched
+    # What the collector and the partition manager read is the stored JSON.
+    stored = json.loads(
+        await db.pool.fetchval("SELECT settings FROM shops WHERE domain = $1", domain)
+    )
+    assert stored == {**shown["privacy"], "data_retention_days": 9}
+    assert await run("shops", "show", domain) == 0
+    text = capsys.readouterr().out
+    assert "ip_policy        remove" in text and "bot_deny_list    MyMonitor, scraper" in text
+    assert "consent_required yes" in text
+    argv = ["--ip-policy", "default", "--consent-required", "no", "--clear-bot-deny-list"]
+    assert await run("shops", "set", domain, *argv, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["privacy"] == {
+        "consent_required": False,
+        "bot_policy": "flag",
+        "uninstalled_data": "anonymize",
+    }
+    assert await run("shops", "show", domain) == 0
+    assert "ip_policy        the collector's" in capsys.readouterr().out
+
+
+async def test_a_deny_list_set_by_the_cli_drops_that_agent_at_the_collector(
+    run: Run, settings: Settings, db: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import aiohttp
+
+    domain = _domain()
+    assert await run("shops", "add", domain, "--json") == 0
+    key = json.loads(capsys.readouterr().out)["write_key"]
+    assert (
+        await run("shops", "set", domain, "--bot-deny", "AcmeMonitor", "--bot-policy", "drop") == 0
+    )
+    body = b'[{"event_type":"page_view","session_id":"s-deny","page_url":"https://shop.example/"}]'
+    async with serving(settings, db, key_cache_s=0) as (server, _), aiohttp.ClientSession() as http:
+        answers = []
+        for agent in (
+            "Mozilla/5.0 acmemonitor/2.1",
+            "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0",
+        ):
+            async with http.post(
+                f"{server.url}/v1/behavior?k={key}",
+                data=body,
+                headers={"Content-Type": "text/plain", "User-Agent": agent},
+            ) as resp:
+                assert resp.status == 200
+                answers.append(await resp.json())
+    assert answers[0]["accepted"] == 0 and "(deny_list)" in answers[0]["dropped"]
+    assert answers[1]["accepted"] == 1
+
+
 BAD = [
     (["shops", "add", "EXISTING"], "exists"),
     (["shops", "add", "not a domain"], "not a shop domain"),
@@ -152,6 +220,10 @@ BAD = [
     (["shops", "set", "EXISTING", "--retention-days", "-3"], "at least 1"),
     (["shops", "set", "EXISTING", "--allowed-origin", "https://x/y"], "not an origin"),
     (["shops", "set", "EXISTING"], "nothing to change"),
+    (["shops", "set", "EXISTING", "--bot-deny", " "], "bot_deny_list entry"),
+    (["shops", "set", "EXISTING", "--bot-deny", "x" * 201], "bot_deny_list entry"),
+    (["shops", "set", "EXISTING", "--bot-deny", "a", "--clear-bot-deny-list"], "contradict"),
+    (["shops", "set", "NEW", "--bot-policy", "keep"], "no shop"),
     (
         ["shops", "set", "EXISTING", "--clear-origins", "--allowed-origin", "https://a.example"],
         "contradict",
