@@ -614,15 +614,25 @@ _MAIN = operator.attrgetter("e", "url", "ttm", "dtm", "vp", "co", "cx")
 # first: the same for every event of a tracker's batch, so made once a batch.
 _PING = operator.attrgetter(*_OFFSETS, "vp", "ds", "cd")
 _WHO = operator.attrgetter(*(key for key, _ in _IDS), "nuid", "tnuid", "sid")
-# Viewports repeat from event to event: parsed once.
-_cached_size = functools.lru_cache(maxsize=4096)(_size)
+_NO_DATA: dict[str, Any] = {}  # the event data of a page view (shared, never changed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _viewport(vp: str | None) -> dict[str, int] | None:
+    """A record's ``viewport_size`` of ``vp``: viewports repeat from event to event, so
+    each is parsed once and its dict shared (never changed)."""
+    size = _size(vp)
+    return {"width": size[0], "height": size[1]} if size else None
+
+
 _UUIDS = list[uuid.UUID]
 
 
 @functools.lru_cache(maxsize=4096)
 def _scroll(*sent: str | UnsetType) -> dict[str, Any]:
     """``_ping``'s event data of a ping's ``pp_mix``, ``pp_max``, ``pp_miy``, ``pp_may``,
-    ``vp``, ``ds`` and ``cd``. Cached (pings of a page repeat them): callers copy it."""
+    ``vp``, ``ds`` and ``cd``. Cached (pings of a page repeat them): shared, never
+    changed."""
     fields = dict(zip((*_OFFSETS, "vp", "ds", "cd"), sent, strict=True))
     return _ping({k: v for k, v in fields.items() if not isinstance(v, UnsetType)})
 
@@ -734,10 +744,12 @@ def _fast(
         session = f"{anon}/{(at or datetime.now(UTC)).date().isoformat()}"[:256]
     # Decoded once: the reference decodes a ping's again for its element statistics.
     contexts = [] if co is UNSET and cx is UNSET else _contexts(_sent(co=co, cx=cx))
-    viewport = _cached_size(vp or None)
-    ids: dict[str, Any] = template.copy()
+    # The tracker's ids, a ping's scroll data and a viewport are dicts shared by the
+    # records of a batch that have the same ones (made once, cached): nothing after
+    # this changes a record's nested dicts in place (enrich replaces its metadata
+    # with a new dict where it adds keys), and each record is encoded at once.
     element_path = element_type = element_text = component_id = None
-    event_data: dict[str, Any] = {}
+    event_data: dict[str, Any] = _NO_DATA
     if kind == "pv":
         event_type, given = "page_view", _GIVEN_PV
         metadata: dict[str, Any] = {
@@ -745,21 +757,21 @@ def _fast(
             "language": _text(event.lang, 256),
             "screen_resolution": _text(event.res, 64),
             "title": _text(event.page),
-            **ids,
+            **template,
         }
     elif kind == "pp":
-        event_type, given, metadata = "scroll_depth", _GIVEN_PP, ids
-        event_data = _scroll(*_PING(event)).copy()
+        event_type, given, metadata = "scroll_depth", _GIVEN_PP, template
+        event_data = _scroll(*_PING(event))
     else:
         pr, px = event.ue_pr, event.ue_px
         click = _link_click(None if pr is UNSET else pr, None if px is UNSET else px)
         if click is None:
             return None
-        event_type, given, metadata, element_type = "click", _GIVEN_CLICK, ids, "a"
+        event_type, given, metadata, element_type = "click", _GIVEN_CLICK, template, "a"
         element_path, element_text, component_id, href, target = click
         event_data = {"href": href, "target": target}
     if contexts:
-        metadata["contexts"] = contexts
+        metadata = {**metadata, "contexts": contexts}
     # The event's fields, every one the model would hold (``models.EventFields``): no
     # model is built, ``app._records`` makes the record of the dict itself.
     fields: EventFields = {
@@ -772,7 +784,7 @@ def _fast(
         "element_type": element_type,
         "element_text": element_text,
         "coordinates": None,
-        "viewport_size": {"width": viewport[0], "height": viewport[1]} if viewport else None,
+        "viewport_size": _viewport(vp or None),
         "event_data": event_data,
         "component_id": component_id,
         "metadata": metadata,
@@ -944,6 +956,9 @@ async def _accept_fast(
     known: dict[tuple[str | UnsetType, ...], _Who] = {}
     payloads: list[dict[str, str]] | None = None  # the reference's events, when needed
     behavior = streams.BEHAVIOR.name
+    # The behavior group of the last (aid, stm): a batch's events nearly always share them.
+    last: tuple[str, str] | None = None
+    target: _Made = []
     for index, (event, identifier) in enumerate(zip(events, identifiers, strict=True)):
         aid = event.aid or ""
         stm = event.stm or ""
@@ -958,7 +973,9 @@ async def _accept_fast(
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
         if len(records) == 1 and type(records[0]) is dict:  # the usual: one behavior event
-            groups.setdefault((behavior, aid, stm), []).append((index, records[0]))
+            if last is None or last[0] != aid or last[1] != stm:
+                last, target = (aid, stm), groups.setdefault((behavior, aid, stm), [])
+            target.append((index, records[0]))
         else:
             _group(groups, index, aid, stm, records)
             made += len(records) - 1
