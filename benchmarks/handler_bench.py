@@ -134,7 +134,7 @@ async def bench(dsn: str, names: list[str], count: int, profile: str | None) -> 
             profiler.disable()
             stats = pstats.Stats(profiler).sort_stats("tottime")
             stats.print_stats(30)
-            stats.print_callees("_taken|_shop|shop_for")
+            stats.print_callees("_taken|_shop|shop_for|_accept_fast_batch|post_batch")
     events = collector_bench.EVENTS_PER_REQUEST
     out: dict[str, Any] = {}
     for name in names:

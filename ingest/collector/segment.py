@@ -629,6 +629,11 @@ async def _deliver(
 _VARIANT = {f"{n:x}": f"{n & 0x3 | 0x8:x}" for n in range(16)}
 
 
+_NOT_YET = object()
+# The properties a storefront record's columns come from.
+_STOREFRONT_PROPERTIES = frozenset(("product_id", "experiment_id", "variation_id", "variant"))
+
+
 def _fast_sessions(
     request: web.Request,
     shop: Shop,
@@ -657,17 +662,20 @@ def _fast_sessions(
     sent_at = batch.sentAt
     original_key = STOREFRONT.original_time_key
     variant_digit = _VARIANT
+    given_clock: object = _NOT_YET  # the last message's own sentAt (its receipt: receipt)
     for index, message in enumerate(batch.messages):
-        clock = None if historical else (message.sentAt or sent_at)
-        if clock is not None and clock.tzinfo is None:
-            clock = clock.replace(tzinfo=UTC)
-        receipt = receipts.get(clock)
-        if receipt is None:
-            received = Received.of(request, settings, clock, received_at)
-            view = received.of_shop(shop)
-            country = view.context.get("country_code")
-            receipt = receipts[clock] = (received, view.context, view.bot, country)
-        received, context_of_request, bot, country = receipt
+        given = None if historical else (message.sentAt or sent_at)
+        if given is not given_clock:  # a message's own sentAt; else the batch's, again
+            given_clock, clock = given, given
+            if clock is not None and clock.tzinfo is None:
+                clock = clock.replace(tzinfo=UTC)
+            receipt = receipts.get(clock)
+            if receipt is None:
+                received = Received.of(request, settings, clock, received_at)
+                view = received.of_shop(shop)
+                country = view.context.get("country_code")
+                receipt = receipts[clock] = (received, view.context, view.bot, country)
+            received, context_of_request, bot, country = receipt
         kind = message.type
         message_id = message.messageId
         # uuid5(namespace(shop), message_id) as text.
@@ -714,11 +722,14 @@ def _fast_sessions(
             if country and "geo" not in context:
                 props["$context"] = {**context, "geo": {"country": {"code": country}}}
             session_id = session[:256]
-            product = properties.get("product_id")
-            experiment = properties.get("experiment_id")
-            variant = properties.get("variation_id")
-            if variant is None:
-                variant = properties.get("variant")
+            if _STOREFRONT_PROPERTIES.isdisjoint(properties):  # one C call, mostly
+                product = experiment = variant = None
+            else:
+                product = properties.get("product_id")
+                experiment = properties.get("experiment_id")
+                variant = properties.get("variation_id")
+                if variant is None:
+                    variant = properties.get("variant")
             record = {
                 "event_id": identifier,
                 "event_type": EVENT_TYPES.get(kind) or message.event,
