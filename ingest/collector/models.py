@@ -162,11 +162,11 @@ def trusted(model: type[EventModel], fields: dict[str, Any], given: frozenset[st
     return event
 
 
-# By stream of the record contract; each model's fields are the stream's client
-# fields (tests/ingest/core/test_streams.py).
 # What a tracker protocol maps one of its events to: a model, or (from a fast path) a
 # behavior event's fields.
 MappedEvent = BehaviorEvent | StorefrontEvent | EventFields
+# By stream of the record contract; each model's fields are the stream's client
+# fields (tests/ingest/core/test_streams.py).
 STREAM_MODELS: dict[str, type[BehaviorEvent] | type[StorefrontEvent]] = {
     streams.BEHAVIOR.name: BehaviorEvent,
     streams.STOREFRONT.name: StorefrontEvent,

@@ -662,7 +662,7 @@ def _fast_sessions(
     sent_at = batch.sentAt
     original_key = STOREFRONT.original_time_key
     variant_digit = _VARIANT
-    given_clock: object = _NOT_YET  # the last message's own sentAt (its receipt: receipt)
+    given_clock: object = _NOT_YET  # the last message's send time as given (its: receipt)
     for index, message in enumerate(batch.messages):
         given = None if historical else (message.sentAt or sent_at)
         if given is not given_clock:  # a message's own sentAt; else the batch's, again
