@@ -2,6 +2,10 @@
 for both streams.
 
 Usage: python -m benchmarks.loader_bench [--rows N] [--repeat K] [--dsn DSN]
+                                         [--profile storefront|behavior]
+
+``--profile STREAM`` ends with one more loader run of that stream under cProfile,
+its functions by own time on stderr (where the loader's Python goes).
 
 ``benchmarks.run`` runs it in a process of its own (``--stack``), as a real
 loader runs: the suite's process has run the load generator by then.
@@ -29,7 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
+import pstats
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -267,7 +274,7 @@ async def loader_run(
         await loader.stop()
 
 
-async def bench(stack: Stack, rows: int, repeat: int) -> dict[str, Any]:
+async def bench(stack: Stack, rows: int, repeat: int, profile: str | None = None) -> dict[str, Any]:
     """Alternate raw COPY and loader runs on each stream; report medians and their ratio
     (storefront at the top level, behavior under ``"behavior"``)."""
     tag = uuid.uuid4().hex[:6]
@@ -321,6 +328,14 @@ async def bench(stack: Stack, rows: int, repeat: int) -> dict[str, Any]:
             b_loader_s.append(await loader_run(settings, db, rows, cpu, BEHAVIOR))
             b_loader_cpu = cpu.stop()
         sessions_kept = await db.pool.fetchval("SELECT count(*) FROM user_sessions")
+        if profile:
+            spec = BEHAVIOR if profile == "behavior" else STOREFRONT
+            profiler = cProfile.Profile()
+            profiler.enable()
+            seconds = await loader_run(settings, db, rows, cpu, spec)
+            profiler.disable()
+            print(f"{profile} loader, {rows} rows: {seconds:.3f} s under cProfile", file=sys.stderr)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     copy_rate, loader_rate = rows / median(copy_s), rows / median(loader_s)
     plain_rate = rows / median(plain_s)
     b_copy_rate, b_loader_rate = rows / median(b_copy_s), rows / median(b_loader_s)
@@ -367,6 +382,11 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dsn", help="PostgreSQL to use instead of an embedded one")
     parser.add_argument(
+        "--profile",
+        choices=["storefront", "behavior"],
+        help="then cProfile one more loader run of this stream (stderr)",
+    )
+    parser.add_argument(
         "--stack",
         help="a running stack as JSON (benchmarks.run): print the result as one JSON line",
     )
@@ -377,7 +397,7 @@ async def main() -> None:
         print(json.dumps(result))
         return
     async with embedded_stack(args.dsn) as stack:
-        result = await bench(stack, args.rows, args.repeat)
+        result = await bench(stack, args.rows, args.repeat, args.profile)
     result = {"machine": machine(), "loader": result}
     path = write_result("loader", result)
     print(orjson.dumps(result["loader"], option=orjson.OPT_INDENT_2).decode())
