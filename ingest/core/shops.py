@@ -289,7 +289,7 @@ class ShopInfo:
     live_keys: int
     installed_at: str
     uninstalled_at: str | None
-    # The privacy settings the shop sets (SETTING_KEYS'; absent: the collector's default).
+    # The privacy settings the shop sets (of SETTING_KEYS; absent: the collector's default).
     privacy: dict[str, Any] = field(default_factory=dict)
 
 
