@@ -165,6 +165,14 @@ def trusted(model: type[EventModel], fields: dict[str, Any], given: frozenset[st
 # What a tracker protocol maps one of its events to: a model, or (from a fast path) a
 # behavior event's fields.
 MappedEvent = BehaviorEvent | StorefrontEvent | EventFields
+
+
+def is_behavior(event: MappedEvent) -> bool:
+    """Whether a mapped event goes to the behavior stream (a fast path's fields are a
+    behavior event's: storefront ones are models)."""
+    return type(event) is dict or isinstance(event, BehaviorEvent)
+
+
 # By stream of the record contract; each model's fields are the stream's client
 # fields (tests/ingest/core/test_streams.py).
 STREAM_MODELS: dict[str, type[BehaviorEvent] | type[StorefrontEvent]] = {

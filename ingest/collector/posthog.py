@@ -62,6 +62,7 @@ from ingest.collector.models import (
     MappedEvent,
     StorefrontEvent,
     has_nul,
+    is_behavior,
     trusted,
 )
 from ingest.core import metrics, streams
@@ -916,7 +917,7 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
                 rejected.append({"index": index, "reason": exc.reason})
                 metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
                 continue
-            behavior = type(event) is dict or isinstance(event, BehaviorEvent)
+            behavior = is_behavior(event)
             target = targets.get((behavior, key))
             if target is None:
                 stream = streams.BEHAVIOR.name if behavior else streams.STOREFRONT.name

@@ -66,6 +66,7 @@ from ingest.collector.models import (
     MappedEvent,
     StorefrontEvent,
     has_nul,
+    is_behavior,
     trusted,
 )
 from ingest.core import metrics, streams
@@ -916,7 +917,7 @@ def _group(
 ) -> None:
     """Add the records ``made`` of event ``index`` to their (stream, aid, stm) groups."""
     for event in made:
-        behavior = type(event) is dict or isinstance(event, BehaviorEvent)
+        behavior = is_behavior(event)
         stream = streams.BEHAVIOR.name if behavior else _STOREFRONT
         groups.setdefault((stream, aid, stm), []).append((index, event))
 
