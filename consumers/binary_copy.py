@@ -2,9 +2,10 @@
 
 asyncpg encodes a COPY's rows while the COPY runs (512 KB at a time,
 PostgreSQL waiting for the first piece), from row tuples the loader first has
-to build (and later free). For a table whose rows it doesn't otherwise need,
-the loader's reader encodes each record's events straight into COPY data as
-it decodes them (``fast.storefront_copy``), in the time PostgreSQL spends on
+to build (and later free). Instead, the loader's reader encodes each record's
+events straight into COPY data as it decodes them (``fast.storefront_copy``,
+``fast.behavior_copy``, which also gathers what the rows tell of their
+sessions for ``user_sessions``), in the time PostgreSQL spends on
 the previous batch, for less than decoding into tuples alone costs (the
 figures: ``benchmarks/README.md``, "Figures behind the loader's code").
 asyncpg has no public encoder to reuse (its codecs live inside its COPY

@@ -19,7 +19,7 @@ import orjson
 
 from consumers import binary_copy
 from consumers.rows import TableSpec
-from consumers.values import Encoded, Row
+from consumers.values import Encoded, Row, SessionPart
 from ingest.core.db import queries
 from ingest.core.identifiers import ident
 
@@ -148,6 +148,8 @@ class Written:
     rows: list[Row] = field(default_factory=list)  # none when written from COPY data
     contexts: list[object] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    # Written from COPY data: what its rows told of their sessions (``Encoded.sessions``).
+    sessions: list[SessionPart] = field(default_factory=list)
 
 
 @dataclass
@@ -207,7 +209,10 @@ class CopyWriter:
                     columns=self.spec.columns,
                     format="binary",
                 )
-                return Written(sum(d.count for d in decoded))
+                return Written(
+                    sum(d.count for d in decoded),
+                    sessions=[p for d in decoded if d.encoded for p in d.encoded.sessions],
+                )
             rows = [row for d in decoded for row in d.built(self.spec).rows]
             await conn.copy_records_to_table(
                 self.spec.table, records=rows, columns=self.spec.columns

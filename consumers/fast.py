@@ -22,10 +22,10 @@ from typing import Annotated, Any
 import msgspec
 from asyncpg.pgproto.pgproto import UUID
 
-from consumers import binary_copy
+from consumers import binary_copy, sessions
 from consumers.values import MICROSECOND as _MICROSECOND
 from consumers.values import PG_EPOCH as _PG_EPOCH
-from consumers.values import UUID_TEXT, Encoded, PgTime, Row, Rows, pg_time
+from consumers.values import UUID_TEXT, Encoded, PgTime, Row, Rows, Session, SessionPart, pg_time
 from ingest.core import streams
 
 _is_uuid = UUID_TEXT.fullmatch
@@ -251,3 +251,111 @@ def storefront_copy(events: list[StorefrontEvent], batched: bool) -> Encoded | N
             )
         )
     return Encoded(b"".join(out), len(out), (min(times),), (max(times),), batched)
+
+
+class BehaviorCopyEvent(BehaviorEvent, kw_only=True, gc=False):
+    """A behavior event as ``behavior_copy`` reads it: its session context left as its
+    JSON text, parsed once for a run of events that share it (a request's usually do)."""
+
+    context: msgspec.Raw = _NULL
+
+
+_BEHAVIOR_FIELDS = binary_copy.field_count(len(streams.BEHAVIOR.columns))
+_json = msgspec.json.decode  # a context as the rows' decoder reads it (Any)
+
+
+def _json_field(raw: msgspec.Raw) -> bytes:
+    """A jsonb field of any JSON value (length included); JSON null is SQL NULL."""
+    data = bytes(raw)
+    return _COPY_NULL if data == b"null" else _LENGTHS[len(data) + 1] + _JSONB + data
+
+
+def behavior_copy(events: list[BehaviorCopyEvent], batched: bool) -> Encoded | None:
+    # behavior_fast's checks, each row encoded as storefront_copy encodes its
+    # own, and what the rows tell of their sessions (user_sessions) gathered on
+    # the way: one part per run of one session's events, the context parsed
+    # again only where it differs from the event before's. Written out by hand
+    # for the reasons storefront_copy is.
+    out: list[bytes] = []
+    times: list[int] = []
+    parts: list[SessionPart] = []
+    part: Session | None = None
+    context: msgspec.Raw | None = None
+    received: datetime | None = None
+    shop: str | None = None
+    session: str | None = None
+    received_field = shop_field = session_field = b""
+    for e in events:
+        if e.received_at != received:
+            received = e.received_at
+            received_field = _INT64_LENGTH + _int64((received - _PG_EPOCH) // _MICROSECOND)
+        if e.shop_id != shop:
+            if not _shops.ok(e.shop_id):
+                return None
+            shop = e.shop_id
+            shop_field = _uuid_text(shop)
+            part = None
+        if e.session_id != session:
+            session = e.session_id
+            data = session.encode()
+            session_field = _LENGTHS[len(data)] + data
+            part = None
+        event_data, metadata = _object_json(e.event_data), _object_json(e.metadata)
+        if not (event_data and metadata):
+            return None
+        ts = (e.timestamp - _PG_EPOCH) // _MICROSECOND
+        times.append(ts)
+        url, kind = e.page_url, e.event_type
+        views = 1 if kind == "page_view" else 0
+        if part is None:
+            context = e.context
+            part = Session((ts,), url, (ts,), url, views, sessions.context(_json(context)))
+            parts.append(((shop, session), part))
+        else:
+            if ts < part.first_seen[0]:
+                part.first_seen, part.landing_page = (ts,), url
+            if ts >= part.last_seen[0]:
+                part.last_seen, part.exit_page = (ts,), url
+            part.page_views += views
+            if e.context != context:  # the same text again adds nothing
+                context = e.context
+                sessions.fill(part.context, sessions.context(_json(context)))
+        page, kind_data = url.encode(), kind.encode()
+        path, element, text, component = (
+            e.element_path,
+            e.element_type,
+            e.element_text,
+            e.component_id,
+        )
+        null = _COPY_NULL
+        out.append(
+            b"".join(
+                (
+                    _BEHAVIOR_FIELDS,
+                    _UUID_LENGTH,
+                    UUID(e.event_id).bytes,  # ValueError: the checked decoder says why
+                    shop_field,
+                    session_field,
+                    _LENGTHS[len(kind_data)],
+                    kind_data,
+                    null if path is None else _LENGTHS[len(p := path.encode())] + p,
+                    null if element is None else _LENGTHS[len(t := element.encode())] + t,
+                    null if text is None else _LENGTHS[len(x := text.encode())] + x,
+                    _json_field(e.coordinates),
+                    _json_field(e.viewport_size),
+                    _LENGTHS[len(event_data) + 1],
+                    _JSONB,
+                    event_data,
+                    _INT64_LENGTH,
+                    _int64(ts),
+                    _LENGTHS[len(page)],
+                    page,
+                    null if component is None else _LENGTHS[len(c := component.encode())] + c,
+                    _LENGTHS[len(metadata) + 1],
+                    _JSONB,
+                    metadata,
+                    received_field,
+                )
+            )
+        )
+    return Encoded(b"".join(out), len(out), (min(times),), (max(times),), batched, tuple(parts))

@@ -650,7 +650,7 @@ class Loader(Service):
             decoded, found = identities.split(decoded)
         written = await self.writer.write(conn, decoded, careful=careful)
         if self.spec.keeps_sessions:
-            await sessions.upsert(conn, written.rows, written.contexts)
+            await sessions.upsert(conn, written.rows, written.contexts, written.sessions)
         if found:
             await identities.upsert(conn, found)
         await dead_letters.record(conn, self.group, rejected + written.rejected, self.log_ids)

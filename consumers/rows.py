@@ -126,9 +126,10 @@ class TableSpec:
     contract: Stream
     event: type[msgspec.Struct]  # one event, as the fast decoder reads it
     fast: Callable[[list[Any]], Rows | None]  # its events to rows, None if one is bad
-    # Its events straight to COPY data, None if one is bad; only for a table
-    # without sessions (they need the rows).
+    # Its events straight to COPY data (and, for a table that keeps sessions, what
+    # they tell of theirs), None if one is bad; ``copy_event``: one event as it reads it.
     fast_copy: Callable[[list[Any], bool], Encoded | None] | None = None
+    copy_event: type[msgspec.Struct] | None = None
     # From the contract: plain attributes, read on the loader's paths.
     stream: str = field(init=False)
     table: str = field(init=False)
@@ -151,12 +152,15 @@ class TableSpec:
             ("convert", checked_decoder(contract)),
         ):
             object.__setattr__(self, name, value)
-        if self.fast_copy is not None and self.keeps_sessions:
-            raise ValueError(f"{self.stream}: user_sessions are built from rows, not COPY data")
 
     @cached_property
     def _decoder(self) -> msgspec.json.Decoder[Any]:
         return msgspec.json.Decoder(list[self.event] | self.event)  # type: ignore[name-defined]
+
+    @cached_property
+    def _copy_decoder(self) -> msgspec.json.Decoder[Any]:
+        event = self.copy_event or self.event
+        return msgspec.json.Decoder(list[event] | event)  # type: ignore[valid-type]
 
     @property
     def time_index(self) -> int:
@@ -189,7 +193,7 @@ class TableSpec:
         if raw is None or self.fast_copy is None:
             return None
         try:
-            data = self._decoder.decode(raw)
+            data = self._copy_decoder.decode(raw)
             batched = type(data) is list
             return self.fast_copy(data if batched else [data], batched) if data else None
         except (msgspec.DecodeError, ValueError, IndexError):
@@ -232,7 +236,13 @@ class TableSpec:
         return [self.row(data)[0] for data in self.events(raw)[0]]
 
 
-BEHAVIOR = TableSpec(streams.BEHAVIOR, fast.BehaviorEvent, fast.behavior_fast)
+BEHAVIOR = TableSpec(
+    streams.BEHAVIOR,
+    fast.BehaviorEvent,
+    fast.behavior_fast,
+    fast.behavior_copy,
+    fast.BehaviorCopyEvent,
+)
 STOREFRONT = TableSpec(
     streams.STOREFRONT, fast.StorefrontEvent, fast.storefront_fast, fast.storefront_copy
 )

@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
 
-from consumers.rows import BEHAVIOR
-from consumers.values import PgTime, Row
+from consumers.values import Row, Session, SessionPart
+from ingest.core import streams
 from ingest.core.db import queries
 
-_AT = {name: BEHAVIOR.columns.index(name) for name in BEHAVIOR.columns}
+# The positions in a row (the contract's, not consumers.rows': the fast decoders
+# build session parts with context() below, and rows imports them).
+_AT = {name: streams.BEHAVIOR.column_names.index(name) for name in streams.BEHAVIOR.column_names}
 _DEVICES = {"mobile", "desktop", "tablet"}
 _CONTEXT_TEXT = ("user_agent", "referrer", "screen_resolution", "language")
 
 
-@dataclass
-class _Session:
-    first_seen: PgTime  # as the rows carry times (consumers.rows)
-    landing_page: str
-    last_seen: PgTime
-    exit_page: str
-    page_views: int
-    context: dict[str, str | None]
-
-
-def _context(raw: Any) -> dict[str, str | None]:
+def context(raw: Any) -> dict[str, str | None]:
     """Session facts the collector attached; anything malformed is dropped, never fatal."""
     ctx = raw if isinstance(raw, dict) else {}
     out: dict[str, str | None] = {
@@ -41,26 +33,57 @@ def _context(raw: Any) -> dict[str, str | None]:
     return out
 
 
-def aggregate(rows: list[Row], contexts: list[object]) -> list[tuple[Any, ...]]:
+def fill(facts: dict[str, str | None], later: dict[str, str | None]) -> None:
+    """``facts`` completed by a later row's: a fact keeps the first value it was given."""
+    for name, value in later.items():
+        if facts.get(name) is None:
+            facts[name] = value
+
+
+def aggregate(
+    rows: list[Row], contexts: list[object], parts: Iterable[SessionPart] = ()
+) -> list[tuple[Any, ...]]:
     """One upsert row per (shop, session) touched by ``rows`` (behavior rows, each with the
-    collector's session context), in ``upsert_sessions`` order."""
-    sessions: dict[tuple[str, str], _Session] = {}
-    for row, context in zip(rows, contexts, strict=True):
+    collector's session context) and by ``parts`` (what rows decoded straight to COPY
+    data told of their sessions, ``fast.behavior_copy``), in ``upsert_sessions`` order.
+
+    A batch gives either: parts fold in row order as their rows would have.
+    """
+    sessions: dict[tuple[str, str], Session] = {}
+    for row, raw in zip(rows, contexts, strict=True):
         key = (row[_AT["shop_id"]], row[_AT["session_id"]])
         at, url = row[_AT["timestamp"]], row[_AT["page_url"]]
         views = 1 if row[_AT["event_type"]] == "page_view" else 0
         s = sessions.get(key)
         if s is None:
-            sessions[key] = _Session(at, url, at, url, views, _context(context))
+            sessions[key] = Session(at, url, at, url, views, context(raw))
             continue
         if at < s.first_seen:
             s.first_seen, s.landing_page = at, url
         if at >= s.last_seen:
             s.last_seen, s.exit_page = at, url
         s.page_views += views
-        for name, value in _context(context).items():
+        for name, value in context(raw).items():  # fill(), inline: once per row
             if s.context.get(name) is None:
                 s.context[name] = value
+    for key, part in parts:
+        s = sessions.get(key)
+        if s is None:  # a copy: a part stays as decoded, for a batch written again
+            sessions[key] = Session(
+                part.first_seen,
+                part.landing_page,
+                part.last_seen,
+                part.exit_page,
+                part.page_views,
+                dict(part.context),
+            )
+            continue
+        if part.first_seen < s.first_seen:
+            s.first_seen, s.landing_page = part.first_seen, part.landing_page
+        if part.last_seen >= s.last_seen:
+            s.last_seen, s.exit_page = part.last_seen, part.exit_page
+        s.page_views += part.page_views
+        fill(s.context, part.context)
     return [
         (
             shop,
@@ -81,11 +104,17 @@ def aggregate(rows: list[Row], contexts: list[object]) -> list[tuple[Any, ...]]:
     ]
 
 
-async def upsert(conn: asyncpg.Connection, rows: list[Row], contexts: list[object]) -> int:
-    """Fold newly inserted behavior rows into ``user_sessions``; returns sessions touched.
+async def upsert(
+    conn: asyncpg.Connection,
+    rows: list[Row],
+    contexts: list[object],
+    parts: Iterable[SessionPart] = (),
+) -> int:
+    """Fold newly inserted behavior rows (or their ``parts``, see ``aggregate``) into
+    ``user_sessions``; returns sessions touched.
 
     ``conn`` takes times as rows carry them (``rows.use_pg_times``)."""
-    touched = aggregate(rows, contexts)
+    touched = aggregate(rows, contexts, parts)
     if touched:
         columns = list(zip(*touched, strict=True))
         await queries.execute(conn, "upsert_sessions", *columns)

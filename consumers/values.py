@@ -61,6 +61,23 @@ async def pg_times(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection
         await use_datetimes(conn)
 
 
+@dataclass(slots=True)
+class Session:
+    """What some behavior rows of one session tell of it, as ``user_sessions`` keeps it
+    (``consumers.sessions`` folds rows, and these, into its upsert)."""
+
+    first_seen: PgTime
+    landing_page: str  # the page of the earliest row (the first of equal times)
+    last_seen: PgTime
+    exit_page: str  # the page of the latest row (the last of equal times)
+    page_views: int
+    context: dict[str, str | None]  # each fact the first row that has it gives
+
+
+# A session's (shop id, session id) and what some of its rows tell of it.
+SessionPart = tuple[tuple[str, str], Session]
+
+
 @dataclass(frozen=True, slots=True)
 class Encoded:
     """A record's events as binary COPY tuples (``binary_copy``), without building rows."""
@@ -70,3 +87,6 @@ class Encoded:
     earliest: PgTime  # event times, for the partitions' months
     latest: PgTime
     batched: bool  # whether the record was an array of events
+    # For a table that keeps sessions: what the rows tell of theirs, in row order
+    # (one part per run of rows of one session: the collector writes one a record).
+    sessions: tuple[SessionPart, ...] = ()

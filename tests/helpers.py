@@ -102,6 +102,29 @@ def storefront(**fields: Any) -> dict[str, Any]:
     return {**event, **fields}
 
 
+def behavior(**fields: Any) -> dict[str, Any]:
+    """A behavior record as the collector writes it (its fields overridden by ``fields``)."""
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "shop_id": SHOP,
+        "session_id": "s-1",
+        "event_type": "click",
+        "element_path": "main > button",
+        "element_type": "button",
+        "element_text": "Buy",
+        "coordinates": {"x": 1, "y": 2},
+        "viewport_size": {"width": 390, "height": 844},
+        "event_data": {"rage": True},
+        "timestamp": NOW,
+        "page_url": "https://shop.example/p/1",
+        "component_id": None,
+        "metadata": {},
+        "received_at": NOW,
+        "context": {"user_agent": "Mozilla/5.0", "device_type": "mobile"},
+    }
+    return {**event, **fields}
+
+
 TABLES = {"behavior": "behavior_events", "storefront": "events"}
 
 

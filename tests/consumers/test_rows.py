@@ -8,7 +8,6 @@ The storefront's decoder straight to COPY data takes the same records.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,30 +25,7 @@ from consumers.rows import (
 )
 from consumers.values import Row, as_datetime, pg_time, pg_times
 from ingest.core.db import Database
-from tests.helpers import NOW, SHOP, storefront
-
-
-def behavior(**fields: Any) -> dict[str, Any]:
-    event = {
-        "event_id": str(uuid.uuid4()),
-        "shop_id": SHOP,
-        "session_id": "s-1",
-        "event_type": "click",
-        "element_path": "main > button",
-        "element_type": "button",
-        "element_text": "Buy",
-        "coordinates": {"x": 1, "y": 2},
-        "viewport_size": {"width": 390, "height": 844},
-        "event_data": {"rage": True},
-        "timestamp": NOW,
-        "page_url": "https://shop.example/p/1",
-        "component_id": None,
-        "metadata": {},
-        "received_at": NOW,
-        "context": {"user_agent": "Mozilla/5.0", "device_type": "mobile"},
-    }
-    return {**event, **fields}
-
+from tests.helpers import NOW, SHOP, behavior, storefront
 
 EVENTS = {"behavior": behavior, "storefront": storefront}
 
