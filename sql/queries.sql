@@ -276,9 +276,12 @@ WHERE shop_id = $1 AND revoked_at IS NULL
 RETURNING write_key;
 
 -- name: verify_seen_behavior_events
--- `eventpipe bench --verify`: which of these ids are rows yet, and when received.
-SELECT event_id, received_at FROM behavior_events
-WHERE received_at >= $1 AND event_id = ANY($2::uuid[]);
+-- `eventpipe bench --verify`: the rows received since $1 that transactions from
+-- load_xid $2 on wrote, and the next poll's $2 (upto: every older transaction has
+-- ended, as for the rollups' watermark, migration 0014). A row of upto NULL: none.
+SELECT s.upto, e.event_id, e.received_at
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS upto) s
+LEFT JOIN behavior_events e ON e.received_at >= $1 AND e.load_xid >= $2;
 
 -- name: verify_duplicates_behavior_events
 SELECT coalesce(sum(n - 1), 0) FROM (
@@ -288,9 +291,12 @@ SELECT coalesce(sum(n - 1), 0) FROM (
 ) d;
 
 -- name: verify_seen_events
--- `eventpipe bench --verify`: which of these ids are rows yet, and when received.
-SELECT event_id, received_at FROM events
-WHERE received_at >= $1 AND event_id = ANY($2::uuid[]);
+-- `eventpipe bench --verify`: the rows received since $1 that transactions from
+-- load_xid $2 on wrote, and the next poll's $2 (upto: every older transaction has
+-- ended, as for the rollups' watermark, migration 0014). A row of upto NULL: none.
+SELECT s.upto, e.event_id, e.received_at
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS upto) s
+LEFT JOIN events e ON e.received_at >= $1 AND e.load_xid >= $2;
 
 -- name: verify_duplicates_events
 SELECT coalesce(sum(n - 1), 0) FROM (

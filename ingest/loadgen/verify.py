@@ -3,7 +3,12 @@
 There is no "visible at" column, so the lag of an event is the wall time at
 which a poll first sees its row minus its ``received_at`` (the collector's
 receive time). Polls run every ``poll_s`` (100 ms) while the load runs and
-after it, asking only for ids not seen yet, in chunks.
+after it, each reading only the rows written since the poll before: those of
+transactions from the oldest one still running at the last poll on (their
+``load_xid``, as the rollups find new rows). A poll that asked for every id
+not seen yet cost PostgreSQL a pass over the table per chunk of ids and
+competed with the loaders it measured: with 355 000 ids outstanding the
+end-to-end benchmark's drain took 48 s, PostgreSQL's CPU the verifier's.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Verifier:
     """Polls PostgreSQL for expected event ids; run ``poll`` as a task, feed ``expect``."""
 
     def __init__(self, dsn: str, since: datetime, poll_s: float = 0.1, chunk: int = 5000) -> None:
+        # ``chunk``: ids per query of the duplicate count.
         self.dsn = dsn
         # received_at is the collector's clock: allow for a little skew, not for
         # an earlier run's rows.
@@ -65,15 +71,27 @@ class Verifier:
         self.pending: dict[str, dict[uuid.UUID, None]] = {t: {} for t in VERIFIED_TABLES}
         self.all_ids: dict[str, list[uuid.UUID]] = {t: [] for t in VERIFIED_TABLES}
         self.result = Reconciliation()
+        # Per table, the load_xid from which rows are new to the polls (0: all of them).
+        self.watermarks: dict[str, int] = dict.fromkeys(VERIFIED_TABLES, 0)
+        # Rows read before their ids were expected (each poll reads a row once or
+        # twice, never again), with their lags: an id expected later finds its own.
+        self.early: dict[str, dict[uuid.UUID, float]] = {t: {} for t in VERIFIED_TABLES}
+        self.rows_read = 0  # by the last poll: what it cost PostgreSQL
         self._conn: asyncpg.Connection | None = None
 
     def expect(self, table: str, ids: Iterable[str]) -> None:
         """Add accepted ids that must become rows of ``table``."""
+        early = self.early[table]
         for text in ids:
             value = uuid.UUID(text)
-            self.pending[table][value] = None
             self.all_ids[table].append(value)
             self.result.expected += 1
+            lag = early.pop(value, None)
+            if lag is None:
+                self.pending[table][value] = None
+            else:  # a poll read its row before its answer was counted
+                self.result.seen += 1
+                self.result.lags_s.append(lag)
 
     @property
     def outstanding(self) -> int:
@@ -89,25 +107,31 @@ class Verifier:
             await self._conn.close()
 
     async def poll_once(self) -> int:
-        """One pass over the outstanding ids; how many were newly seen."""
+        """One read of the rows written since the last poll; how many expected ids it saw."""
         assert self._conn is not None, "use `async with Verifier(...)`"
-        found = 0
+        found = read = 0
         for table, pending in self.pending.items():
-            ids = list(pending)
-            for i in range(0, len(ids), self.chunk):
-                rows = await queries.fetch(
-                    self._conn,
-                    f"verify_seen_{table}",
-                    self.since,
-                    ids[i : i + self.chunk],
-                )
-                now = datetime.now(UTC)
-                for row in rows:
-                    key = uuid.UUID(bytes=row["event_id"].bytes)
-                    if key in pending:
-                        del pending[key]
-                        found += 1
-                        self.result.lags_s.append((now - row["received_at"]).total_seconds())
+            early = self.early[table]
+            rows = await queries.fetch(
+                self._conn, f"verify_seen_{table}", self.since, self.watermarks[table]
+            )
+            now = datetime.now(UTC)
+            for row in rows:
+                if row["event_id"] is None:
+                    continue  # no row: the query's one row carries the next watermark
+                key = uuid.UUID(bytes=row["event_id"].bytes)
+                lag = (now - row["received_at"]).total_seconds()
+                if key in pending:
+                    del pending[key]
+                    found += 1
+                    self.result.lags_s.append(lag)
+                else:
+                    # Not expected (yet), or read again (its transaction ended between
+                    # two polls' snapshots): the first reading is kept.
+                    early.setdefault(key, lag)
+            self.watermarks[table] = rows[0]["upto"]
+            read += len(rows) if rows[0]["event_id"] is not None else 0
+        self.rows_read = read
         self.result.seen += found
         return found
 
