@@ -21,7 +21,7 @@ from consumers.rows import TableSpec
 from ingest.core import metrics
 from ingest.core.db import Database
 from ingest.core.http import HttpServer, healthz
-from ingest.core.runtime import tune_gc, until_stopped
+from ingest.core.runtime import LoopMonitor, tune_gc, until_stopped
 from ingest.core.settings import Settings
 from ingest.core.supervisor import Child, Supervisor
 from ingest.partitions import PartitionManager
@@ -75,6 +75,7 @@ async def run_loaders(settings: Settings, specs: list[TableSpec], stop: asyncio.
             return
         db, partitions, loaders = started
         tune_gc(settings)
+        await stack.enter_async_context(LoopMonitor())
         gauges = asyncio.create_task(
             refresh_partition_gauges(partitions, settings.partition_status_refresh_s, stop)
         )

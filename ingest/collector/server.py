@@ -17,7 +17,7 @@ from ingest.core import metrics, streams
 from ingest.core.db import Database
 from ingest.core.http import HttpServer
 from ingest.core.producer import EventProducer
-from ingest.core.runtime import tune_gc, until_stopped
+from ingest.core.runtime import LoopMonitor, tune_gc, until_stopped
 from ingest.core.settings import Settings
 from ingest.core.shops import ShopDirectory
 from ingest.core.supervisor import Child, Supervisor
@@ -78,6 +78,7 @@ async def run_collector(settings: Settings, stop: asyncio.Event) -> None:
         if server is None:  # stopped while connecting: what started closes on the way out
             return
         tune_gc(settings)
+        await stack.enter_async_context(LoopMonitor())
         log.info("collector ready", url=server.url, worker=settings.collector_worker_index)
         await stop.wait()
         log.info("collector stopping: draining requests")

@@ -11,9 +11,13 @@ and page for a broker a loader never uses.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import time
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -173,6 +177,57 @@ ROLLUP_MAX_LAG = Gauge(
     "eventpipe_rollup_max_lag_seconds",
     "rollup_max_lag_s: `rollups status` fails, and the alert fires, past it",
 )
+
+# Both hot processes (collector, loader): what stops their event loop.
+STALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+EVENT_LOOP_LAG = Histogram(
+    "eventpipe_event_loop_lag_seconds",
+    "How late the event loop woke a probe that sleeps 50 ms: the longest a request or "
+    "batch can have waited behind other work (runtime.LoopMonitor)",
+    buckets=STALL_BUCKETS,
+)
+
+
+class GcPauses(Collector):
+    """``eventpipe_gc_pause_seconds{generation}``: the cyclic garbage collector's pauses.
+
+    Counted by a ``gc.callbacks`` hook into plain integers and floats, and made a
+    histogram only when scraped: the hook runs wherever a collection starts,
+    possibly inside prometheus-client's own (non-reentrant) lock, so it must not
+    call into it.
+    """
+
+    def __init__(self) -> None:
+        self.buckets = [[0] * (len(STALL_BUCKETS) + 1) for _ in range(3)]  # +Inf last
+        self.sums = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def hook(self, phase: str, info: dict[str, int]) -> None:
+        """The ``gc.callbacks`` entry (``runtime.tune_gc`` installs it)."""
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause, generation = time.perf_counter() - self._started, info["generation"]
+        self.sums[generation] += pause
+        self.buckets[generation][bisect.bisect_left(STALL_BUCKETS, pause)] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "eventpipe_gc_pause_seconds",
+            "Pauses of the cyclic garbage collector, by generation (2: a full collection)",
+            labels=["generation"],
+        )
+        for generation in range(3):
+            counts = list(itertools.accumulate(self.buckets[generation]))
+            bounds = [str(b) for b in STALL_BUCKETS] + ["+Inf"]
+            family.add_metric(
+                [str(generation)], list(zip(bounds, counts, strict=True)), self.sums[generation]
+            )
+        yield family
+
+
+GC_PAUSES = GcPauses()
+REGISTRY.register(GC_PAUSES)
 
 # The collector's own families: a loader process's /metrics leaves them out.
 COLLECTOR_ONLY = frozenset(

@@ -8,6 +8,8 @@ import gc
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar
 
+from ingest.core import metrics
+from ingest.core.service import Service
 from ingest.core.settings import Settings
 
 T = TypeVar("T")
@@ -41,12 +43,44 @@ def tune_gc(settings: Settings) -> None:
     collected, just in fewer, larger passes. Objects made before this call
     (modules, settings, pools) are frozen out of every later pass.
     """
+    if metrics.GC_PAUSES.hook not in gc.callbacks:  # timed whatever the threshold
+        gc.callbacks.append(metrics.GC_PAUSES.hook)
     if settings.gc_gen0_threshold <= 0:
         return
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
+
+
+class LoopMonitor(Service):
+    """Measures how late the event loop runs a task that sleeps ``interval_s``
+    (``eventpipe_event_loop_lag_seconds``): a collection, a slow callback or a
+    starved core each show as lag, which a latency figure alone cannot tell from
+    the network or the broker."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start probing."""
+        self._task = asyncio.create_task(self._probe())
+
+    async def stop(self) -> None:
+        """Stop probing."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - asked))
 
 
 async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
