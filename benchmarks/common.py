@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.core.migrate import migrate
 from ingest.stack.broker import EmbeddedBroker
@@ -139,3 +141,47 @@ async def scratch_database(dsn: str | None, tmp: Path) -> AsyncIterator[str]:
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await admin.close()
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A process's ``/metrics``: every sample by (name, sorted labels)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as answer:
+        text = await answer.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _over(
+    before: dict[Any, float], after: dict[Any, float], name: str, **labels: str
+) -> dict[str, Any]:
+    """A histogram's observations between two scrapes: how many, and how many above
+    each bound from 10 ms."""
+
+    def delta(suffix: str, **more: str) -> float:
+        key = (f"{name}{suffix}", tuple(sorted({**labels, **more}.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    count = delta("_count")
+    return {
+        "count": int(count),
+        "sum_ms": round(delta("_sum") * 1000, 1),
+        **{
+            f"over_{bound}_ms": int(count - delta("_bucket", le=str(bound / 1000)))
+            for bound in (10, 25, 50, 100)
+        },
+    }
+
+
+def stalls(before: dict[Any, float], after: dict[Any, float]) -> dict[str, Any]:
+    """What stopped a process's event loop between two scrapes (``scrape``): its loop-lag
+    probes (every 50 ms) and its garbage collections by generation."""
+    return {
+        "loop_lag": _over(before, after, "eventpipe_event_loop_lag_seconds"),
+        "gc": {
+            g: _over(before, after, "eventpipe_gc_pause_seconds", generation=g)
+            for g in ("0", "1", "2")
+        },
+    }

@@ -37,7 +37,7 @@ from benchmarks import (
     rollups_bench,
     wrk,
 )
-from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine
+from benchmarks.common import RESULTS, CpuMeter, Stack, embedded_stack, machine, scrape, stalls
 from consumers.rows import STOREFRONT
 from consumers.values import pg_times
 from ingest.core import logs
@@ -220,7 +220,9 @@ class Suite:
             # which it keeps in memory (the broker's growth is not the collector's).
             max_rps = protocols["native"]["requests_per_s"]
             target = Target(url, shop.write_key, shop.webhook_secret, shop.domain)
+            scraped = await scrape(url)
             half = await self.load("collector_half", target, mix=BEACONS, rate=max_rps / 2)
+            half_stalls = stalls(scraped, await scrape(url))
             protocols["native_storefront"] = await collector_bench.measure(
                 url, sets["native_storefront"], self.tmp, servers, seconds
             )
@@ -264,6 +266,9 @@ class Suite:
             "p99_ms": h["latency_ms"]["p99"],
             "half_rate_errors": h["errors"],
             "half_rate_generator_saturated": h["generator_saturated"],
+            # what stopped the collector's loop during the half-rate run: a p99 above
+            # the loop's own worst lag is queueing or the generator, not a stall
+            "half_rate_stalls": half_stalls,
             "rss_mb": round(rss_mb, 1),
         }
 
