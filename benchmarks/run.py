@@ -417,9 +417,14 @@ class Suite:
         if self.stack.pids.get("broker"):
             servers["broker"] = self.stack.pids["broker"]  # type: ignore[assignment]
         started = datetime.now(UTC)
+        # Every process's CPU over load and drain (PostgreSQL with its backends; "python"
+        # is this suite's, the verifier's polls): where the two cores went.
+        pipeline = CpuMeter({**servers, "postgres": self.stack.pids.get("postgres")})
+        pipeline.start()
         load = await asyncio.to_thread(
             wrk.run, url, script, seconds=self.load_s * 2, servers=servers
         )
+        ended = time.monotonic()
         tail = 2 * self.connections
         made = load.requests_made
         # wrk calls request() once before its first send and never sends that one
@@ -429,7 +434,12 @@ class Suite:
         uncertain = [i for n in apart for i in wrk.unique_ids(requests, n)]
         async with Verifier(self.stack.dsn, started) as verifier:
             verifier.expect("behavior_events", certain)
+            # The drain counts from the load's end: the loaders go on while this
+            # process works out the ids (seconds, for half a million of them).
+            reckoning = time.monotonic() - ended
             rec = await verifier.finish(120)
+            rec.wait_s += reckoning
+        pipeline_cpu = pipeline.stop()
         async with Database(self.stack.dsn, max_size=1) as db:
             tail_rows = await db.pool.fetchval(
                 "SELECT count(*) FROM behavior_events WHERE event_id = ANY($1::uuid[])",
@@ -440,7 +450,8 @@ class Suite:
         return {
             "generator": "wrk",
             "load_s": round(load.seconds, 1),
-            "drain_s": round(rec.wait_s, 2),
+            "drain_s": round(rec.wait_s, 2),  # from the load's end to the last id seen
+            "drain_reckoning_s": round(reckoning, 2),  # of which before the first poll
             "accepted_events": accepted,
             # sustained: everything accepted, loaded, in load + drain time
             "events_per_s": round(accepted / (load.seconds + rec.wait_s), 1),
@@ -454,6 +465,7 @@ class Suite:
             # which requests (the script's counters) the missing ids were sent in
             "missing_request_counters": sorted({int(i[:8], 16) for i in rec.missing_sample}),
             "cpu_s": figures["server_cpu_s"],
+            "cpu_s_load_and_drain": pipeline_cpu,
             "generator_cpu_s": figures["generator_cpu_s"],
             "generator_below_servers": figures["generator_below_server"],
             "reconciliation": rec,

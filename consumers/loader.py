@@ -171,6 +171,7 @@ class Loader(Service):
             fetch_max_bytes=min(self.settings.batch_max_bytes, 50 * 1024 * 1024),
             # A fetch never waits longer than a batch may age.
             fetch_max_wait_ms=min(self.settings.batch_max_age_ms, 500),
+            fetch_min_bytes=self.settings.loader_fetch_min_bytes,
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(self.settings.kafka_session_timeout_ms // 6, 100),
         )

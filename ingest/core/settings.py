@@ -307,6 +307,12 @@ class Settings(BaseSettings):
     batch_max_rows: int = Field(default=5000, ge=1)
     batch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     batch_max_age_ms: int = Field(default=200, ge=1)
+    loader_fetch_min_bytes: int = Field(
+        default=256 * 1024,
+        ge=1,
+        description="bytes a loader's fetch waits for (at most min(batch_max_age_ms, 500) "
+        "ms): fewer, larger fetches while the loader keeps up (1: answer at once)",
+    )
 
     maintenance_interval_s: float = Field(default=3600.0, gt=0)
     rollup_interval_s: float = Field(
