@@ -177,9 +177,13 @@ def _over(
 
 def stalls(before: dict[Any, float], after: dict[Any, float]) -> dict[str, Any]:
     """What stopped a process's event loop between two scrapes (``scrape``): its loop-lag
-    probes (every 50 ms) and its garbage collections by generation."""
+    probes (every 50 ms) and its garbage collections by generation; and, for a
+    collector, how long the broker took to acknowledge its behavior batches."""
     return {
         "loop_lag": _over(before, after, "eventpipe_event_loop_lag_seconds"),
+        "produce_behavior": _over(
+            before, after, "eventpipe_produce_latency_seconds", stream="behavior"
+        ),
         "gc": {
             g: _over(before, after, "eventpipe_gc_pause_seconds", generation=g)
             for g in ("0", "1", "2")
