@@ -62,6 +62,28 @@ async def produce(settings: Settings, values: list[bytes], topic: str | None = N
         await producer.stop()
 
 
+async def seal_partitions(settings: Settings, shop: ShopCredentials) -> list[str]:
+    """Produce one behavior record alone to each partition; returns their event ids.
+
+    Tansu answers ListOffsets(latest) with the last batch's base offset + 1, not the log
+    end: the records of that batch past its first go uncounted (Apache Kafka is exact).
+    A one-record batch last in each partition makes the broker's end offsets exact, for
+    tests that assert a lag figure."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    ids: list[str] = []
+    try:
+        for partition in range(settings.topic_partitions):
+            data = record(shop, session_id=f"seal-{partition}")
+            ids.append(str(data["event_id"]))
+            await producer.send_and_wait(
+                settings.topic_behavior, orjson.dumps(data), partition=partition
+            )
+    finally:
+        await producer.stop()
+    return ids
+
+
 @asynccontextmanager
 async def running_loader(
     settings: Settings, db: Database, spec: TableSpec = BEHAVIOR
