@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from hypothesis import strategies as st
 
 from consumers.loader import Loader
 from consumers.rows import (
@@ -387,3 +388,43 @@ async def behavior_rows(db: Database, shop: ShopCredentials) -> list[dict[str, A
 def of_type(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
     """The rows of ``events`` of one event type."""
     return [e for e in events if e["event_type"] == event_type]
+
+
+# Hypothesis strategies the fast paths' tests share (each beside its reference).
+LONG = st.sampled_from([255, 256, 257, 1024, 1025, 4096, 4097]).map(lambda n: "x" * n)
+ASTRAL = st.sampled_from([256, 257]).map(lambda n: "\U0001f600" * n)  # code points, not bytes
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _offset(minutes: int) -> str:
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+ZONES = st.one_of(
+    st.just(""),
+    st.just("Z"),
+    st.integers(-23 * 60 - 59, 23 * 60 + 59).map(_offset),
+    st.sampled_from(["z", "+05:60", "+24:00", "-00:00", "+0530", "+05", "UTC"]),
+)
+FRACTIONS = st.one_of(
+    st.just(""), st.integers(1, 9).flatmap(lambda n: st.from_regex(rf"\A\.[0-9]{{{n}}}\Z"))
+)
+WELL_FORMED = st.builds(
+    lambda moment, fraction, zone: (
+        moment.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0") + fraction + zone
+    ),
+    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),
+    FRACTIONS,
+    ZONES,
+)

@@ -15,7 +15,7 @@ import pydantic
 import structlog
 from aiohttp import web
 
-from ingest.collector import beacon, bots, openapi, webhooks
+from ingest.collector import beacon, bots, native, openapi, webhooks
 from ingest.collector.delivery import Delivery, Unavailable
 from ingest.collector.enrich import (
     AssignedTimes,
@@ -302,8 +302,12 @@ async def _accept_batch(request: web.Request, stream: str) -> web.Response:
     async with _decode_slot(request):
         body = inflate(request, raw)
         _check_values(body, settings.max_json_values)
-        envelope = _whole_batch(stream, body, settings) or _envelope(body)
-        del body
+        envelope: BatchEnvelope | native.Batch = (
+            native.decode(stream, body, settings)
+            or _whole_batch(stream, body, settings)
+            or _envelope(body)
+        )
+        del body  # a native.Batch holds it, for the reference path should it decline
         if shop is None:  # the key is in the body: known only now, the body bounded above
             shop = await _authenticate(request, envelope.write_key)
         key = printable_ascii(given or envelope.write_key) or ""
@@ -319,16 +323,26 @@ async def _deliver_batch(
     request: web.Request,
     stream: str,
     shop: Shop,
-    envelope: BatchEnvelope,
+    envelope: BatchEnvelope | native.Batch,
     received_at: datetime,
 ) -> web.Response:
     settings = request.app[SETTINGS]
     rejected: list[dict[str, Any]] = []
-    valid = _valid_events(stream, envelope, settings.max_event_bytes, rejected)
     received = Received.of(request, settings, envelope.sent_at, received_at)
-    messages, accepted = _records(
-        stream, valid, shop, received, request.app[TIMES], rejected, settings.max_record_bytes
-    )
+    fast = None
+    if isinstance(envelope, native.Batch):
+        fast = native.records(envelope, shop, received, settings.max_record_bytes)
+        if fast is None:  # declined: the reference path decides, event by event
+            body = envelope.body
+            envelope = _whole_batch(stream, body, settings) or _envelope(body)
+    if fast is not None:
+        messages, accepted = fast, len(envelope.events)
+    else:
+        assert isinstance(envelope, BatchEnvelope)
+        valid = _valid_events(stream, envelope, settings.max_event_bytes, rejected)
+        messages, accepted = _records(
+            stream, valid, shop, received, request.app[TIMES], rejected, settings.max_record_bytes
+        )
     if messages:
         try:
             await request.app[DELIVERY].deliver(stream, settings.topic_for(stream), messages)

@@ -27,7 +27,8 @@ from ingest.core.streams import BEHAVIOR, CONTEXT, STOREFRONT, Stream
 
 _TABLET = re.compile(r"iPad|Tablet|PlayBook|Silk|Kindle|(Android(?!.*Mobile))", re.I)
 _MOBILE = re.compile(r"Mobi|iPhone|iPod|Android|Windows Phone|BlackBerry|Opera Mini", re.I)
-_SESSION_FACTS = ("referrer", "language", "screen_resolution")
+# What a behavior event's metadata may tell of its session, copied into its context.
+SESSION_FACTS = ("referrer", "language", "screen_resolution")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Jitsu's X-IP-Policy values asking for no IP at all (its "keep" and "comfort" keep some).
 _ANONYMOUS_IP_POLICIES = frozenset({"strict", "remove"})
@@ -239,7 +240,7 @@ class Received:
             skew,
             latest,
             context,
-            {**context, **dict.fromkeys(_SESSION_FACTS)},
+            {**context, **dict.fromkeys(SESSION_FACTS)},
             address,
             hidden,
             agent if screen_bots else None,
@@ -263,7 +264,7 @@ class Received:
         )
         view = ShopView(
             context,
-            {**context, **dict.fromkeys(_SESSION_FACTS)}
+            {**context, **dict.fromkeys(SESSION_FACTS)}
             if context is not self.context
             else self.behavior_context,
             bot,
@@ -364,15 +365,15 @@ def behavior_fields_record(
         view = received.of_shop(shop)
     metadata = fields["metadata"]  # the client's, before _record adds server keys
     record = _record(fields, shop, received, assigned, BEHAVIOR, view)
-    if metadata and not metadata.keys().isdisjoint(_SESSION_FACTS):  # one C call
+    if metadata and not metadata.keys().isdisjoint(SESSION_FACTS):  # one C call
         if view.anonymous:  # no session fact kept, in the context or the metadata
             record["metadata"] = {
-                k: v for k, v in record["metadata"].items() if k not in _SESSION_FACTS
+                k: v for k, v in record["metadata"].items() if k not in SESSION_FACTS
             }
             record[CONTEXT] = view.behavior_context
             return record
         context = dict(view.context)
-        for fact in _SESSION_FACTS:
+        for fact in SESSION_FACTS:
             value = metadata.get(fact)
             context[fact] = value[:1024] if isinstance(value, str) else None
         record[CONTEXT] = context

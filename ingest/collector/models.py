@@ -50,6 +50,35 @@ def has_nul(encoded: bytes) -> bool:
     return b"\\" in encoded and b"u0000" in encoded and _NUL.search(encoded) is not None
 
 
+# The times the fast decoders parse themselves: RFC 3339 with a 'T', at most 6 digits
+# of a second, a 'Z' or an offset in hours and minutes, or no zone (UTC): the shapes
+# browsers and the SDKs send. Within them ``datetime.fromisoformat`` and pydantic agree
+# (test_segment_fast, test_native_fast): fromisoformat checks the ranges as pydantic
+# does (a month's days, no hour 24, no leap second) but for an offset's minutes, which
+# it takes up to 99. pydantic reads more (a space for the 'T', unix seconds, a date
+# alone): those go the reference way. A text's shape is its bytes with every ASCII
+# digit a 0 (bytes.translate, a third of what a regular expression took).
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_TIME_SHAPES = frozenset(
+    f"0000-00-00T00:00:00{fraction}{zone}".encode()
+    for fraction in ("", *("." + "0" * digits for digits in range(1, 7)))
+    for zone in ("", "Z", "+00:00", "-00:00")
+)
+
+
+def fast_time(value: str) -> datetime | None:
+    """A client's time as pydantic's ``datetime`` reads it, for the fast decoders; None
+    when its text is not one of the shapes they read (the reference path reads it)."""
+    if value.encode().translate(_DIGITS) not in _TIME_SHAPES or (
+        value[-6] in "+-" and value[-2] > "5"  # an offset's minutes past 59
+    ):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:  # a day its month does not have
+        return None
+
+
 def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)  # a time without a zone is read as UTC

@@ -26,6 +26,7 @@ from ingest.collector.enrich import AssignedTimes
 from ingest.core.settings import Settings
 from ingest.core.shops import Privacy, Shop
 from ingest.loadgen.traffic import Target
+from tests.helpers import ASTRAL, JSON, LONG, WELL_FORMED
 
 AT = datetime(2026, 12, 1, 12, 0, 0, 250_000, tzinfo=UTC)  # the requests' receive time
 SETTINGS = Settings(country_header="CF-IPCountry")
@@ -106,19 +107,6 @@ def headers_of(name: str) -> dict[str, str]:
 
 
 # What a batch may hold: mostly what SDKs send, with the odd values around every rule.
-LONG = st.sampled_from([255, 256, 257, 1024, 1025, 4096, 4097]).map(lambda n: "x" * n)
-ASTRAL = st.sampled_from([256, 257]).map(lambda n: "😀" * n)  # code points, not bytes
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12),
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
-    ),
-    max_leaves=8,
-)
 IDS = st.one_of(
     st.text(min_size=1, max_size=40),
     st.just(""),
@@ -133,28 +121,6 @@ IDS = st.one_of(
 )
 
 
-def _offset(minutes: int) -> str:
-    sign = "-" if minutes < 0 else "+"
-    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
-
-
-ZONES = st.one_of(
-    st.just(""),
-    st.just("Z"),
-    st.integers(-23 * 60 - 59, 23 * 60 + 59).map(_offset),
-    st.sampled_from(["z", "+05:60", "+24:00", "-00:00", "+0530", "+05", "UTC"]),
-)
-FRACTIONS = st.one_of(
-    st.just(""), st.integers(1, 9).flatmap(lambda n: st.from_regex(rf"\A\.[0-9]{{{n}}}\Z"))
-)
-WELL_FORMED = st.builds(
-    lambda moment, fraction, zone: (
-        moment.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0") + fraction + zone
-    ),
-    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),
-    FRACTIONS,
-    ZONES,
-)
 NEAR = st.builds(  # around the receive time: skew corrections, clamps, neither
     lambda seconds, zone: (AT + timedelta(seconds=seconds)).replace(tzinfo=None).isoformat() + zone,
     st.integers(-5 * 86400, 5 * 86400),

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from consumers.rows import SPECS
+from ingest.collector import native
 from ingest.collector.enrich import Received, behavior_record, storefront_record
 from ingest.collector.models import BATCH_MODELS, STREAM_MODELS, BehaviorEvent, StorefrontEvent
 from ingest.core.db import Database
@@ -64,6 +65,18 @@ def test_the_collectors_model_takes_the_client_fields(stream: Stream) -> None:
     required = {c.name for c in stream.columns if c.required}
     optional = {name for name, f in model.model_fields.items() if not f.is_required()}
     assert optional & required <= {"event_id", stream.time_column}
+
+
+@ALL
+def test_the_collectors_fast_struct_is_its_model(stream: Stream) -> None:
+    """The native routes' msgspec struct (``native``) takes the model's fields, the same
+    required, in the same order."""
+    model = STREAM_MODELS[stream.name]
+    fields = msgspec.structs.fields(native.STRUCTS[stream.name])
+    assert [f.name for f in fields] == list(model.model_fields)
+    assert {f.name for f in fields if f.required} == {
+        name for name, f in model.model_fields.items() if f.is_required()
+    }
 
 
 @ALL
