@@ -127,8 +127,8 @@ def decode(stream: str, body: bytes, settings: Settings) -> Batch | None:
             raws, sent, key = envelope.events, envelope.sent_at, envelope.write_key
         decoder = _EVENTS[stream]
         structs = [decoder.decode(raw) for raw in raws]
-    except msgspec.DecodeError:  # a ValidationError too
-        return None
+    except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
+        return None  # nested too deep (msgspec's limit): the reference refuses it with a 400
     time_field = streams.STREAMS[stream].time_column
     events: list[tuple[msgspec.Raw, Any, datetime | None]] = []
     for raw, event in zip(raws, structs, strict=True):

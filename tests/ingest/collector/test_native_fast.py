@@ -285,6 +285,7 @@ _GOOD = orjson.dumps(
         (_GOOD[:-1] + b',"element_text":"\xff"}', False),  # not UTF-8
         (_GOOD[:-1] + b',"context":{"country_code":"FR"}}', False),  # the collector's field
         (_GOOD.replace(b'"event_id":"2f1c', b'"event_id":"{2f1c'), False),
+        (_GOOD[:-1] + b',"event_data":{"a":' + b"[" * 5000 + b"]" * 5000 + b"}}", False),
     ],
 )
 def test_bodies_at_the_edges(event: bytes, taken: bool) -> None:
