@@ -61,27 +61,21 @@ def client_address(request: web.Request, settings: Settings) -> IPAddress | None
     """The client's whole address: the peer, or X-Forwarded-For when the peer is a
     trusted proxy. What the rate limit counts and the country is looked up from; what
     a record keeps of it is ``kept_ip``'s."""
+    trusted = _networks(tuple(settings.trusted_proxies))
+    address = _parse(request.remote)
+    if address is None or not any(address in n for n in trusted):
+        return address  # the header is not even read: anyone may write it
     # Every line, in order: a proxy may append its own line instead of extending the
     # client's, and reading the first line only would believe what the client wrote.
     forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
-    return _address(request.remote, forwarded, tuple(settings.trusted_proxies))
-
-
-# A client sends many requests from one address, through the same proxies: parsing them
-# (ipaddress, in Python) was a tenth of a beacon's enrichment.
-@functools.lru_cache(maxsize=4096)
-def _address(remote: str | None, forwarded: str, proxies: tuple[str, ...]) -> IPAddress | None:
-    trusted = _networks(proxies)
-    address = _parse(remote)
-    if address is not None and forwarded and any(address in n for n in trusted):
-        # Walk right to left past our own proxies; the first other hop is the client.
-        for hop in reversed([h.strip() for h in forwarded.split(",")]):
-            parsed = _parse(hop)
-            if parsed is None:
-                break
-            address = parsed
-            if not any(parsed in n for n in trusted):
-                break
+    # Walk right to left past our own proxies; the first other hop is the client.
+    for hop in reversed([h.strip() for h in forwarded.split(",")] if forwarded else []):
+        parsed = _parse(hop)
+        if parsed is None:
+            break
+        address = parsed
+        if not any(parsed in n for n in trusted):
+            break
     return address
 
 
@@ -101,8 +95,20 @@ def _truncated(address: IPAddress) -> str:
 
 
 def _parse(value: str | None) -> IPAddress | None:
+    if not value:
+        return None
+    # A client sends many requests from one address: parsing it (ipaddress, in Python)
+    # was a tenth of a beacon's enrichment. Only texts as short as an address are
+    # cached, so header text a client varies cannot fill the cache with kilobytes.
+    return _parsed(value) if len(value) <= _ADDRESS_TEXT else _parse_text(value)
+
+
+_ADDRESS_TEXT = 64  # an IPv6 address with a zone id is ~45 characters
+
+
+def _parse_text(value: str) -> IPAddress | None:
     try:
-        address = ipaddress.ip_address(value) if value else None
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
@@ -110,6 +116,9 @@ def _parse(value: str | None) -> IPAddress | None:
         # the sender, no part of the address, and PostgreSQL's inet refuses it.
         return ipaddress.IPv6Address(address.packed)
     return address
+
+
+_parsed = functools.lru_cache(maxsize=4096)(_parse_text)
 
 
 def user_agent(request: web.Request) -> str | None:
@@ -276,21 +285,16 @@ class Received:
         if view is not None:
             return view
         settings = shop.privacy
-        context = self.context
+        context, behavior_context = self.context, self.behavior_context
         policy = settings.ip_policy or self.ip_policy
         if policy != self.ip_policy and not self.anonymous:
-            context = {**context, "client_ip": kept_ip(self.address, policy)}
+            context, behavior_context = _contexts(
+                context["user_agent"], self.address, policy, context["country_code"]
+            )
         bot = (settings.bot_policy or self.bot_policy) == "flag" and (
             bots.reason(self.agent, settings.bot_deny_list) is not None
         )
-        view = ShopView(
-            context,
-            {**context, **dict.fromkeys(SESSION_FACTS)}
-            if context is not self.context
-            else self.behavior_context,
-            bot,
-            self.anonymous,
-        )
+        view = ShopView(context, behavior_context, bot, self.anonymous)
         self._shops[shop.id] = view
         return view
 
