@@ -76,6 +76,13 @@ def unique_ids(requests: list[Request], counter: int) -> list[str]:
     return [prefix + tail for tail in _id_tails(requests[(counter - 1) % len(requests)].body)]
 
 
+def id_count(requests: list[Request], first: int, last: int) -> int:
+    """How many event ids the script sends in its requests ``first`` to ``last``."""
+    return sum(
+        len(_id_tails(requests[(n - 1) % len(requests)].body)) for n in range(first, last + 1)
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def _id_tails(body: bytes) -> tuple[str, ...]:
     # Each body's ids found once: the end-to-end figure's drain goes on while the

@@ -290,6 +290,19 @@ SELECT coalesce(sum(n - 1), 0) FROM (
   GROUP BY event_id HAVING count(*) > 1
 ) d;
 
+-- name: verify_counted_behavior_events
+-- The end-to-end benchmark's drain watch (`loadgen.verify.CountedIds`): how many
+-- rows received since $1 carry an event id whose first 8 hex digits (a request
+-- counter, benchmarks/wrk.py) lie in [$3, $4], of those written by transactions
+-- from load_xid $2 up to upto, and upto: every transaction below it has ended, so
+-- each row is counted by exactly one poll (a row of a later xid waits for the
+-- next). Counted here, not read into the suite: the drain is timed while it runs.
+SELECT s.upto, count(e.event_id) AS n
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS upto) s
+LEFT JOIN behavior_events e ON e.received_at >= $1 AND e.load_xid >= $2
+  AND e.load_xid < s.upto AND left(e.event_id::text, 8) BETWEEN $3 AND $4
+GROUP BY s.upto;
+
 -- name: verify_seen_events
 -- `eventpipe bench --verify`: the rows received since $1 that transactions from
 -- load_xid $2 on wrote, and the next poll's $2 (upto: every older transaction has

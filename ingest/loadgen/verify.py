@@ -173,3 +173,53 @@ class Verifier:
                 )
         self.result.duplicates = int(duplicates)
         return self.result
+
+
+class CountedIds:
+    """Counts the ``behavior_events`` rows whose event ids carry a request counter in
+    [``first``, ``last``] in their first 8 hex digits (the ids of benchmarks/wrk.py's
+    script), without reading them: the end-to-end benchmark times its drain with it.
+
+    A :class:`Verifier` reads every new row into this process (its lags need each
+    row's ``received_at``), and the suite shared the two cores with the loaders whose
+    drain it timed; counting in PostgreSQL costs the pipeline a few pages a poll.
+    The exact reconciliation (every id, duplicates) is the Verifier's, afterwards.
+    Each row is counted once: a poll counts the rows of transactions that had all
+    ended (below its snapshot's xmin), the next poll starts where it stopped.
+    """
+
+    def __init__(self, dsn: str, since: datetime, first: int, last: int) -> None:
+        self.dsn = dsn
+        self.since = since
+        self.range = (f"{first:08x}", f"{last:08x}")  # zero-padded hex sorts as numbers
+        self.counted = 0
+        self.watermark = 0
+        self._conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> CountedIds:
+        self._conn = await asyncpg.connect(self.dsn)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def poll_once(self) -> int:
+        """Count the rows of the transactions ended since the last poll; the total."""
+        assert self._conn is not None, "use `async with CountedIds(...)`"
+        row = await queries.fetchrow(
+            self._conn, "verify_counted_behavior_events", self.since, self.watermark, *self.range
+        )
+        assert row is not None  # the query always answers one row
+        self.counted += row["n"]
+        self.watermark = row["upto"]
+        return self.counted
+
+    async def until(self, total: int, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Poll until ``total`` rows are counted (True) or ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        while await self.poll_once() < total:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
