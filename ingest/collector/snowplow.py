@@ -49,17 +49,18 @@ import hashlib
 import operator
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import orjson
 from aiohttp import web
 from msgspec import UNSET, UnsetType
+from prometheus_client import Counter
 
 from ingest.collector import app as collector
 from ingest.collector.delivery import Unavailable
-from ingest.collector.enrich import Received
+from ingest.collector.enrich import SESSION_FACTS, AssignedTimes, Received, behavior_fields_record
 from ingest.collector.models import (
     BehaviorEvent,
     EventFields,
@@ -72,6 +73,7 @@ from ingest.collector.models import (
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
 from ingest.core.shops import Shop
+from ingest.core.streams import CONTEXT
 
 KIND = "snowplow"  # the stream label of this protocol's metrics
 POST_PATH = "/com.snowplowanalytics.snowplow/tp2"
@@ -499,9 +501,12 @@ def identify(shop: Shop, fields: Mapping[str, str]) -> StorefrontEvent | None:
 # reference record code. Page views, page pings and link clicks with their page are
 # what browser trackers send most, and the reference's generality (each event checked
 # on its own and validated by pydantic, a ping's contexts decoded twice, the same ids
-# rebuilt for every event of a batch) was most of the route's CPU. Anything else takes
-# the reference; tests/ingest/collector/test_snowplow_fast.py checks that both give
-# the same events, records, refusals and answers.
+# rebuilt for every event of a batch) was most of the route's CPU. The commonest of
+# those, stored as they came, are not even mapped: ``_accept_fast`` writes each one's
+# record JSON from what its tracker's records share, encoded once (``_Tracker``), and
+# its own id and time (the splice). Anything else takes the reference;
+# tests/ingest/collector/test_snowplow_fast.py checks that all give the same events,
+# records (byte for byte), refusals and answers.
 
 
 class _Read(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -660,6 +665,22 @@ def _uuids(events: list[_Read]) -> list[uuid.UUID | None]:
     except msgspec.ValidationError:
         return [_uuid(e.eid) for e in events]
     return found
+
+
+# Each hexadecimal digit in lower case to "x", for _written.
+_LOWER_HEX = bytes(0x78 if chr(b) in "0123456789abcdef" else b for b in range(256))
+_WRITTEN = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+
+
+def _written(events: list[_Read]) -> bool:
+    """Whether every event's ``eid`` is a UUID as orjson writes one (hyphenated, in lower
+    case): its own text then, with no UUID made of it. In C calls, a third of
+    ``_uuids``' time (which makes each UUID)."""
+    try:
+        joined = "".join([e.eid for e in events])  # type: ignore[misc]  # TypeError if UNSET
+    except TypeError:
+        return False
+    return joined.isascii() and joined.encode().translate(_LOWER_HEX) == _WRITTEN * len(events)
 
 
 _fromtimestamp = datetime.fromtimestamp
@@ -931,38 +952,407 @@ async def _deliver(
     made: int,
 ) -> web.Response:
     received = {stm: _ms(stm) for _, _, stm in groups}
-    return await deliver_groups(
-        request,
-        KIND,
-        {
-            (stream, shops[aid], received[stm]): valid
-            for (stream, aid, stm), valid in groups.items()
-        },
-        rejected,
-        received_at,
-        derived=made,
-    )
+    # By (stream, shop, time sent): two app ids of one shop (its keys while it rotates
+    # them) or two stm texts of one time are one group, its events in the batch's order.
+    merged: Groups = {}
+    for (stream, aid, stm), valid in groups.items():
+        merged.setdefault((stream, shops[aid], received[stm]), []).extend(valid)
+    if len(merged) < len(groups):
+        for valid in merged.values():  # stable: a page view's derived records follow it
+            valid.sort(key=operator.itemgetter(0))
+    return await deliver_groups(request, KIND, merged, rejected, received_at, derived=made)
+
+
+class _Group:
+    """One (stream, aid, stm) group of the fast path: its shop and the request as it
+    enriches the group's records (``Received.of`` of its ``stm``); a behavior group's
+    records made as its events are mapped, by session, a storefront group's events
+    kept for ``app._records``."""
+
+    __slots__ = ("count", "kept", "late", "received", "sessions", "shop", "valid", "view")
+
+    def __init__(self, shop: Shop, received: Received) -> None:
+        self.shop, self.received = shop, received
+        self.view = view = received.of_shop(shop)
+        # Whether a record of a time given and not too far ahead is stored as it came:
+        # no clock to correct, no bot to flag, no session fact to drop.
+        self.kept = not received.skew and not view.bot and not view.anonymous
+        # A record is a dict, or its JSON (an orjson Fragment, from the splice): orjson
+        # writes either the same.
+        self.sessions: dict[str, list[tuple[int, Any]]] = {}
+        self.late: list[dict[str, Any]] = []  # what app._records would add to rejected
+        self.valid: _Made = []  # a storefront group's events
+        self.count = 0  # a behavior group's events
+
+    def add(self, index: int, event: MappedEvent, times: AssignedTimes) -> None:
+        """The behavior record of ``event``, as ``app._records`` makes it."""
+        self.count += 1
+        fields = event if type(event) is dict else vars(event).copy()
+        received = self.received
+        at = received.at
+        given = None if fields["timestamp"] else times.time_for(self.shop, fields["event_id"], at)
+        try:
+            record = behavior_fields_record(fields, self.shop, received, given, self.view)
+        except (OverflowError, ValueError) as exc:
+            self.late.append({"index": index, "reason": f"event cannot be stored: {exc}"})
+            metrics.EVENTS_REJECTED.labels(_BEHAVIOR, "unencodable").inc()
+            return
+        self.sessions.setdefault(record["session_id"], []).append((index, record))
+
+    def messages(
+        self, stream: str, times: AssignedTimes, rejected: list[dict[str, Any]], max_bytes: int
+    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """``app._records`` of the group: (Kafka records, events accepted)."""
+        if stream != _BEHAVIOR:
+            return collector._records(
+                stream, self.valid, self.shop, self.received, times, rejected, max_bytes
+            )
+        late = self.late
+        messages: list[tuple[bytes, bytes]] = []
+        shop = _dumps(self.shop.id)[1:-1] + b":"  # the shop's part of each key
+        for session, items in self.sessions.items():
+            messages += collector._encode(shop + session.encode(), items, stream, late, max_bytes)
+        if late:
+            rejected += late
+            rejected.sort(key=lambda r: int(r["index"]))
+        return messages, self.count - len(late)
+
+
+_BEHAVIOR = streams.BEHAVIOR.name
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+# Below this many ms since the epoch (the year 2096), ``datetime.fromtimestamp(ms / 1000)``
+# is ms exactly (the float's error is under half a microsecond), so a time is written
+# from its digits; a later one takes ``_fast``.
+_MS_LIMIT = 4 * 10**12
+# A time's text after its second, by its ms, as orjson writes a UTC datetime.
+_FRACTION = ("+00:00", *(f".{ms:03}000+00:00" for ms in range(1, 1000)))
+_SPLICE = operator.attrgetter("e", "url", "ttm", "dtm", "co", "cx", "eid")
+# What a tracker's records share (its ids, session, page, sizes, aid and stm).
+_TRACKER = operator.attrgetter(
+    "aid", "p", "tv", "tna", "duid", "uid", "vid", "tz", "sid", "stm", "url", "vp", "ds", "cd"
+)
+_dumps = orjson.dumps
+_Fragment = orjson.Fragment
+
+
+class _Clock:
+    """What the records of one (aid, stm) share on the splice path: whether they are
+    stored as they came (``_Group.kept``), the latest time kept, the record's end."""
+
+    __slots__ = ("end", "kept", "latest", "server", "view")
+
+    def __init__(self, shop: Shop, received: Received) -> None:
+        self.view = view = received.of_shop(shop)
+        self.kept = not received.skew and not view.bot and not view.anonymous
+        self.latest = (received.latest - _EPOCH) // _US  # in µs
+        # The server's fields but the context's value, then with the context of a
+        # record whose metadata names no session fact.
+        self.server = (
+            f',"shop_id":{_dumps(shop.id).decode()},'
+            f'"received_at":{_dumps(received.at).decode()},"{CONTEXT}":'
+        )
+        self.end = f"{self.server}{_dumps(view.behavior_context).decode()}}}"
+
+    def facts_end(self, metadata: dict[str, Any]) -> str:
+        """The end of a record whose metadata is ``metadata``, naming session facts: its
+        context holds them, as ``behavior_fields_record`` copies them."""
+        context = dict(self.view.context)
+        for fact in SESSION_FACTS:
+            value = metadata.get(fact)
+            context[fact] = value[:1024] if isinstance(value, str) else None
+        return f"{self.server}{_dumps(context).decode()}}}"
+
+
+class _Parts:
+    """What the records of a tracker share on the splice path, the same from request to
+    request (``_parts``, cached): its ids, session, page and sizes, as JSON. Never
+    changed but for its bounded cache of clicks."""
+
+    __slots__ = (
+        "aid",
+        "click",
+        "clicks",
+        "empty",
+        "identifies",
+        "ids",
+        "ids_json",
+        "nulls",
+        "ping",
+        "session",
+        "sizes",
+        "view",
+        "viewport",
+    )  # fmt: skip
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        # _TRACKER's fields but stm (a batch's send time, another in each request).
+        aid, sid, url = key[0], key[8], key[9]
+        self.aid = aid or ""
+        self.session = session = sid[:256]
+        self.ids = ids = {
+            name: value[:256] for (_, name), value in zip(_IDS, key, strict=False) if value
+        }
+        self.ids_json = _dumps(ids).decode()
+        page = f',"session_id":{_dumps(session).decode()},"page_url":{_dumps(url).decode()}'
+        self.ping = f'","event_type":"scroll_depth"{page},"timestamp":"'
+        self.click = f'","event_type":"click"{page},"timestamp":"'
+        self.view = f'","event_type":"page_view"{page},"timestamp":"'
+        uid, duid = key[5], key[4]
+        self.identifies = bool(uid and duid and uid != duid)  # its page views' $identify
+        self.sizes: tuple[str | UnsetType, ...] = key[10:]  # vp, ds, cd
+        self.viewport = viewport = _dumps(_viewport(key[10] or None)).decode()
+        self.nulls = (
+            '","element_path":null,"element_type":null,"element_text":null,'
+            f'"coordinates":null,"viewport_size":{viewport},"event_data":'
+        )
+        self.empty = f"{self.nulls}{{}}{_PING_END}"  # a page view's, to its metadata
+        # A click's JSON from its time to its metadata by its ue_pr and ue_px (None:
+        # not one the splice writes): a page's links are clicked again and again.
+        self.clicks: dict[tuple[str | UnsetType, ...], str | None] = {}
+
+    def click_part(self, sent: tuple[str | UnsetType, ...]) -> str | None:
+        """The JSON of a link click sent as ``sent`` (ue_pr, ue_px) from its time to its
+        metadata; None when ``_link_click`` makes no click of it, or raises (``_fast``
+        then maps it, or raises). Cached in ``clicks``."""
+        clicks = self.clicks
+        if sent in clicks:
+            return clicks[sent]
+        if len(clicks) >= 16:
+            clicks.clear()
+        pr, px = sent
+        try:
+            click = _link_click(None if pr is UNSET else pr, None if px is UNSET else px)
+        except collector.EventRejected:
+            return None  # not cached: _fast raises it
+        part = None
+        if click is not None:
+            path, text, component, href, target = click
+            try:
+                part = (
+                    f'","element_path":{_dumps(path).decode()},"element_type":"a",'
+                    f'"element_text":{_dumps(text).decode()},"coordinates":null,'
+                    f'"viewport_size":{self.viewport},'
+                    f'"event_data":{_dumps({"href": href, "target": target}).decode()},'
+                    f'"component_id":{_dumps(component).decode()},"metadata":'
+                )
+            except orjson.JSONEncodeError:
+                part = None  # app._encode refuses it
+        clicks[sent] = part
+        return part
+
+
+_parts = functools.lru_cache(maxsize=1024)(_Parts)
+
+
+class _Tracker:
+    """A tracker's records in one request on the splice path: its ``_Parts``, the end of
+    its records (the request's fields and context), its group and session once it has
+    a record."""
+
+    __slots__ = (
+        "aid",
+        "click",
+        "clock",
+        "empty",
+        "group",
+        "identifies",
+        "items",
+        "latest",
+        "nulls",
+        "pages",
+        "parts",
+        "ping",
+        "session",
+        "sizes",
+        "stm",
+        "tail",
+        "view",
+    )  # fmt: skip
+
+    def __init__(self, parts: _Parts, stm: str, clock: _Clock) -> None:
+        self.parts, self.clock, self.latest = parts, clock, clock.latest
+        self.aid, self.stm, self.session = parts.aid, stm, parts.session
+        self.ping, self.click, self.view = parts.ping, parts.click, parts.view
+        self.identifies, self.sizes = parts.identifies, parts.sizes
+        self.nulls, self.empty = parts.nulls, parts.empty
+        self.tail = f"{parts.ids_json}{clock.end}"  # after "metadata":
+        self.items: list[tuple[int, Any]] | None = None  # its session's, once it has one
+        self.group: _Group | None = None  # its behavior group, once it has a record
+        # A page view's JSON from its metadata on, by its refr, lang, res and page.
+        self.pages: dict[tuple[str | UnsetType, ...], str] = {}
+
+    def page_tail(self, sent: tuple[str | UnsetType, ...]) -> str:
+        """The JSON of a page view sent with ``sent`` (refr, lang, res, page) from its
+        metadata on, as ``_fast`` makes its metadata."""
+        refr, lang, res, page = sent
+        metadata = {
+            "referrer": _text(refr, 1024),
+            "language": _text(lang, 256),
+            "screen_resolution": _text(res, 64),
+            "title": _text(page),
+            **self.parts.ids,
+        }
+        return f"{_dumps(metadata).decode()}{self.clock.facts_end(metadata)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _scroll_json(offsets: tuple[str | UnsetType, ...], sizes: tuple[str | UnsetType, ...]) -> str:
+    """The JSON of ``_scroll`` of a ping's offsets and its vp, ds and cd."""
+    return _dumps(_scroll(*offsets, *sizes)).decode()
+
+
+_PING_END = ',"component_id":null,"metadata":'  # a ping's JSON after its event data
+# A time's text up to its second, by the second (the seconds of recent events).
+_SECONDS: dict[int, str] = {}
+
+
+_OFFSET_FIELDS = operator.attrgetter(*_OFFSETS)
+_CLICK_FIELDS = operator.attrgetter("ue_pr", "ue_px")
+_PAGE_FIELDS = operator.attrgetter("refr", "lang", "res", "page")
 
 
 async def _accept_fast(
     request: web.Request, events: list[_Read], body: bytes, received_at: datetime
 ) -> web.Response:
     """``accept`` of the events ``_tracked`` read from ``body``: no event checked on its
-    own (none needs it), each mapped by ``_fast``, else by the reference."""
+    own (none needs it), each written by the splice, else mapped by ``_fast``, else by
+    the reference.
+
+    A behavior event's record is made as soon as it is mapped (what ``app._records``
+    makes of it later on the reference path): ``app._records`` called
+    ``behavior_fields_record``, ``enrich._record`` and ``Received.event_time`` for each
+    event, most of its time, where the usual event only gains the request's fields and
+    its context, here in the loop. The usual ping or click of a tracker's batch is
+    not even a dict: its record's JSON is written from the parts the tracker's records
+    share (``_Tracker``), encoded once, and its own (its id and time), as the native
+    routes splice theirs (``native.records``)."""
+    settings = request.app[collector.SETTINGS]
+    times = request.app[collector.TIMES]
     rejected: list[dict[str, Any]] = []
-    groups: dict[tuple[str, str, str], _Made] = {}
+    groups: dict[tuple[str, Shop, datetime | None], _Group] = {}
     made = 0
-    shops = await _taken(request, [e.aid or None for e in events])
-    identifiers = _uuids(events)
+    # Each app id once, in order (a batch has one, mostly).
+    shops = await _taken(request, dict.fromkeys([e.aid or None for e in events]))
+    # Every eid as orjson writes its UUID (as trackers send them): no UUID made but for
+    # an event _fast maps.
+    canonical = _written(events)
+    identifiers = None if canonical else _uuids(events)
     known: dict[tuple[str | UnsetType, ...], _Who] = {}
     payloads: list[dict[str, str]] | None = None  # the reference's events, when needed
-    behavior = streams.BEHAVIOR.name
+    sent: dict[str, datetime | None] = {}  # each stm's time
+    requests: dict[datetime | None, Received] = {}  # Received.of of each time sent
+
+    def received_for(stm: str) -> Received:
+        at = sent[stm] if stm in sent else sent.setdefault(stm, _ms(stm))
+        received = requests.get(at)
+        if received is None:
+            received = requests[at] = Received.of(request, settings, at, received_at)
+        return received
+
+    def group(stream: str, aid: str, stm: str) -> _Group:
+        # By (stream, shop, time sent), as _deliver delivers them: two app ids of one
+        # shop (its keys while it rotates them) or two stm texts of one time are one.
+        received = received_for(stm)
+        key = (stream, shops[aid], sent[stm])
+        found = groups.get(key)
+        if found is None:
+            found = groups[key] = _Group(shops[aid], received)
+        return found
+
+    clocks: dict[tuple[str, str], _Clock] = {}
+
+    def tracker_of(key: tuple[Any, ...]) -> _Tracker | None:
+        """The splice's tracker of ``key`` (``_TRACKER``); None when its records are not
+        written by it (no session id, or not stored as they came)."""
+        aid, stm, sid = key[0] or "", key[9] or "", key[8]
+        clock = clocks.get((aid, stm))
+        if clock is None:
+            clock = clocks[(aid, stm)] = _Clock(shops[aid], received_for(stm))
+        if not sid or not clock.kept:
+            return None
+        return _Tracker(_parts((*key[:9], *key[10:])), stm, clock)
+
+    trackers: dict[tuple[Any, ...], _Tracker | None] = {}
+    tracked: tuple[Any, ...] | None = None  # the last spliced event's _TRACKER
+    tracker: _Tracker | None = None
     # The behavior group of the last (aid, stm): a batch's events nearly always share them.
     last: tuple[str, str] | None = None
-    target: _Made = []
-    for index, (event, identifier) in enumerate(zip(events, identifiers, strict=True)):
+    target = None
+    for index, event in enumerate(events):
+        kind, url, ttm, dtm, co, cx, eid = _SPLICE(event)
+        if (
+            (kind == "pp" or kind == "ue" or kind == "pv")
+            and (identifiers is None or identifiers[index] is not None)
+            and url
+            and len(url) <= 4096
+            and co is UNSET
+            and cx is UNSET
+            and not ttm
+            and dtm
+        ):
+            # What _fast maps to one record the splice writes: a ping, a link click or a
+            # page view with its page, a UUID eid, no contexts, its time from dtm, of a
+            # tracker with a session id; stored as it came, a time not too far ahead.
+            key = _TRACKER(event)
+            if key != tracked:
+                tracked = key
+                if key in trackers:
+                    tracker = trackers[key]
+                else:
+                    tracker = trackers[key] = tracker_of(key)
+            try:
+                ms = int(dtm)
+            except ValueError:
+                ms = -1  # not a time: _fast's
+            if tracker is not None and 0 <= ms < _MS_LIMIT and ms * 1000 <= tracker.latest:
+                part: str | None
+                tail = tracker.tail
+                if kind == "pp":
+                    scroll = _scroll_json(_OFFSET_FIELDS(event), tracker.sizes)
+                    part = f"{tracker.nulls}{scroll}{_PING_END}"
+                    head = tracker.ping
+                elif kind == "ue":
+                    part = tracker.parts.click_part(_CLICK_FIELDS(event))
+                    head = tracker.click
+                elif tracker.identifies:
+                    part = None  # a page view and its $identify: _fast's
+                else:
+                    part = tracker.empty
+                    page = _PAGE_FIELDS(event)
+                    pages = tracker.pages
+                    tail = pages.get(page) or pages.setdefault(page, tracker.page_tail(page))
+                    head = tracker.view
+                if part is not None:
+                    second, fraction = divmod(ms, 1000)
+                    stamp = _SECONDS.get(second)
+                    if stamp is None:
+                        if len(_SECONDS) >= 65_536:
+                            _SECONDS.clear()
+                        stamp = _dumps(_fromtimestamp(second, UTC))[1:20].decode()
+                        _SECONDS[second] = stamp
+                    if not canonical and (len(eid) != 36 or eid.lower() != eid):
+                        assert identifiers is not None
+                        eid = str(identifiers[index])  # as orjson writes a UUID
+                    # The tracker's group and session made once it has a record, as
+                    # _Group.add would make them.
+                    found, items = tracker.group, tracker.items
+                    if found is None or items is None:
+                        found = tracker.group = group(_BEHAVIOR, tracker.aid, tracker.stm)
+                        items = tracker.items = found.sessions.setdefault(tracker.session, [])
+                    found.count += 1
+                    items.append(
+                        (
+                            index,
+                            _Fragment(
+                                f'{{"event_id":"{eid}{head}{stamp}{_FRACTION[fraction]}{part}{tail}'
+                            ),
+                        )
+                    )
+                    continue
         aid = event.aid or ""
         stm = event.stm or ""
+        identifier = _uuid(eid) if identifiers is None else identifiers[index]
         try:
             records: list[MappedEvent] | None = _fast(shops[aid], event, identifier, known)
             if records is None:
@@ -973,14 +1363,44 @@ async def _accept_fast(
             rejected.append({"index": index, "reason": exc.reason})
             metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
             continue
-        if len(records) == 1 and type(records[0]) is dict:  # the usual: one behavior event
-            if last is None or last[0] != aid or last[1] != stm:
-                last, target = (aid, stm), groups.setdefault((behavior, aid, stm), [])
-            target.append((index, records[0]))
-        else:
-            _group(groups, index, aid, stm, records)
-            made += len(records) - 1
-    return await _deliver(request, groups, shops, rejected, received_at, made)
+        if len(records) == 1 and type(record := records[0]) is dict:  # the usual
+            if target is None or last != (aid, stm):
+                last, target = (aid, stm), group(_BEHAVIOR, aid, stm)
+                kept, latest = target.kept, target.received.latest
+                plain = target.view.behavior_context
+                sessions = target.sessions
+            time = record["timestamp"]
+            if kept and time is not None and time <= latest:
+                # Stored as it came: the fields gain the request's, and the context.
+                target.count += 1
+                record["shop_id"] = target.shop.id
+                record["received_at"] = received_at
+                metadata = record["metadata"]
+                if metadata.keys().isdisjoint(SESSION_FACTS):
+                    record[CONTEXT] = plain
+                else:
+                    context = dict(target.view.context)
+                    for fact in SESSION_FACTS:
+                        value = metadata.get(fact)
+                        context[fact] = value[:1024] if isinstance(value, str) else None
+                    record[CONTEXT] = context
+                sessions.setdefault(record["session_id"], []).append((index, record))
+            else:
+                target.add(index, record, times)
+            continue
+        for mapped in records:
+            if is_behavior(mapped):
+                group(_BEHAVIOR, aid, stm).add(index, mapped, times)
+            else:
+                group(_STOREFRONT, aid, stm).valid.append((index, mapped))
+        made += len(records) - 1
+    by_stream: dict[str, list[tuple[bytes, bytes]]] = {}
+    accepted = 0
+    for (stream, _, _), found in groups.items():
+        messages, taken = found.messages(stream, times, rejected, settings.max_record_bytes)
+        by_stream.setdefault(stream, []).extend(messages)
+        accepted += taken
+    return await _send(request, KIND, by_stream, accepted, rejected, made)
 
 
 Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, MappedEvent]]]
@@ -1015,6 +1435,27 @@ async def deliver_groups(
         )
         by_stream.setdefault(stream, []).extend(messages)
         accepted += taken
+    return await _send(request, kind, by_stream, accepted, rejected, derived)
+
+
+@functools.cache
+def _accepted(kind: str) -> Counter:
+    """``eventpipe_events_accepted_total`` of ``kind`` (looked up once: ``labels`` was a
+    request's microseconds)."""
+    return metrics.EVENTS_ACCEPTED.labels(kind)
+
+
+async def _send(
+    request: web.Request,
+    kind: str,
+    by_stream: dict[str, list[tuple[bytes, bytes]]],
+    accepted: int,
+    rejected: list[dict[str, Any]],
+    derived: int,
+) -> web.Response:
+    """Deliver the Kafka records of each stream and answer the batch (``deliver_groups``'s
+    end): ``accepted`` events with ``derived`` made beside them."""
+    settings = request.app[collector.SETTINGS]
     for stream, messages in by_stream.items():
         if not messages:
             continue
@@ -1027,7 +1468,7 @@ async def deliver_groups(
                 503, "event broker unavailable, retry later", {"Retry-After": "5"}
             ) from exc
     accepted = max(0, accepted - derived)
-    metrics.EVENTS_ACCEPTED.labels(kind).inc(accepted)
+    _accepted(kind).inc(accepted)
     rejected.sort(key=lambda r: int(r["index"]))
     status = 200 if accepted or not rejected else 400
     return collector._json({"accepted": accepted, "rejected": rejected}, status)

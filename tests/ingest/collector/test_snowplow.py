@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -261,3 +262,41 @@ async def test_the_path_alias_serves_tp2_and_the_pixel(
             assert answer.status == 200 and (await answer.json())["accepted"] == 1
         async with http.get(server.url + "/t/p", params=event) as answer:
             assert answer.content_type == "image/gif"
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+async def test_events_of_one_shop_and_send_time_under_several_app_ids_or_stm_texts_all_land(
+    path: str, collector: str, settings: Settings, db: Database, shop: ShopCredentials
+) -> None:
+    # A shop has two live write keys while it rotates them; "" and "x" are both no
+    # send time. Events grouped apart by (app id, stm) but delivered by (shop, time)
+    # were once merged by replacing one group with the other: accepted, and lost.
+    second = f"wk_{uuid.uuid4().hex}"
+    await db.pool.execute(
+        "INSERT INTO shop_write_keys (write_key, shop_id) VALUES ($1, $2)", second, shop.shop_id
+    )
+    sends = [(shop.write_key, ""), (shop.write_key, "x"), (second, "")]
+    sends += [(shop.write_key, "1790000000000"), (second, "1790000000000")]
+    extra = {} if path == "fast" else {"zz_unknown": "1"}  # a field no tracker sends
+    events = [
+        {
+            "e": "pv",
+            "eid": str(uuid.uuid4()),
+            "aid": aid,
+            "stm": stm,
+            "url": "https://x/",
+            "sid": "s-keys",
+            "duid": "d-keys",
+            "dtm": "1790000000000",
+            **extra,
+        }
+        for aid, stm in sends
+    ]
+    async with aiohttp.ClientSession() as http:
+        body = {"schema": "x", "data": events}
+        async with http.post(collector + snowplow.POST_PATH, json=body) as answer:
+            assert answer.status == 200
+            assert await answer.json() == {"accepted": 5, "rejected": []}
+    async with both_loaders(settings, db):
+        rows = await _loaded(db, shop, 5)
+    assert sorted(r["event_id"] for r in rows) == sorted(e["eid"] for e in events)

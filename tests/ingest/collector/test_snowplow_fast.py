@@ -9,7 +9,7 @@ import base64
 import functools
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -397,6 +397,24 @@ def test_a_fast_uuid_is_uuid_uuids(text: str) -> None:
         assert (fast, fast.is_safe) == (uuid.UUID(text), uuid.UUID(text).is_safe)
 
 
+@settings(max_examples=500, deadline=None)
+@given(texts=st.lists(UUIDS | st.uuids().map(str) | st.none(), min_size=1, max_size=4))
+def test_eids_written_as_orjson_writes_their_uuids_are_spliced_as_sent(
+    texts: list[str | None],
+) -> None:
+    """``_written``: every eid is the text orjson writes of its UUID, the splice's."""
+    body = orjson.dumps({"data": [{} if t is None else {"eid": t} for t in texts]})
+    decoded: Any = snowplow._TRACKED.decode(body)
+    sent = [t for t in texts if t is not None]
+    if snowplow._written(decoded.data):
+        assert len(sent) == len(texts)
+        assert [orjson.dumps(uuid.UUID(t)) for t in sent] == [orjson.dumps(t) for t in sent]
+    elif len(sent) == len(texts) and all(t.isascii() for t in sent):
+        assert any(orjson.dumps(snowplow._uuid(t)) != orjson.dumps(t) for t in sent)
+    one: Any = snowplow._TRACKED.decode(orjson.dumps({"data": [{"eid": EID}]}))
+    assert snowplow._written(one.data)
+
+
 @given(value=st.uuids())
 def test_the_uuids_trackers_send_take_the_fast_path(value: uuid.UUID) -> None:
     for text in (str(value), value.hex, str(value).upper()):
@@ -492,34 +510,42 @@ class _Sink:
         self.sent.append((stream, topic, messages))
 
 
+def _route(
+    pg_dsn: str, db: Database, at: datetime = AT
+) -> Callable[[bytes, dict[str, str] | None], Coroutine[Any, Any, None]]:
+    """An app delivering to a sink, and what asserts that a body posted to it (with more
+    headers) answers the same and delivers the same records by either path, received
+    at ``at``."""
+    settings_ = Settings(postgres_dsn=pg_dsn, kafka_bootstrap="127.0.0.1:1", rate_limit_per_s=0)
+    sink = _Sink()
+    app = collector.create_app(settings_, sink, ShopDirectory(db, 60))  # type: ignore[arg-type]
+
+    async def post(body: bytes, fast: bool, more: dict[str, str]) -> tuple[int, bytes, list[Any]]:
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        request = make_mocked_request(
+            "POST", snowplow.POST_PATH, headers={**headers, **more}, app=app
+        )
+        request._read_bytes = body
+        del sink.sent[:]
+        answer = await snowplow._tp2(request, at, fast=fast)
+        return answer.status, answer.body, list(sink.sent)  # type: ignore[attr-defined]
+
+    async def both(body: bytes, more: dict[str, str] | None = None) -> None:
+        fast, reference = await post(body, True, more or {}), await post(body, False, more or {})
+        assert fast == reference, body
+
+    return both
+
+
 async def test_the_fast_route_answers_and_delivers_as_the_reference(
     pg_dsn: str, db: Database, shop: ShopCredentials
 ) -> None:
     """The whole route, in process: the same body received at the same time answers the
     same and delivers the same records by either path."""
-    settings_ = Settings(postgres_dsn=pg_dsn, kafka_bootstrap="127.0.0.1:1", rate_limit_per_s=0)
-    sink = _Sink()
-    app = collector.create_app(settings_, sink, ShopDirectory(db, 60))  # type: ignore[arg-type]
+    both = _route(pg_dsn, db)
     loop = asyncio.get_running_loop()
-
-    async def post(body: bytes, fast: bool) -> tuple[int, bytes, list[Any]]:
-        request = make_mocked_request(
-            "POST",
-            snowplow.POST_PATH,
-            headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
-            app=app,
-        )
-        request._read_bytes = body
-        del sink.sent[:]
-        answer = await snowplow._tp2(request, AT, fast=fast)
-        return answer.status, answer.body, list(sink.sent)  # type: ignore[attr-defined]
-
-    async def both(body: bytes) -> None:
-        fast, reference = await post(body, True), await post(body, False)
-        assert fast == reference, body
-
     for body in _benchmark_bodies():
-        await both(body.replace(b"wk_bench", shop.write_key.encode()))
+        await both(body.replace(b"wk_bench", shop.write_key.encode()), None)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(events=st.lists(FIELDS, max_size=6), known=st.lists(st.booleans(), max_size=6))
@@ -528,9 +554,164 @@ async def test_the_fast_route_answers_and_delivers_as_the_reference(
             if key:
                 fields["aid"] = shop.write_key
         body = orjson.dumps({"schema": "x", "data": events})
-        asyncio.run_coroutine_threadsafe(both(body), loop).result(30)
+        asyncio.run_coroutine_threadsafe(both(body, None), loop).result(30)
 
     await asyncio.to_thread(check)
+
+
+MS = 1_796_126_400_000  # AT in ms
+# Text without a NUL (a body holding one is the reference's).
+PLAIN_CHARACTERS = st.characters(
+    codec="utf-8", exclude_categories=["Cs"], exclude_characters="\x00"
+)
+PLAIN = st.text(PLAIN_CHARACTERS, max_size=12)
+
+
+ABSENT: Any = object()  # a field not sent
+PLAIN_SIZES = st.one_of(
+    st.tuples(st.integers(0, 5000), st.integers(0, 5000)).map(lambda t: f"{t[0]}x{t[1]}"),
+    st.sampled_from(["0x0", "x", "12x", "1x1x1", "-1x5", "24", "²x1"]),
+    PLAIN,
+)
+PLAIN_OFFSETS = st.integers(-3, 5000).map(str) | st.sampled_from(["", "x", "1e3", "99999999999999"])
+
+
+def _long(size: int) -> st.SearchStrategy[str]:
+    """``PLAIN`` mostly, a text about ``size`` long at times."""
+    long = st.text(PLAIN_CHARACTERS, min_size=size - 6, max_size=size + 6)
+    return st.integers(0, 3).flatmap(lambda i: long if i == 0 else PLAIN)
+
+
+def _rarely(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``value`` at times, else ABSENT."""
+    return st.integers(0, 6).flatmap(lambda i: value if i == 0 else st.just(ABSENT))
+
+
+# What the splice writes (``_accept_fast``): pings, clicks and page views of trackers
+# with a session id, a UUID eid, a dtm, no contexts, stored as they came; and the
+# events beside them it leaves to _fast (a time too far ahead or past its range, an
+# eid not lower case, no sid, a $identify, a clock off).
+SPLICED = st.fixed_dictionaries(
+    {
+        "e": st.sampled_from(["pv", "pp", "ue"]),
+        "url": st.sampled_from(["https://shop.test/p/1", 'https://shop.test/é?q="x"', "u" * 4096]),
+        "eid": st.one_of(
+            st.uuids().map(str),
+            st.uuids().map(str),
+            st.uuids().map(lambda u: str(u).upper()),
+            st.uuids().map(lambda u: u.hex),
+            st.just("12345678-1234-1234-1234-123456789012"),
+        ),
+        "dtm": st.integers(0, 6).flatmap(
+            lambda i: (
+                [
+                    st.integers(MS + 299_000, MS + 301_000),  # about the latest kept
+                    st.integers(3_999_999_999_000, 4_000_000_001_000),
+                    st.sampled_from(["0", "-1", "x", "1_796_126_400_000", " 1796126400000"]),
+                ][i].map(str)
+                if i < 3
+                else st.integers(MS - 10**9, MS + 10**6).map(str)
+            )
+        ),
+        "sid": st.sampled_from(["s-1", "s-1", "s-1", "s-2", "", "ß" * 300]),
+        "aid": st.just("KEY"),
+        # Mostly none: any sends the event to _fast.
+        "ttm": _rarely(st.sampled_from([str(MS), ""])),
+        "cx": _rarely(_json_text(CONTEXTS)),
+    },
+    optional={
+        "stm": st.sampled_from([str(MS), str(MS + 1000), str(MS - 10**9), "", "x"]),
+        "duid": st.sampled_from(["d-1", "u-1", ""]),
+        "uid": st.sampled_from(["u-1", ""]),
+        "p": st.just("web"),
+        "tv": st.just("js-4.10.1"),
+        "tna": PLAIN,
+        "vid": st.just("3"),
+        "tz": st.just("Europe/Berlin"),
+        "vp": PLAIN_SIZES,
+        "ds": PLAIN_SIZES,
+        "cd": PLAIN_SIZES,
+        "pp_mix": PLAIN_OFFSETS,
+        "pp_max": PLAIN_OFFSETS,
+        "pp_miy": PLAIN_OFFSETS,
+        "pp_may": PLAIN_OFFSETS,
+        "ue_px": st.builds(
+            lambda d: _b64(
+                {"data": {"schema": f"{snowplow.IGLU}link_click/jsonschema/1-0-1", "data": d}},
+                "url",
+            ),
+            LINK_DATA,
+        )
+        | SELF_DESCRIBING.map(json.dumps),
+        "refr": _long(1024),
+        "lang": _long(256),
+        "res": _long(64),
+        "page": _long(4096),
+    },
+).map(lambda f: {k: v for k, v in f.items() if v is not ABSENT})
+
+
+# An event's own fields; the others are its tracker's, but for a few (SHARED).
+OWN = frozenset(("e", "eid", "dtm", "ttm", "pp_mix", "pp_max", "pp_miy", "pp_may", "ue_px", "cx"))
+SHARED = ["url", "sid", "stm", "duid", "uid", "vp", "ds", "cd", "refr", "lang", "res", "page"]
+
+
+async def test_the_splice_answers_and_delivers_as_the_reference(
+    pg_dsn: str, db: Database, shop: ShopCredentials
+) -> None:
+    """Batches of what the splice writes, beside what it leaves to _fast, mostly from a
+    few trackers (their records share parts the splice writes once): the same answers
+    and records by either path, anonymous requests' too."""
+    both = _route(pg_dsn, db)
+    loop = asyncio.get_running_loop()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        trackers=st.lists(SPLICED, min_size=1, max_size=3),
+        events=st.lists(
+            st.tuples(st.integers(0, 2), SPLICED, st.lists(st.sampled_from(SHARED), max_size=2)),
+            min_size=1,
+            max_size=8,
+        ),
+        anonymous=st.sampled_from([False, False, False, True]),
+    )
+    def check(
+        trackers: list[dict[str, str]],
+        events: list[tuple[int, dict[str, str], list[str]]],
+        anonymous: bool,
+    ) -> None:
+        batch = []
+        for which, fields, own in events:
+            # A tracker's fields, the event's own, and a few of the tracker's its own.
+            tracker = trackers[which % len(trackers)]
+            event = {k: v for k, v in tracker.items() if k not in OWN}
+            event |= {k: v for k, v in fields.items() if k in OWN or k in own}
+            event = {k: v for k, v in event.items() if k in fields or k not in own}
+            batch.append({k: shop.write_key if v == "KEY" else v for k, v in event.items()})
+        body = orjson.dumps({"schema": "x", "data": batch})
+        more = {"SP-Anonymous": "*"} if anonymous else None
+        asyncio.run_coroutine_threadsafe(both(body, more), loop).result(30)
+
+    await asyncio.to_thread(check)
+
+
+async def test_the_benchmarks_events_are_spliced(
+    pg_dsn: str, db: Database, shop: ShopCredentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every event of the benchmark's bodies (what browser trackers send most) is written
+    by the splice: none is mapped by _fast (received as they were made)."""
+    both = _route(pg_dsn, db, datetime.now(UTC))
+    mapped: list[Any] = []
+    fast = snowplow._fast
+
+    def counted(*args: Any) -> Any:
+        mapped.append(args[1])
+        return fast(*args)
+
+    monkeypatch.setattr(snowplow, "_fast", counted)
+    for body in _benchmark_bodies():
+        await both(body.replace(b"wk_bench", shop.write_key.encode()), None)
+    assert mapped == []
 
 
 @pytest.mark.parametrize("size", ["²x1", "1x①", "¹²x³⁴"])
