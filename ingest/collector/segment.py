@@ -66,6 +66,8 @@ from ingest.core.streams import CONTEXT, STOREFRONT
 
 STREAM = streams.STOREFRONT.name
 KIND = "segment"  # the stream label of this API's metrics
+# Its accepted events' counter, looked up once (labels() takes a lock and a lookup).
+_ACCEPTED = metrics.EVENTS_ACCEPTED.labels(KIND)
 TYPES = ("track", "page", "screen", "identify", "group", "alias")
 SHORT = {"t": "track", "p": "page", "s": "screen", "i": "identify", "g": "group", "a": "alias"}
 EVENT_TYPES = {
@@ -188,6 +190,7 @@ def _whole_batch(body: bytes, settings: Settings) -> tuple[WholeBatch, list[Mess
 # of cycles to find.)
 _WireId = Annotated[str, msgspec.Meta(max_length=256)] | int | float | None
 _WireType = Literal["track", "page", "screen", "identify", "group", "alias"]
+_NULL = msgspec.Raw(b"null")  # an absent context: as a null one
 
 
 class _WireMessage(msgspec.Struct, gc=False):
@@ -199,7 +202,10 @@ class _WireMessage(msgspec.Struct, gc=False):
     name: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     properties: dict[str, Any] | None = None
     traits: dict[str, Any] | None = None
-    context: dict[str, Any] | None = None
+    # Its JSON text: the messages of a batch mostly share one context (analytics.js
+    # sends its page's, library's and agent's with each), decoded, checked and
+    # encoded once per distinct text (``_context``), not once per message.
+    context: msgspec.Raw = _NULL
     anonymousId: _WireId = None
     userId: _WireId = None
     groupId: _WireId = None
@@ -220,6 +226,7 @@ class _WireBatch(msgspec.Struct, gc=False):
 
 
 _WIRE = msgspec.json.Decoder(_WireBatch)
+_CONTEXT = msgspec.json.Decoder(dict[str, Any] | None)  # a message's, as Message.context
 
 
 class _Decline(Exception):
@@ -246,24 +253,49 @@ def _number_id(value: int | float, limit: int) -> str:
     return text
 
 
-class FastMessage(msgspec.Struct, gc=False):
-    """One message of a batch the fast decoder took: the fields of ``Message`` its
-    record is made of, as ``Message`` has them (ids as text, absent when empty; the
-    batch's context merged in), with its ``client_time`` (zone UTC when it had none)."""
+class FastContext(msgspec.Struct, gc=False):
+    """One context of a batch the fast decoder took, shared by the messages that sent
+    its text: ``Message.context`` of each (the batch's context merged in), the session
+    it names, and what the records hold of it."""
 
-    type: str
-    event: str | None
-    name: str | None
-    properties: dict[str, Any] | None
-    traits: dict[str, Any] | None
-    context: dict[str, Any] | None
-    anonymousId: str | None
-    userId: str | None
-    groupId: str | None
-    previousId: str | None
-    messageId: str
-    client_time: datetime | None
-    sentAt: datetime | None
+    value: dict[str, Any] | None
+    session: str | None  # ``_text`` of its sessionId: the records' session when given
+    # Its JSON as orjson writes it in a record (an orjson.Fragment, copied into each
+    # record's props as it is), or the dict itself when orjson cannot write it there:
+    # then the record's encoding refuses the message, as the reference's does.
+    encoded: Any
+    located: tuple[str, Any] | None = None  # (a country, ``encoded`` with its geo added)
+
+
+def _encodable(value: dict[str, Any]) -> Any:
+    """A dict of a record's as orjson writes it there, as an orjson.Fragment, else (when
+    orjson cannot write it) the dict itself: ``FastContext.encoded``."""
+    try:
+        # Within three lists, as deep as a record puts a context (the records' array,
+        # the record, its props): orjson's depth limit counts the levels above a value
+        # too, and a fragment's text is copied without them.
+        return orjson.Fragment(orjson.dumps([[[value]]])[3:-3])
+    except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError):
+        return value
+
+
+def _context(raw: msgspec.Raw, shared: dict[str, Any] | None) -> FastContext:
+    """The ``FastContext`` of a message's context text (DecodeError when it is not an
+    object or null, RecursionError when too deep for msgspec: the body is declined)."""
+    own = _CONTEXT.decode(raw)
+    value = ({**shared, **own} if own else dict(shared)) if shared else own
+    context = value or {}
+    return FastContext(value, _text(context.get("sessionId")), _encodable(context))
+
+
+# One message of a batch the fast decoder took: its struct (type, event, name,
+# properties and traits as ``Message`` has them), then its messageId, the record's
+# anon_id, its userId and groupId (ids as text, absent when empty, as ``Message``
+# has them), its ``client_time`` (zone UTC when it had none), its own sentAt, and
+# its context.
+FastMessage = tuple[
+    _WireMessage, str, str, str | None, str | None, datetime | None, datetime | None, FastContext
+]
 
 
 class FastBatch(msgspec.Struct, gc=False):
@@ -279,9 +311,10 @@ def _fast_batch(body: bytes, settings: Settings) -> FastBatch | None:
     """The batch as the fast decoder reads it when it takes the body, else None.
 
     It takes what ``_whole_batch`` takes, and less: a body within
-    ``segment_max_message_bytes`` without NUL that msgspec decodes into ``_WireBatch``,
-    whose every message passes ``_refusal`` with a ``messageId`` and whose times are
-    of ``_TIME_SHAPES``. Any other body goes to ``_whole_batch`` and the per-message
+    ``segment_max_message_bytes`` without NUL, of valid UTF-8, that msgspec decodes
+    into ``_WireBatch``, whose every message passes ``_refusal`` with a ``messageId``,
+    has a context that is an object or null (``_context``) and times of
+    ``_TIME_SHAPES``. Any other body goes to ``_whole_batch`` and the per-message
     path, as before.
     """
     if len(body) > settings.segment_max_message_bytes or (b"\\" in body and has_nul(body)):
@@ -289,8 +322,15 @@ def _fast_batch(body: bytes, settings: Settings) -> FastBatch | None:
         # (has_nul's five-byte one took as long as the decoding of a message).
         return None
     try:
+        if not body.isascii():
+            # msgspec checks the UTF-8 of the texts it decodes, not of those it skips
+            # (keys no struct names) or keeps as they are: pydantic refuses the body.
+            body.decode()
         wire = _WIRE.decode(body)
         shared = wire.context
+        contexts: dict[bytes, FastContext] = {}
+        last_raw: msgspec.Raw | None = None
+        last: FastContext | None = None
         messages: list[FastMessage] = []
         append = messages.append
         for m in wire.batch:
@@ -322,39 +362,47 @@ def _fast_batch(body: bytes, settings: Settings) -> FastBatch | None:
                 raise _Decline
             # Message.client_time: originalTimestamp, else timestamp ("" is absent).
             # Both are checked whatever is used: either may be what pydantic refuses.
+            # (fast_time itself, not _fast_time: a call less for each of a batch's times.)
             original = m.originalTimestamp
-            client_time = _fast_time(original) if original else None
+            client_time = None
+            if original and (client_time := fast_time(original)) is None:
+                raise _Decline
             timestamp = m.timestamp
             if timestamp:
-                parsed = _fast_time(timestamp)
+                parsed = fast_time(timestamp)
+                if parsed is None:
+                    raise _Decline
                 if client_time is None:
                     client_time = parsed
             if client_time is not None and client_time.tzinfo is None:
                 client_time = client_time.replace(tzinfo=UTC)
             sent = m.sentAt
-            context = m.context
-            if shared:
-                context = {**shared, **context} if context else dict(shared)
+            raw = m.context
+            context = last if raw == last_raw else None  # mostly the last message's again
+            if context is None:
+                key = bytes(raw)
+                context = contexts.get(key)
+                if context is None:
+                    context = contexts[key] = _context(raw, shared)
+                last_raw, last = raw, context
             append(
-                FastMessage(
-                    kind,
-                    m.event,
-                    m.name,
-                    m.properties,
-                    m.traits,
-                    context,
-                    anonymous_id or None,
+                (
+                    m,
+                    message_id,
+                    # _record's anon_id: an alias's previousId, else the visitor's id.
+                    (previous_id if kind == "alias" else anonymous_id or user_id) or "",
                     user_id or None,
                     group_id or None,
-                    previous_id or None,
-                    message_id,
                     client_time,
                     _fast_time(sent) if sent else None,
+                    context,
                 )
             )
         sent = wire.sentAt
         return FastBatch(messages, shared, wire.writeKey, _fast_time(sent) if sent else None)
-    except (msgspec.DecodeError, _Decline):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, _Decline):
+        # RecursionError: JSON nested past msgspec's limit, which the reference refuses
+        # with a 400.
         return None
 
 
@@ -583,12 +631,14 @@ async def _deliver(
     settings = request.app[collector.SETTINGS]
     late: list[dict[str, Any]] = []
     encoded: list[tuple[bytes, bytes]] = []
+    prefix = f"{shop.id}:"
     for session, items in sessions.items():
         encoded += collector._encode(
-            f"{shop.id}:{session}".encode(), items, KIND, late, settings.max_record_bytes
+            f"{prefix}{session}".encode(), items, KIND, late, settings.max_record_bytes
         )
-    rejected = sorted(rejected + late, key=lambda r: int(r["index"]))
-    accepted = sum(len(items) for items in sessions.values()) - len(late)
+    if rejected or late:
+        rejected = sorted(rejected + late, key=lambda r: int(r["index"]))
+    accepted = sum(map(len, sessions.values())) - len(late)
     if encoded:
         try:
             await request.app[collector.DELIVERY].deliver(KIND, settings.topic_for(STREAM), encoded)
@@ -596,7 +646,7 @@ async def _deliver(
             raise collector.Refused(
                 503, "event broker unavailable, retry later", {"Retry-After": "5"}
             ) from exc
-        metrics.EVENTS_ACCEPTED.labels(KIND).inc(accepted)
+        _ACCEPTED.inc(accepted)
     if accepted or not rejected:
         return collector._json({"success": True, "accepted": accepted, "rejected": rejected})
     status = 413 if any(r["reason"].startswith("message larger") for r in rejected) else 400
@@ -629,24 +679,39 @@ def _fast_sessions(
 
     What the functions of the reference path work out again for every message is
     worked out once per request here (the shop's view of the request, its country,
-    the namespace's bytes), and the event id is kept as the text of its UUID (what
-    the record's JSON holds; ``uuid5``'s UUID object cost as much as its SHA-1).
+    the namespace's bytes, the JSON of what every record holds), or once per distinct
+    context (``FastContext``: its session, its JSON with or without the country), and
+    the event id is kept as the text of its UUID (what the record's JSON holds;
+    ``uuid5``'s UUID object cost as much as its SHA-1).
     """
     settings = request.app[collector.SETTINGS]
     times = request.app[collector.TIMES]
     rejected: list[dict[str, Any]] = []
-    receipts: dict[datetime | None, tuple[Received, dict[str, str | None], bool, str | None]] = {}
+    receipts: dict[datetime | None, tuple[Received, str, Any, bool, str | None]] = {}
     sessions: Sessions = {}
     # The SHA-1 of the namespace, copied for each message: a copy costs less than a
     # new hash object from OpenSSL.
     space = hashlib.sha1(namespace(shop).bytes)
-    shop_id = shop.id
+    # What every record of the request holds, as orjson writes it, written once: a
+    # UUID, an aware datetime and a dict cost orjson more than text it copies.
+    shop_id = str(shop.id)
+    session_id: str | None = None
+    items: list[tuple[int, dict[str, Any]]] = []
     sent_at = batch.sentAt
     original_key = STOREFRONT.original_time_key
     variant_digit = _VARIANT
     given_clock: object = _NOT_YET  # the last message's send time as given (its: receipt)
-    for index, message in enumerate(batch.messages):
-        given = None if historical else (message.sentAt or sent_at)
+    for index, (
+        m,
+        message_id,
+        anon,
+        user_id,
+        group_id,
+        client_time,
+        own_sent,
+        context,
+    ) in enumerate(batch.messages):
+        given = None if historical else (own_sent or sent_at)
         if given is not given_clock:  # a message's own sentAt; else the batch's, again
             given_clock, clock = given, given
             if clock is not None and clock.tzinfo is None:
@@ -655,38 +720,50 @@ def _fast_sessions(
             if receipt is None:
                 received = Received.of(request, settings, clock, received_at)
                 view = received.of_shop(shop)
-                country = view.context.get("country_code")
-                receipt = receipts[clock] = (received, view.context, view.bot, country)
-            received, context_of_request, bot, country = receipt
-        kind = message.type
-        message_id = message.messageId
+                receipt = receipts[clock] = (
+                    received,
+                    # Its receive time and context as orjson writes them (see shop_id).
+                    orjson.dumps(received.at)[1:-1].decode(),
+                    _encodable(view.context),
+                    view.bot,
+                    view.context.get("country_code"),
+                )
+            received, received_text, context_of_request, bot, country = receipt
+        kind = m.type
         # uuid5(namespace(shop), message_id) as text.
         digest = space.copy()
         digest.update(message_id.encode())
         h = digest.hexdigest()
         identifier = f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant_digit[h[16]]}{h[17:20]}-{h[20:32]}"
-        properties = message.properties or {}
-        context = message.context or {}
-        anon = (
-            (message.previousId or "")
-            if kind == "alias"
-            else (message.anonymousId or message.userId or "")
-        )
-        if kind in EVENT_MESSAGES:
-            props: dict[str, Any] = {**properties, "$context": context}
+        properties = m.properties or {}
+        # What storefront_fields_record makes of props.$context: with the request's
+        # country as context.geo unless the context has a geo of its own.
+        if country:
+            located = context.located
+            if located is None or located[0] != country:
+                value = context.value or {}
+                located = context.located = (
+                    country,
+                    context.encoded
+                    if "geo" in value
+                    else _encodable({**value, "geo": {"country": {"code": country}}}),
+                )
+            encoded = located[1]
         else:
-            props = {"traits": message.traits or {}, "$context": context}
-            if message.groupId:
-                props["group_id"] = message.groupId
+            encoded = context.encoded
+        if kind in EVENT_MESSAGES:
+            props: dict[str, Any] = {**properties, "$context": encoded}
+        else:
+            props = {"traits": m.traits or {}, "$context": encoded}
+            if group_id:
+                props["group_id"] = group_id
         props["$message_id"] = message_id
-        if message.name:
-            props["$name"] = message.name
-        client_time = message.client_time
+        if m.name:
+            props["$name"] = m.name
         try:
             # What _record and storefront_fields_record do, in their order, on dicts
             # of this loop's own (so set in place where they copy).
-            session = context.get("sessionId")
-            session = (session[:256] or None) if type(session) is str else _text(session)
+            session = context.session
             # Received.event_time, inline.
             if client_time is None:
                 assigned = times.time_for(shop, uuid.UUID(identifier), received.at)
@@ -701,9 +778,7 @@ def _fast_sessions(
                 session = f"{anon}/{ts.astimezone(UTC).date().isoformat()}"
             if bot:
                 props["bot"] = True
-            if country and "geo" not in context:
-                props["$context"] = {**context, "geo": {"country": {"code": country}}}
-            session_id = session[:256]
+            session = session[:256]
             if _STOREFRONT_PROPERTIES.isdisjoint(properties):  # one C call, mostly
                 product = experiment = variant = None
             else:
@@ -714,24 +789,27 @@ def _fast_sessions(
                     variant = properties.get("variant")
             record = {
                 "event_id": identifier,
-                "event_type": EVENT_TYPES.get(kind) or message.event,
+                "event_type": EVENT_TYPES.get(kind) or m.event,
                 "anon_id": anon,
-                "session_id": session_id,
+                "session_id": session,
                 "ts": ts,
                 "props": props,
                 "product_id": None if product is None else _text(product),
                 "experiment_id": None if experiment is None else _text(experiment),
                 "variant": None if variant is None else _text(variant),
-                "user_id": message.userId,
+                "user_id": user_id,
                 "shop_id": shop_id,
-                "received_at": received.at,
+                "received_at": received_text,
                 CONTEXT: context_of_request,
             }
         except (OverflowError, ValueError) as exc:
             rejected.append({"index": index, "reason": f"message cannot be stored: {exc}"})
             metrics.EVENTS_REJECTED.labels(KIND, "unencodable").inc()
             continue
-        sessions.setdefault(session_id, []).append((index, record))
+        if session != session_id:  # mostly the last message's session again
+            session_id = session
+            items = sessions.setdefault(session, [])
+        items.append((index, record))
     return sessions, rejected
 
 
