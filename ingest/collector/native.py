@@ -120,6 +120,10 @@ def decode(stream: str, body: bytes, settings: Settings) -> Batch | None:
     if _DIGIT_RUN in body.translate(_DIGITS_X):
         return None
     try:
+        if not body.isascii():
+            # msgspec checks the UTF-8 of the texts it decodes, not of the keys it skips
+            # (the envelope's unknown ones): the reference refuses such a body.
+            body.decode()
         envelope = _ENVELOPE.decode(body)
         if isinstance(envelope, list):
             raws, sent, key = envelope, None, None
@@ -127,8 +131,10 @@ def decode(stream: str, body: bytes, settings: Settings) -> Batch | None:
             raws, sent, key = envelope.events, envelope.sent_at, envelope.write_key
         decoder = _EVENTS[stream]
         structs = [decoder.decode(raw) for raw in raws]
-    except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
-        return None  # nested too deep (msgspec's limit): the reference refuses it with a 400
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        # Invalid (a ValidationError is a DecodeError), nested deeper than msgspec goes,
+        # or not UTF-8: the reference refuses it, with a 400 and its reason.
+        return None
     time_field = streams.STREAMS[stream].time_column
     events: list[tuple[msgspec.Raw, Any, datetime | None]] = []
     for raw, event in zip(raws, structs, strict=True):

@@ -322,3 +322,17 @@ def test_the_benchmarks_bodies_take_the_fast_path() -> None:
             assert fast is not None
             received = _received("plain", fast.sent_at, datetime.now(UTC))
             assert native.records(fast, SHOP, received, SETTINGS.max_record_bytes) is not None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"events":[' + _GOOD + b'],"x\xff":"\xfe"}',  # in a key no struct names
+        b'{"events":[],"x":"\xfe"}',  # nothing to take: still not JSON
+    ],
+)
+def test_a_body_not_utf8_anywhere_is_refused_as_the_reference_refuses_it(body: bytes) -> None:
+    assert native.decode("behavior", body, SETTINGS) is None
+    with pytest.raises(collector.Refused) as refused:
+        collector._envelope(body)
+    assert refused.value.status == 400
