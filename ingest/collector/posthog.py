@@ -44,8 +44,10 @@ import base64
 import binascii
 import functools
 import hashlib
+import re
 import uuid
 import zlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
@@ -56,6 +58,12 @@ from aiohttp import web
 
 from ingest.collector import app as collector
 from ingest.collector import snowplow
+from ingest.collector.enrich import (
+    SESSION_FACTS,
+    AssignedTimes,
+    Received,
+    behavior_fields_record,
+)
 from ingest.collector.models import (
     BehaviorEvent,
     EventFields,
@@ -67,6 +75,7 @@ from ingest.collector.models import (
 )
 from ingest.core import metrics, streams
 from ingest.core.headers import printable_ascii
+from ingest.core.records import RECORD_BYTES
 from ingest.core.shops import Shop
 
 KIND = "posthog"  # the stream label of this API's metrics
@@ -634,14 +643,17 @@ def _fast_event(
     raw: dict[str, Any],
     sent_at: datetime | None,
     received_at: datetime,
-    identifier: uuid.UUID | None,
+    identifier: uuid.UUID | str | None,
 ) -> StorefrontEvent | EventFields | None:
     """``to_event(shop, raw, sent_at, received_at)`` for the events SDKs send (a behavior
     event as its fields, ``EventFields``), or None when ``raw`` is not one of them (then
     the caller asks ``to_event``, which also gives the reasons of refusals).
     ``identifier``: the event's ``uuid`` already read (``_given_ids``), None to read it
-    here. The usual case of each step (a string where one is expected) is written out
-    rather than asked of ``_text`` or ``_time``."""
+    here, or its text when that is a UUID's own (``_given_texts``): a behavior event's
+    fields then hold that text as its ``event_id``, which its record writes as it would
+    write the UUID, and a storefront event's model the UUID. The usual case of each
+    step (a string where one is expected) is written out rather than asked of ``_text``
+    or ``_time``."""
     name = raw.get("event")
     properties = raw.get("properties")
     if type(name) is not str or not name or type(properties) is not dict:
@@ -747,6 +759,8 @@ def _fast_event(
                 "component_id": component,
                 "metadata": metadata or {"anon_id": distinct, "event": name},
             }
+    if type(identifier) is str:
+        identifier = uuid.UUID(identifier)
     identity = _identity(name, distinct, properties, raw)
     if identity is not None:
         return trusted(
@@ -790,6 +804,37 @@ def _fast_event(
 
 
 _UUIDS = pydantic.TypeAdapter(list[uuid.UUID])
+_NUL_ESCAPE = re.compile(rb"\\u0000")
+# The events a batch of _given_texts may hold: those mapped to behavior events, whose
+# fields take the text itself (a storefront event's model needs a UUID, made one by one).
+_BEHAVIOR_NAMES = frozenset({"$pageview", "$autocapture", "$rageclick", "$pageleave"})
+
+
+def _given_texts(events: list[dict[str, Any]]) -> list[str] | None:
+    """Each event's ``uuid`` when every one is the text ``str`` writes a UUID as
+    (8-4-4-4-12 lowercase hex digits: what ``_event_id`` reads it as, written as the
+    record writes that UUID) and every event names a behavior event; else None
+    (``_given_ids``). No UUID is made: a behavior event's record needs only its text."""
+    given: list[Any] = [raw.get("uuid") for raw in events]
+    try:
+        joined = "".join(given)
+        behavior = _BEHAVIOR_NAMES.issuperset([raw.get("event") for raw in events])
+    except TypeError:  # a uuid that is not a string, an event name that is a list
+        return None
+    count = len(given)
+    if not behavior or not count or len(joined) != 36 * count or max(map(len, given)) != 36:
+        return None  # (every one 36 characters long, as their total is 36 each)
+    hyphens = "-" * count
+    return (
+        given
+        if joined[8::36] == hyphens
+        and joined[13::36] == hyphens
+        and joined[18::36] == hyphens
+        and joined[23::36] == hyphens
+        # nothing else but lowercase hex digits (a non-ASCII character encodes to others)
+        and joined.encode().translate(None, b"0123456789abcdef") == b"-" * (4 * count)
+        else None
+    )
 
 
 def _given_ids(events: list[dict[str, Any]]) -> list[uuid.UUID | None]:
@@ -836,7 +881,11 @@ def _all_encoded(data: Any, max_bytes: int) -> bool:
         encoded = orjson.dumps(data)
     except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError):
         return False
-    return len(encoded) <= max_bytes and not has_nul(encoded)
+    if len(encoded) > max_bytes:
+        return False
+    # has_nul, its search for "u0000" replaced by one for "\\u0000" (in any text it finds a
+    # NUL in), quicker in a batch whose texts escape quotes, as autocaptured elements' do
+    return b"\\" not in encoded or _NUL_ESCAPE.search(encoded) is None or not has_nul(encoded)
 
 
 async def _shop(request: web.Request, key: str | None, shops: dict[str, Shop]) -> Shop:
@@ -852,7 +901,7 @@ async def _shop(request: web.Request, key: str | None, shops: dict[str, Shop]) -
 async def _accept(request: web.Request, *, reference: bool = False) -> web.Response:
     """Map and deliver the events of one capture request. ``reference``: each event
     checked and mapped on its own as the reference does (``check_encoded``,
-    ``to_event``); otherwise the fast path, which gives the same."""
+    ``to_event``); otherwise the fast path (``_accept_fast``), which gives the same."""
     received_at = datetime.now(UTC)
     settings = request.app[collector.SETTINGS]
     limiter = request.app[collector.LIMITER]
@@ -877,6 +926,8 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
         collector.check_count(len(events), settings)
         max_bytes = settings.max_event_bytes
         each = reference or not _all_encoded(data, max_bytes)
+        if not reference:
+            return await _accept_fast(request, events, shared_key, sent_at, received_at, each)
         rejected: list[dict[str, Any]] = []
         checked: list[tuple[int, dict[str, Any], str | None]] = []
         for index, raw in enumerate(events):
@@ -901,18 +952,13 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
         for key in shops:
             if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
                 raise collector._limited(wait)
-        ids = [None] * len(checked) if reference else _given_ids([r for _, r, _ in checked])
         groups: snowplow.Groups = {}
         # The group of each (stream, key), found once: a group's key hashes its Shop.
         targets: dict[tuple[bool, str | None], list[tuple[int, MappedEvent]]] = {}
-        for (index, raw, key), identifier in zip(checked, ids, strict=True):
+        for index, raw, key in checked:
             shop = shops[key or ""]
             try:
-                event: MappedEvent | None = (
-                    None if reference else _fast_event(shop, raw, sent_at, received_at, identifier)
-                )
-                if event is None:
-                    event = to_event(shop, raw, sent_at, received_at)
+                event = to_event(shop, raw, sent_at, received_at)
             except collector.EventRejected as exc:
                 rejected.append({"index": index, "reason": exc.reason})
                 metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
@@ -926,6 +972,239 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
         return await snowplow.deliver_groups(request, KIND, groups, rejected, received_at)
 
 
+class _Behaviors:
+    """A shop's behavior records of one fast-path request, by session (``app._records``'
+    grouping), with what every record of it shares encoded once: ``orjson`` writes a
+    ``Fragment`` as it is, so the records' bytes are those ``app._records`` makes."""
+
+    __slots__ = (
+        "context",
+        "late",
+        "plain",
+        "received",
+        "received_at",
+        "sessions",
+        "shop",
+        "shop_id",
+        "view",
+    )
+
+    def __init__(self, shop: Shop, received: Received) -> None:
+        self.shop = shop
+        self.received = received
+        self.view = received.of_shop(shop)
+        # No clock to correct and no bot to flag: a record is its fields, a time given
+        # kept unless too far ahead, and the shared fields.
+        self.plain = not received.skew and not self.view.bot
+        self.shop_id = orjson.Fragment(orjson.dumps(shop.id))
+        self.received_at = orjson.Fragment(orjson.dumps(received.at))
+        self.context = orjson.Fragment(orjson.dumps(self.view.behavior_context))
+        # Each session's events' indices and records, in the events' order.
+        self.sessions: dict[str, tuple[list[int], list[dict[str, Any]]]] = {}
+        self.late: list[dict[str, Any]] = []
+
+    def add(self, index: int, event: BehaviorEvent | EventFields, times: AssignedTimes) -> None:
+        """``app._records``' step for one event, as it is: what is not the usual case."""
+        fields = event if type(event) is dict else vars(event).copy()
+        if type(fields["event_id"]) is str:  # a _given_texts text: the UUID it stands for
+            fields["event_id"] = uuid.UUID(fields["event_id"])
+        received = self.received
+        given = (
+            None
+            if fields["timestamp"]
+            else times.time_for(self.shop, fields["event_id"], received.at)
+        )
+        try:
+            record = behavior_fields_record(fields, self.shop, received, given, self.view)
+        except (OverflowError, ValueError) as exc:
+            self.late.append({"index": index, "reason": f"event cannot be stored: {exc}"})
+            metrics.EVENTS_REJECTED.labels(streams.BEHAVIOR.name, "unencodable").inc()
+            return
+        indices, records = self.sessions.setdefault(record["session_id"], ([], []))
+        indices.append(index)
+        records.append(record)
+
+    def messages(self, max_record_bytes: int) -> tuple[list[tuple[bytes, bytes]], int]:
+        """(Kafka records, events accepted), as ``app._records`` answers."""
+        out: list[tuple[bytes, bytes]] = []
+        stream = streams.BEHAVIOR.name
+        # Accepted: the events of the sessions (one refused while enriched is in none)
+        # but those _encode refuses.
+        taken, refused = 0, len(self.late)
+        for session, (indices, records) in self.sessions.items():
+            taken += len(indices)
+            key = f"{self.shop.id}:{session}".encode()
+            # app._encode's usual case (one record of the session's events) first
+            try:
+                value = orjson.dumps(records)
+            except (orjson.JSONEncodeError, TypeError, ValueError, OverflowError):
+                value = b""
+            if value and len(value) <= min(RECORD_BYTES, max_record_bytes - len(key)):
+                out.append((key, value))
+            else:
+                items = list(zip(indices, records, strict=True))
+                out += collector._encode(key, items, stream, self.late, max_record_bytes)
+        return out, taken - (len(self.late) - refused)
+
+
+async def _accept_fast(
+    request: web.Request,
+    events: list[Any],
+    shared_key: str | None,
+    sent_at: datetime | None,
+    received_at: datetime,
+    each: bool,
+) -> web.Response:
+    """``_accept``'s fast path: what the reference gives (the same answer, the same records
+    in the same order), its steps fused into one pass over the events. Each event is
+    mapped by ``_fast_event`` (``to_event`` when it declines), and a behavior event's
+    record is completed at once: the usual one (its fields, its time given and kept as
+    it is, no bot flag) here, any other by ``enrich.behavior_fields_record`` as
+    ``app._records`` does. The delivery is ``snowplow.deliver_groups``', the groups in
+    the order of their first event."""
+    settings = request.app[collector.SETTINGS]
+    limiter = request.app[collector.LIMITER]
+    max_bytes = settings.max_event_bytes
+    rejected: list[dict[str, Any]] = []
+    positions: Sequence[int]
+    raws: list[Any]
+    keys: list[str | None]
+    if events and not each and shared_key is not None and all(type(r) is dict for r in events):
+        # The usual batch: every event an object of the body's key, checked by the whole.
+        positions, raws, keys = range(len(events)), events, [shared_key] * len(events)
+    else:
+        positions, raws, keys = [], [], []
+        for index, raw in enumerate(events):
+            try:
+                if not isinstance(raw, dict):
+                    raise collector.EventRejected("invalid", "event is not a JSON object")
+                if each:
+                    collector.check_encoded(raw, max_bytes)
+            except collector.EventRejected as exc:
+                rejected.append({"index": index, "reason": exc.reason})
+                metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+                continue
+            positions.append(index)
+            raws.append(raw)
+            keys.append(shared_key or _key_of(raw))
+    shops: dict[str, Shop] = {}
+    if not raws and not rejected:
+        await _shop(request, shared_key or request.query.get("token"), shops)
+        return collector._json({"status": 1, "accepted": 0, "rejected": []})
+    for key in keys:
+        if (key or "") not in shops:  # as shop_for would find it, without the call
+            await _shop(request, key, shops)
+    client = collector.client_identity(request)
+    for key in shops:
+        if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
+            raise collector._limited(wait)
+    # The ids as written when a behavior event's record needs no more, else as UUIDs.
+    ids: Sequence[uuid.UUID | str | None] = _given_texts(raws) or _given_ids(raws)
+    times = request.app[collector.TIMES]
+    # What the request's records share, made with its first group, as deliver_groups
+    # makes it for each (none when every event is refused).
+    received: Received | None = None
+    latest = received_at
+    # deliver_groups' groups, by (stream, shop) in the order of their first events (keys
+    # of one shop share its groups), each found by (stream, key) after its first event:
+    # hashing a Shop, a dataclass, costs more than the rest of an event's step.
+    order: list[tuple[str, Shop, Received]] = []
+    by_shop: dict[Shop, _Behaviors] = {}
+    stored_by_shop: dict[Shop, list[tuple[int, MappedEvent]]] = {}
+    behaviors: dict[str | None, _Behaviors] = {}
+    storefronts: dict[str | None, list[tuple[int, MappedEvent]]] = {}
+    # The behavior group of the last key, and what its records share, kept at hand: a
+    # batch's events are usually all of one key.
+    group: _Behaviors | None = None
+    group_key: str | None = None
+    plain, shop_id, received_json, context = False, None, None, None
+    sessions: dict[str, tuple[list[int], list[dict[str, Any]]]] = {}
+    shop_key, shop = None, None
+    for index, raw, key, identifier in zip(positions, raws, keys, ids, strict=True):
+        if shop is None or key != shop_key:
+            shop_key, shop = key, shops[key or ""]
+        try:
+            fast = _fast_event(shop, raw, sent_at, received_at, identifier)
+            event = to_event(shop, raw, sent_at, received_at) if fast is None else fast
+        except collector.EventRejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+            metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+            continue
+        if type(event) is not dict and not isinstance(event, BehaviorEvent):
+            stored = storefronts.get(key)
+            if stored is None:
+                stored = stored_by_shop.get(shop)
+                if stored is None:
+                    if received is None:
+                        received = Received.of(request, settings, sent_at, received_at)
+                        latest = received.latest
+                    stored = stored_by_shop[shop] = []
+                    order.append((streams.STOREFRONT.name, shop, received))
+                storefronts[key] = stored
+            stored.append((index, event))
+            continue
+        if group is None or key != group_key:
+            group = behaviors.get(key)
+            if group is None:
+                group = by_shop.get(shop)
+                if group is None:
+                    if received is None:
+                        received = Received.of(request, settings, sent_at, received_at)
+                        latest = received.latest
+                    group = by_shop[shop] = _Behaviors(shop, received)
+                    order.append((streams.BEHAVIOR.name, shop, received))
+                behaviors[key] = group
+            group_key = key
+            plain, sessions = group.plain, group.sessions
+            shop_id, received_json, context = group.shop_id, group.received_at, group.context
+        if plain and type(event) is dict:
+            at = event["timestamp"]
+            metadata = event["metadata"]
+            if at is not None and at <= latest:  # a fast event's time has its zone
+                if metadata.keys().isdisjoint(SESSION_FACTS):
+                    event["shop_id"] = shop_id
+                    event["received_at"] = received_json
+                    event[streams.CONTEXT] = context
+                elif not group.view.anonymous:  # the facts the page view tells, as enrich's
+                    event["shop_id"] = shop_id
+                    event["received_at"] = received_json
+                    facts = dict(group.view.context)
+                    for fact in SESSION_FACTS:
+                        value = metadata.get(fact)
+                        facts[fact] = value[:1024] if isinstance(value, str) else None
+                    event[streams.CONTEXT] = facts
+                else:
+                    group.add(index, event, times)
+                    continue
+                session = sessions.get(event["session_id"])
+                if session is None:
+                    session = sessions[event["session_id"]] = ([], [])
+                session[0].append(index)
+                session[1].append(event)
+                continue
+        group.add(index, event, times)
+    by_stream: dict[str, list[tuple[bytes, bytes]]] = {}
+    accepted = 0
+    for stream, shop, shared in order:
+        if stream == streams.STOREFRONT.name:
+            messages, taken = collector._records(
+                stream,
+                stored_by_shop[shop],
+                shop,
+                shared,
+                times,
+                rejected,
+                settings.max_record_bytes,
+            )
+        else:
+            made = by_shop[shop]
+            messages, taken = made.messages(settings.max_record_bytes)
+            rejected += made.late
+        by_stream.setdefault(stream, []).extend(messages)
+        accepted += taken
+    return await snowplow.deliver_streams(request, KIND, by_stream, accepted, rejected)
+
+
 async def capture(request: web.Request) -> web.StreamResponse:
     """PostHog's capture routes: one event, a list, or a batch."""
     try:
@@ -934,6 +1213,10 @@ async def capture(request: web.Request) -> web.StreamResponse:
         if answer.status == 200:
             if request.query.get("beacon") == "1":
                 response = web.Response(status=204)
+            elif isinstance(answer.body, bytes) and answer.body.startswith(b'{"accepted":'):
+                # PostHog's status: 1 put first, as the else branch would (without
+                # decoding and encoding the answer again)
+                answer.body = b'{"status":1,' + answer.body[1:]
             else:  # the answer with PostHog's status: 1 (the same response, its body anew)
                 body = orjson.loads(answer.body) if isinstance(answer.body, bytes) else {}
                 answer.body = orjson.dumps({"status": 1, **body})

@@ -1400,7 +1400,7 @@ async def _accept_fast(
         messages, taken = found.messages(stream, times, rejected, settings.max_record_bytes)
         by_stream.setdefault(stream, []).extend(messages)
         accepted += taken
-    return await _send(request, KIND, by_stream, accepted, rejected, made)
+    return await deliver_streams(request, KIND, by_stream, accepted, rejected, made)
 
 
 Groups = dict[tuple[str, Shop, datetime | None], list[tuple[int, MappedEvent]]]
@@ -1435,7 +1435,7 @@ async def deliver_groups(
         )
         by_stream.setdefault(stream, []).extend(messages)
         accepted += taken
-    return await _send(request, kind, by_stream, accepted, rejected, derived)
+    return await deliver_streams(request, kind, by_stream, accepted, rejected, derived)
 
 
 @functools.cache
@@ -1445,16 +1445,17 @@ def _accepted(kind: str) -> Counter:
     return metrics.EVENTS_ACCEPTED.labels(kind)
 
 
-async def _send(
+async def deliver_streams(
     request: web.Request,
     kind: str,
     by_stream: dict[str, list[tuple[bytes, bytes]]],
     accepted: int,
     rejected: list[dict[str, Any]],
-    derived: int,
+    derived: int = 0,
 ) -> web.Response:
-    """Deliver the Kafka records of each stream and answer the batch (``deliver_groups``'s
-    end): ``accepted`` events with ``derived`` made beside them."""
+    """Deliver the Kafka records of each stream and answer the batch, as the tracker
+    protocols' routes answer (``deliver_groups``' end, and the fast paths' of Snowplow
+    and PostHog): ``accepted`` events with ``derived`` made beside them."""
     settings = request.app[collector.SETTINGS]
     for stream, messages in by_stream.items():
         if not messages:

@@ -1,6 +1,7 @@
-"""PostHog's fast path (``_fast_event``, ``_given_ids``, ``_all_encoded``) gives what
-its reference (``to_event``, ``_event_id``, ``check_encoded`` per event) gives, on many
-inputs: the same models, the same answers, the same records delivered."""
+"""PostHog's fast path (``_accept_fast``, ``_fast_event``, ``_given_ids``,
+``_given_texts``, ``_all_encoded``) gives what its reference (``to_event``, ``_event_id``,
+``check_encoded`` per event, ``snowplow.deliver_groups``) gives, on many inputs: the same
+models, the same answers, the same records delivered, byte for byte."""
 
 from __future__ import annotations
 
@@ -226,13 +227,20 @@ def test_a_fast_event_is_the_event_to_event_gives(raw: dict[str, Any], sent_at: 
     kind, reference = _outcome(lambda: posthog.to_event(SHOP, raw, sent_at, RECEIVED))
     assert kind != "error", reference
     ids = posthog._given_ids([raw])
-    for identifier in (None, ids[0]):
+    texts = posthog._given_texts([raw])
+    for identifier in (None, ids[0], texts[0] if texts else None):
         fast_kind, fast = _outcome(
             lambda i=identifier: posthog._fast_event(SHOP, raw, sent_at, RECEIVED, i)
         )
         if fast_kind == "event" and fast is None:
             continue  # left to to_event
         assert (fast_kind, kind) == ("event", "event") or (fast_kind, fast) == (kind, reference)
+        if fast_kind == "event" and isinstance(identifier, str) and isinstance(fast, dict):
+            # the uuid as written: the fields are the model's, its text for its UUID,
+            # and encode alike
+            assert fast["event_id"] == identifier
+            assert orjson.dumps(fast) == orjson.dumps(vars(reference))
+            fast = {**fast, "event_id": uuid.UUID(identifier)}
         if fast_kind == "event":
             _same_model(fast, reference)
 
@@ -269,6 +277,40 @@ def test_given_ids_are_the_ids_event_id_reads(given_ids: list[Any]) -> None:
     for raw, identifier in zip(events, ids, strict=True):
         assert identifier is None or identifier == posthog._event_id(SHOP, raw)
         assert identifier is None or identifier == uuid.UUID(raw["uuid"])
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    given_ids=st.lists(UUIDS | st.uuids().map(str), max_size=6),
+    names=st.lists(
+        st.sampled_from(["$pageview", "$autocapture", "$rageclick", "$pageleave"]) | NAMES,
+        min_size=6,
+        max_size=6,
+    ),
+)
+def test_given_texts_are_the_ids_event_id_reads_as_written(
+    given_ids: list[Any], names: list[Any]
+) -> None:
+    """A text is kept only when it is the UUID ``_event_id`` reads, as ``str`` writes it
+    (so as a record writes it), and only in a batch of behavior events."""
+    events = _as_decoded(
+        [{"event": n, "uuid": v} for n, v in zip(names[: len(given_ids)], given_ids, strict=True)]
+    )
+    texts = posthog._given_texts(events)
+    if texts is None:
+        return
+    assert len(texts) == len(events)
+    for raw, text in zip(events, texts, strict=True):
+        assert raw["event"] in ("$pageview", "$autocapture", "$rageclick", "$pageleave")
+        assert text == raw["uuid"] == str(posthog._event_id(SHOP, raw))
+
+
+def test_ids_as_posthog_writes_them_are_kept_as_written() -> None:
+    written = [str(uuid.uuid4()) for _ in range(20)]
+    events = [{"event": "$autocapture", "uuid": w} for w in written]
+    assert posthog._given_texts(events) == written
+    assert posthog._given_texts([*events, {"event": "Viewed", "uuid": written[0]}]) is None
+    assert posthog._given_texts([{"event": "$pageview", "uuid": written[0].upper()}]) is None
 
 
 @settings(max_examples=100, deadline=None)
@@ -311,7 +353,9 @@ class _Sink:
         self.delivered: list[tuple[str, str, list[Any]]] = []
 
     async def deliver(self, stream: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-        decoded = [(key, orjson.loads(value)) for key, value in messages]
+        # Each record decoded and as written: the fast path encodes the fields a request
+        # shares once, and its records' bytes are still the reference's.
+        decoded = [(key, orjson.loads(value), value) for key, value in messages]
         self.delivered.append((stream, topic, decoded))
 
 
@@ -325,16 +369,26 @@ class _Clock(datetime):
         return RECEIVED
 
 
-async def _answer(
-    app: web.Application, sink: _Sink, body: bytes, *, reference: bool
-) -> tuple[Any, ...]:
+def _request(app: web.Application, body: bytes, headers: dict[str, str]) -> web.Request:
     request = make_mocked_request(
         "POST",
         "/batch/",
-        headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
+        headers={"Content-Type": "application/json", "Content-Length": str(len(body)), **headers},
         app=app,
     )
     request._read_bytes = body  # the body as read from the wire
+    return request
+
+
+async def _answer(
+    app: web.Application,
+    sink: _Sink,
+    body: bytes,
+    *,
+    reference: bool,
+    headers: dict[str, str] | None = None,
+) -> tuple[Any, ...]:
+    request = _request(app, body, headers or {})
     sink.delivered.clear()
     try:
         answer = await posthog._accept(request, reference=reference)
@@ -428,5 +482,136 @@ async def test_an_odd_event_is_refused_alone_on_both_paths(monkeypatch: pytest.M
             "accepted": 2,
             "rejected": [{"index": 1, "reason": "timestamp: out of range"}],
         }
-        types = sorted(r["event_type"] for _, _, m in delivered for _, rs in m for r in rs)
+        types = sorted(r["event_type"] for _, _, m in delivered for _, rs, _ in m for r in rs)
         assert types == ["$autocapture", "page_view"]
+
+
+KEY2 = "wk_fast_2"
+
+
+class _TwoKeys:
+    """Two write keys of one shop: their events share the shop's groups and records."""
+
+    async def by_write_key(self, key: str) -> Shop | None:
+        return SHOP if key in (KEY, KEY2) else None
+
+
+# Events of either key in one body (posthog-js puts the key in each event's properties).
+KEYED = st.lists(
+    st.builds(
+        lambda e, key: (
+            {**e, "properties": {**e["properties"], "token": key}}
+            if isinstance(e.get("properties"), dict)
+            else e
+        ),
+        SDK_EVENT | EVENT,
+        st.sampled_from([KEY, KEY2]),
+    ),
+    max_size=6,
+)
+
+
+@pytest.mark.parametrize(
+    ("policy", "headers"),
+    [
+        ("drop", {"SP-Anonymous": "*"}),  # no session facts kept: enrich's own step
+        ("flag", {"User-Agent": "Mozilla/5.0 (compatible; Googlebot/2.1)"}),  # flagged
+        ("drop", {"User-Agent": "Mozilla/5.0 (Windows NT 10.0) Firefox/133.0"}),
+    ],
+)
+async def test_requests_enriched_otherwise_are_answered_as_the_reference_does(
+    monkeypatch: pytest.MonkeyPatch, policy: str, headers: dict[str, str]
+) -> None:
+    """The fast path completes the usual record itself and leaves the others (a bot
+    flagged, an anonymous page view, a clock corrected) to enrich: either way, the same
+    answers and records as the reference, and capture's answer is the reference's with
+    PostHog's status first."""
+    monkeypatch.setattr(posthog, "datetime", _Clock)
+    limits = Settings(rate_limit_per_s=0, skew_min_s=60, bot_policy=policy)
+    sink = _Sink()
+    app = collector.create_app(limits, sink, _TwoKeys())  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    compared: list[tuple[Any, ...]] = []
+
+    async def answers(body: bytes) -> tuple[Any, Any, bytes | None, bytes | None]:
+        fast = await _answer(app, sink, body, reference=False, headers=headers)
+        reference = await _answer(app, sink, body, reference=True, headers=headers)
+        try:
+            expected = await posthog._accept(_request(app, body, headers), reference=True)
+        except collector.Refused:
+            return fast, reference, None, None
+        captured = await posthog.capture(_request(app, body, headers))
+        assert isinstance(captured, web.Response)
+        assert isinstance(expected.body, bytes) and isinstance(captured.body, bytes)
+        wanted = expected.body
+        if expected.status == 200:  # PostHog's status first, as capture always added it
+            wanted = orjson.dumps({"status": 1, **orjson.loads(wanted)})
+        return fast, reference, wanted, captured.body
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(data=BODIES | KEYED)
+    @example(data=DELIVERED)
+    @example(
+        data=[
+            {"event": "$pageview", "distinct_id": "d", "properties": {**p, "token": key}}
+            for p in ({"$current_url": "https://x/", "$referrer": "https://r/"},)
+            for key in (KEY, KEY2, KEY)
+        ]
+    )
+    @example(  # a time too far ahead (clamped) and none at all (given one): enrich's steps
+        data={
+            "api_key": KEY,
+            "batch": [
+                {
+                    "event": e,
+                    "uuid": str(uuid.uuid4()),
+                    "distinct_id": "d",
+                    "properties": page,
+                    **at,
+                }
+                for page in ({"$current_url": "https://x/", "$event_type": "click"},)
+                for e, at in (
+                    ("$autocapture", {"timestamp": "2030-01-01T00:00:00Z"}),
+                    ("$pageview", {}),
+                    ("$autocapture", {"timestamp": RECEIVED.isoformat()}),
+                )
+            ],
+        }
+    )
+    def check(data: Any) -> None:
+        body = orjson.dumps(data)
+        fast, reference, expected, captured = asyncio.run_coroutine_threadsafe(
+            answers(body), loop
+        ).result()
+        assert fast == reference
+        assert captured == expected
+        compared.append(fast)
+
+    await asyncio.to_thread(check)
+    assert any(c[0] == 200 and c[2] for c in compared)  # events were delivered
+    assert not [c for c in compared if c[0] == "error"]  # and nothing crashed
+
+
+async def test_a_time_given_for_an_id_written_as_text_is_remembered_by_its_uuid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event without a time gets one that its retries get again (``AssignedTimes``,
+    by UUID): an id the fast path keeps as its text is remembered as the UUID the
+    reference path asks for."""
+    monkeypatch.setattr(posthog, "datetime", _Clock)
+    sink = _Sink()
+    app = collector.create_app(Settings(rate_limit_per_s=0), sink, _Shops())  # type: ignore[arg-type]
+    identifier = uuid.uuid4()
+    page = {"distinct_id": "d", "$current_url": "https://shop.test/", "$session_id": "s"}
+    body = orjson.dumps(
+        {
+            "api_key": KEY,
+            "batch": [{"event": "$pageview", "uuid": str(identifier), "properties": page}],
+        }
+    )
+    assert posthog._given_texts(orjson.loads(body)["batch"]) is not None
+    status, _, _ = await _answer(app, sink, body, reference=False)
+    assert status == 200
+    assert (
+        app[collector.TIMES].time_for(SHOP, identifier, RECEIVED + timedelta(hours=1)) == RECEIVED
+    )
