@@ -898,13 +898,55 @@ async def _shop(request: web.Request, key: str | None, shops: dict[str, Shop]) -
     )
 
 
+def _checked(
+    events: list[Any], shared_key: str | None, each: bool, max_bytes: int
+) -> tuple[Sequence[int], list[Any], list[str | None], list[dict[str, Any]]]:
+    """The events that are objects (each one's encoding checked on its own when ``each``),
+    with their places and write keys, and the refusals of the others."""
+    rejected: list[dict[str, Any]] = []
+    if events and not each and shared_key is not None and all(type(r) is dict for r in events):
+        # The usual batch: every event an object of the body's key, checked by the whole.
+        return range(len(events)), events, [shared_key] * len(events), rejected
+    positions: list[int] = []
+    raws: list[Any] = []
+    keys: list[str | None] = []
+    for index, raw in enumerate(events):
+        try:
+            if not isinstance(raw, dict):
+                raise collector.EventRejected("invalid", "event is not a JSON object")
+            if each:
+                collector.check_encoded(raw, max_bytes)
+        except collector.EventRejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+            metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
+            continue
+        positions.append(index)
+        raws.append(raw)
+        keys.append(shared_key or _key_of(raw))
+    return positions, raws, keys, rejected
+
+
+async def _taken(request: web.Request, keys: list[str | None]) -> dict[str, Shop]:
+    """The shop of each write key (a 401 for an unknown one), a token of each taken from
+    the rate limiter (a 429 when one has none)."""
+    shops: dict[str, Shop] = {}
+    for key in keys:
+        if (key or "") not in shops:  # as shop_for would find it, without the call
+            await _shop(request, key, shops)
+    client = collector.client_identity(request)
+    limiter = request.app[collector.LIMITER]
+    for key in shops:
+        if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
+            raise collector._limited(wait)
+    return shops
+
+
 async def _accept(request: web.Request, *, reference: bool = False) -> web.Response:
     """Map and deliver the events of one capture request. ``reference``: each event
     checked and mapped on its own as the reference does (``check_encoded``,
     ``to_event``); otherwise the fast path (``_accept_fast``), which gives the same."""
     received_at = datetime.now(UTC)
     settings = request.app[collector.SETTINGS]
-    limiter = request.app[collector.LIMITER]
     async with collector._decode_slot(request):
         body, _ = await _body(request)
         collector._check_values(body, settings.max_json_values)
@@ -926,36 +968,19 @@ async def _accept(request: web.Request, *, reference: bool = False) -> web.Respo
         collector.check_count(len(events), settings)
         max_bytes = settings.max_event_bytes
         each = reference or not _all_encoded(data, max_bytes)
-        if not reference:
-            return await _accept_fast(request, events, shared_key, sent_at, received_at, each)
-        rejected: list[dict[str, Any]] = []
-        checked: list[tuple[int, dict[str, Any], str | None]] = []
-        for index, raw in enumerate(events):
-            try:
-                if not isinstance(raw, dict):
-                    raise collector.EventRejected("invalid", "event is not a JSON object")
-                if each:
-                    collector.check_encoded(raw, max_bytes)
-            except collector.EventRejected as exc:
-                rejected.append({"index": index, "reason": exc.reason})
-                metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
-                continue
-            checked.append((index, raw, shared_key or _key_of(raw)))
-        shops: dict[str, Shop] = {}
-        if not checked and not rejected:
-            await _shop(request, shared_key or request.query.get("token"), shops)
+        positions, raws, keys, rejected = _checked(events, shared_key, each, max_bytes)
+        if not raws and not rejected:
+            await _shop(request, shared_key or request.query.get("token"), {})
             return collector._json({"status": 1, "accepted": 0, "rejected": []})
-        for _, _, key in checked:
-            if (key or "") not in shops:  # as shop_for would find it, without the call
-                await _shop(request, key, shops)
-        client = collector.client_identity(request)
-        for key in shops:
-            if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
-                raise collector._limited(wait)
+        shops = await _taken(request, keys)
+        if not reference:
+            return await _accept_fast(
+                request, positions, raws, keys, shops, rejected, sent_at, received_at
+            )
         groups: snowplow.Groups = {}
         # The group of each (stream, key), found once: a group's key hashes its Shop.
         targets: dict[tuple[bool, str | None], list[tuple[int, MappedEvent]]] = {}
-        for index, raw, key in checked:
+        for index, raw, key in zip(positions, raws, keys, strict=True):
             shop = shops[key or ""]
             try:
                 event = to_event(shop, raw, sent_at, received_at)
@@ -1049,55 +1074,24 @@ class _Behaviors:
 
 async def _accept_fast(
     request: web.Request,
-    events: list[Any],
-    shared_key: str | None,
+    positions: Sequence[int],
+    raws: list[Any],
+    keys: list[str | None],
+    shops: dict[str, Shop],
+    rejected: list[dict[str, Any]],
     sent_at: datetime | None,
     received_at: datetime,
-    each: bool,
 ) -> web.Response:
-    """``_accept``'s fast path: what the reference gives (the same answer, the same records
-    in the same order), its steps fused into one pass over the events. Each event is
+    """``_accept``'s fast path, for the events ``_checked`` took (``raws``, at ``positions``
+    in the batch, of write ``keys`` whose ``shops`` ``_taken`` found): what the reference
+    gives (the same answer, the same records in the same order), its steps fused into
+    one pass over the events. Each event is
     mapped by ``_fast_event`` (``to_event`` when it declines), and a behavior event's
     record is completed at once: the usual one (its fields, its time given and kept as
     it is, no bot flag) here, any other by ``enrich.behavior_fields_record`` as
     ``app._records`` does. The delivery is ``snowplow.deliver_groups``', the groups in
     the order of their first event."""
     settings = request.app[collector.SETTINGS]
-    limiter = request.app[collector.LIMITER]
-    max_bytes = settings.max_event_bytes
-    rejected: list[dict[str, Any]] = []
-    positions: Sequence[int]
-    raws: list[Any]
-    keys: list[str | None]
-    if events and not each and shared_key is not None and all(type(r) is dict for r in events):
-        # The usual batch: every event an object of the body's key, checked by the whole.
-        positions, raws, keys = range(len(events)), events, [shared_key] * len(events)
-    else:
-        positions, raws, keys = [], [], []
-        for index, raw in enumerate(events):
-            try:
-                if not isinstance(raw, dict):
-                    raise collector.EventRejected("invalid", "event is not a JSON object")
-                if each:
-                    collector.check_encoded(raw, max_bytes)
-            except collector.EventRejected as exc:
-                rejected.append({"index": index, "reason": exc.reason})
-                metrics.EVENTS_REJECTED.labels(KIND, exc.kind).inc()
-                continue
-            positions.append(index)
-            raws.append(raw)
-            keys.append(shared_key or _key_of(raw))
-    shops: dict[str, Shop] = {}
-    if not raws and not rejected:
-        await _shop(request, shared_key or request.query.get("token"), shops)
-        return collector._json({"status": 1, "accepted": 0, "rejected": []})
-    for key in keys:
-        if (key or "") not in shops:  # as shop_for would find it, without the call
-            await _shop(request, key, shops)
-    client = collector.client_identity(request)
-    for key in shops:
-        if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
-            raise collector._limited(wait)
     # The ids as written when a behavior event's record needs no more, else as UUIDs.
     ids: Sequence[uuid.UUID | str | None] = _given_texts(raws) or _given_ids(raws)
     times = request.app[collector.TIMES]
