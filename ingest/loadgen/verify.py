@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Self
 
 import asyncpg
 
@@ -57,7 +57,22 @@ class Reconciliation:
         }
 
 
-class Verifier:
+class _Connected:
+    """A connection of its own to ``dsn``, open inside ``async with``."""
+
+    dsn: str
+    _conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        self._conn = await asyncpg.connect(self.dsn)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+class Verifier(_Connected):
     """Polls PostgreSQL for expected event ids; run ``poll`` as a task, feed ``expect``."""
 
     def __init__(self, dsn: str, since: datetime, poll_s: float = 0.1, chunk: int = 5000) -> None:
@@ -79,7 +94,6 @@ class Verifier:
         # twice, never again), with their lags: an id expected later finds its own.
         self.early: dict[str, dict[bytes, float]] = {t: {} for t in VERIFIED_TABLES}
         self.rows_read = 0  # by the last poll: what it cost PostgreSQL
-        self._conn: asyncpg.Connection | None = None
 
     def expect(self, table: str, ids: Iterable[str]) -> None:
         """Add accepted ids that must become rows of ``table``."""
@@ -101,14 +115,6 @@ class Verifier:
     def outstanding(self) -> int:
         """Ids not seen yet."""
         return sum(len(p) for p in self.pending.values())
-
-    async def __aenter__(self) -> Verifier:
-        self._conn = await asyncpg.connect(self.dsn)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            await self._conn.close()
 
     async def poll_once(self) -> int:
         """One read of the rows written since the last poll; how many expected ids it saw."""
@@ -175,7 +181,7 @@ class Verifier:
         return self.result
 
 
-class CountedIds:
+class CountedIds(_Connected):
     """Counts the ``behavior_events`` rows whose event ids carry a request counter in
     [``first``, ``last``] in their first 8 hex digits (the ids of benchmarks/wrk.py's
     script), without reading them: the end-to-end benchmark times its drain with it.
@@ -194,15 +200,6 @@ class CountedIds:
         self.range = (f"{first:08x}", f"{last:08x}")  # zero-padded hex sorts as numbers
         self.counted = 0
         self.watermark = 0
-        self._conn: asyncpg.Connection | None = None
-
-    async def __aenter__(self) -> CountedIds:
-        self._conn = await asyncpg.connect(self.dsn)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            await self._conn.close()
 
     async def poll_once(self) -> int:
         """Count the rows of the transactions ended since the last poll; the total."""

@@ -463,16 +463,7 @@ async def test_a_shared_context_that_cannot_be_encoded_is_a_400_not_a_500(
 ) -> None:
     """A batch's context with an integer beyond 64 bits: every message would carry it;
     the batch is refused, on both paths (it was a 500: orjson's error went unhandled)."""
-
-    class Shops:
-        async def by_write_key(self, key: str) -> Shop | None:
-            return SHOP if key == "wk_x" else None
-
-    class Sink:
-        async def deliver(self, kind: str, topic: str, messages: Any) -> None:
-            raise AssertionError("nothing is delivered")
-
-    app = collector.create_app(Settings(rate_limit_per_s=0), Sink(), Shops())  # type: ignore[arg-type]
+    app = _app()
     body = _sdk_batch()
     body["context"] = {"n": 10**30}
     raw = json.dumps(body).encode()
@@ -597,6 +588,8 @@ def test_a_context_as_deep_as_orjson_can_write_is_refused_as_the_reference_refus
 
 
 def _app() -> web.Application:
+    """A collector of SHOP ("wk_x") whose delivery must not be reached."""
+
     class Shops:
         async def by_write_key(self, key: str) -> Shop | None:
             return SHOP if key == "wk_x" else None
