@@ -933,11 +933,7 @@ async def _taken(request: web.Request, keys: list[str | None]) -> dict[str, Shop
     for key in keys:
         if (key or "") not in shops:  # as shop_for would find it, without the call
             await _shop(request, key, shops)
-    client = collector.client_identity(request)
-    limiter = request.app[collector.LIMITER]
-    for key in shops:
-        if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
-            raise collector._limited(wait)
+    snowplow.take_tokens(request, shops)
     return shops
 
 

@@ -884,12 +884,18 @@ async def _taken(request: web.Request, aids: Iterable[str | None]) -> dict[str, 
     # Each app id once (None and "" are the same missing one): a batch has one, mostly.
     for aid in dict.fromkeys(aid or None for aid in aids):
         await _shop(request, aid, shops)
+    take_tokens(request, shops)
+    return shops
+
+
+def take_tokens(request: web.Request, keys: Iterable[str]) -> None:
+    """A token of each write key's rate limit taken for the request's client (a 429 when
+    one has none): a tracker protocol's batch may name several keys."""
     client = collector.client_identity(request)
     limiter = request.app[collector.LIMITER]
-    for key in shops:
+    for key in keys:
         if (wait := limiter.take(printable_ascii(key) or "", client)) > 0:
             raise collector._limited(wait)
-    return shops
 
 
 _Made = list[tuple[int, MappedEvent]]
