@@ -152,18 +152,16 @@ class Verifier(_Connected):
             await self.poll_once()
             await asyncio.sleep(max(0.0, self.poll_s - (time.monotonic() - started)))
 
-    async def finish(self, timeout_s: float, load_ended: float | None = None) -> Reconciliation:
-        """Wait (up to ``timeout_s``) until every id is seen; then count missing and duplicates.
-
-        ``wait_s`` counts from ``load_ended`` (a ``time.monotonic()``) when given: the
-        loaders drain from the load's end, whatever the caller did before calling."""
+    async def finish(self, timeout_s: float) -> Reconciliation:
+        """Wait (up to ``timeout_s``) until every id is seen (``wait_s``: how long); then
+        count missing and duplicates."""
         assert self._conn is not None, "use `async with Verifier(...)`"
         started = time.monotonic()
         while self.outstanding and time.monotonic() - started < timeout_s:
             await self.poll_once()
             if self.outstanding:
                 await asyncio.sleep(self.poll_s)
-        self.result.wait_s = time.monotonic() - (started if load_ended is None else load_ended)
+        self.result.wait_s = time.monotonic() - started
         self.result.missing = self.outstanding
         self.result.missing_sample = [
             str(uuid.UUID(bytes=i)) for p in self.pending.values() for i in p
