@@ -44,6 +44,9 @@ async def test_rows_land_once_in_their_month_partition(
     await produce(settings, values + values[:10])  # the first ten twice: a producer retry
     async with running_loader(settings, db):
         await wait_for(lambda: _all_present(db, ids))
+        # Every id is in once the first copies land; the repeats may still be unread, so wait
+        # until the loader has stored its offsets past all 41 records before stopping it.
+        await wait_for(lambda: _offsets_at(db, settings, len(values) + 10))
     counts = await count_ids(db, ids)
     assert counts == {i: 1 for i in ids}
     where = await db.pool.fetchval(
