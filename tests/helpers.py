@@ -36,6 +36,38 @@ from ingest.partitions import PartitionManager
 from ingest.stack.broker import EmbeddedBroker
 
 
+@asynccontextmanager
+async def uncommitted_behavior_row(
+    db: Database,
+    shop_id: uuid.UUID,
+    event_id: uuid.UUID,
+    *,
+    session_id: str = "v",
+    timestamp: datetime | None = None,
+    received_at: datetime | None = None,
+    page_url: str = "/",
+    event_type: str = "click",
+    component_id: str | None = None,
+) -> AsyncIterator[None]:
+    """One behavior row inserted by a transaction that stays open while the block runs
+    (a loader's COPY not yet committed) and commits when it ends."""
+    now = datetime.now(UTC)
+    async with db.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, page_url,"
+            ' "timestamp", received_at, component_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)',
+            event_id,
+            shop_id,
+            session_id,
+            event_type,
+            page_url,
+            timestamp or now,
+            received_at or now,
+            component_id,
+        )
+        yield
+
+
 def record(shop: ShopCredentials, **overrides: object) -> dict[str, object]:
     now = datetime.now(UTC).isoformat()
     data: dict[str, object] = {

@@ -12,6 +12,7 @@ from ingest.core.settings import Settings
 from ingest.core.shops import ShopCredentials
 from ingest.loadgen.verify import CountedIds, Verifier
 from ingest.partitions.manager import PartitionManager
+from tests.helpers import uncommitted_behavior_row
 
 
 async def _insert(db: Database, shop: ShopCredentials, ids: list[str], minutes: int = 0) -> None:
@@ -86,19 +87,9 @@ async def test_counted_ids_counts_each_row_of_the_counters_once_its_transaction_
         assert await counted.poll_once() == 7  # not again
         # A transaction still open holds back the rows of every later one: a poll
         # counts only what all the transactions below its xmin wrote.
-        async with db.pool.acquire() as conn:
-            open_ = conn.transaction()
-            await open_.start()
-            await conn.execute(
-                "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type,"
-                " page_url, \"timestamp\", received_at) VALUES ($1::uuid, $2, 'v', 'click',"
-                " '/', now(), now())",
-                _counted(3, 1)[0],
-                shop.shop_id,
-            )
+        async with uncommitted_behavior_row(db, shop.shop_id, uuid.UUID(_counted(3, 1)[0])):
             await _insert(db, shop, _counted(4, 2))  # committed, after the open one
             assert await counted.poll_once() == 7
-            await open_.commit()
         assert await counted.poll_once() == 10
         assert await counted.poll_once() == 10
         assert await counted.until(10, timeout_s=1)

@@ -24,6 +24,7 @@ from ingest.core.migrate import migrate
 from ingest.core.shops import ensure_shop
 from ingest.partitions import PartitionManager, month_start
 from ingest.rollups import refresh, status
+from tests.helpers import uncommitted_behavior_row
 
 TODAY = datetime.now(UTC).date()
 DAYS = [TODAY - timedelta(days=d) for d in range(1, 7)]
@@ -338,21 +339,19 @@ async def test_refresh_beside_a_loader_transaction_misses_nothing(rdb: Database)
     shop = data.shops[0]
     await refresh(rdb)
     rng = random.Random(3)
-    async with rdb.pool.acquire() as loader:
-        tx = loader.transaction()
-        await tx.start()
-        # received an hour ago, loaded now, still uncommitted while the refresh runs
-        await loader.execute(
-            "INSERT INTO behavior_events (event_id, shop_id, session_id, event_type, page_url, "
-            "\"timestamp\", received_at, component_id) VALUES ($1, $2, $3, 'rage_click', "
-            "'https://s/late', $4, now() - interval '1 hour', 'hero')",
-            uuid.uuid4(),
-            shop,
-            data.sessions[shop][0],
-            _at(DAYS[2], rng),
-        )
+    # received an hour ago, loaded now, still uncommitted while the refresh runs
+    async with uncommitted_behavior_row(
+        rdb,
+        shop,
+        uuid.uuid4(),
+        session_id=data.sessions[shop][0],
+        timestamp=_at(DAYS[2], rng),
+        received_at=datetime.now(UTC) - timedelta(hours=1),
+        page_url="https://s/late",
+        event_type="rage_click",
+        component_id="hero",
+    ):
         await refresh(rdb)
-        await tx.commit()
     await refresh(rdb)
     await assert_rollups_equal_documents(rdb, data.shops)
 
