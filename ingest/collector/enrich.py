@@ -221,6 +221,16 @@ class ShopView:
     bot: bool  # the shop flags bots and this is one: metadata.bot / props.bot true
     anonymous: bool
 
+    def with_facts(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The context of a behavior record whose ``metadata`` names session facts: the
+        shop's, with each fact as text of at most 1024 characters, else null (every
+        route's record holds them alike: the fast paths call this too)."""
+        context: dict[str, Any] = dict(self.context)
+        for fact in SESSION_FACTS:
+            value = metadata.get(fact)
+            context[fact] = value[:1024] if isinstance(value, str) else None
+        return context
+
 
 @dataclass(frozen=True)
 class Received:
@@ -397,11 +407,7 @@ def behavior_fields_record(
             }
             record[CONTEXT] = view.behavior_context
             return record
-        context = dict(view.context)
-        for fact in SESSION_FACTS:
-            value = metadata.get(fact)
-            context[fact] = value[:1024] if isinstance(value, str) else None
-        record[CONTEXT] = context
+        record[CONTEXT] = view.with_facts(metadata)
     else:
         record[CONTEXT] = view.behavior_context
     return record

@@ -190,11 +190,7 @@ def records(
             if metadata and not metadata.keys().isdisjoint(SESSION_FACTS):
                 if view.anonymous:
                     return None  # the facts are dropped from its metadata: the reference's
-                context = dict(view.context)
-                for fact in SESSION_FACTS:
-                    value = metadata.get(fact)
-                    context[fact] = value[:1024] if isinstance(value, str) else None
-                own = head + orjson.dumps(context) + b"}"
+                own = head + orjson.dumps(view.with_facts(metadata)) + b"}"
         elif geo and isinstance(event.props.get("$context"), dict):
             return None  # an SDK's context the country is added to
         parts = sessions.setdefault(event.session_id, [b"["])

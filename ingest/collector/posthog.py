@@ -1161,11 +1161,7 @@ async def _accept_fast(
                 elif not group.view.anonymous:  # the facts the page view tells, as enrich's
                     event["shop_id"] = shop_id
                     event["received_at"] = received_json
-                    facts = dict(group.view.context)
-                    for fact in SESSION_FACTS:
-                        value = metadata.get(fact)
-                        facts[fact] = value[:1024] if isinstance(value, str) else None
-                    event[streams.CONTEXT] = facts
+                    event[streams.CONTEXT] = group.view.with_facts(metadata)
                 else:
                     group.add(index, event, times)
                     continue

@@ -1063,11 +1063,7 @@ class _Clock:
     def facts_end(self, metadata: dict[str, Any]) -> str:
         """The end of a record whose metadata is ``metadata``, naming session facts: its
         context holds them, as ``behavior_fields_record`` copies them."""
-        context = dict(self.view.context)
-        for fact in SESSION_FACTS:
-            value = metadata.get(fact)
-            context[fact] = value[:1024] if isinstance(value, str) else None
-        return f"{self.server}{_dumps(context).decode()}}}"
+        return f"{self.server}{_dumps(self.view.with_facts(metadata)).decode()}}}"
 
 
 class _Parts:
@@ -1385,11 +1381,7 @@ async def _accept_fast(
                 if metadata.keys().isdisjoint(SESSION_FACTS):
                     record[CONTEXT] = plain
                 else:
-                    context = dict(target.view.context)
-                    for fact in SESSION_FACTS:
-                        value = metadata.get(fact)
-                        context[fact] = value[:1024] if isinstance(value, str) else None
-                    record[CONTEXT] = context
+                    record[CONTEXT] = target.view.with_facts(metadata)
                 sessions.setdefault(record["session_id"], []).append((index, record))
             else:
                 target.add(index, record, times)
