@@ -1110,15 +1110,6 @@ async def _accept_fast(
     plain, shop_id, received_json, context = False, None, None, None
     sessions: dict[str, tuple[list[int], list[dict[str, Any]]]] = {}
     shop_key, shop = None, None
-
-    def first_received() -> Received:
-        """What the request's records share, made with its first group."""
-        nonlocal received, latest
-        if received is None:
-            received = Received.of(request, settings, sent_at, received_at)
-            latest = received.latest
-        return received
-
     for index, raw, key, identifier in zip(positions, raws, keys, ids, strict=True):
         if shop is None or key != shop_key:
             shop_key, shop = key, shops[key or ""]
@@ -1134,8 +1125,10 @@ async def _accept_fast(
             if stored is None:
                 stored = stored_by_shop.get(shop)
                 if stored is None:
+                    received = received or Received.of(request, settings, sent_at, received_at)
+                    latest = received.latest
                     stored = stored_by_shop[shop] = []
-                    order.append((streams.STOREFRONT.name, shop, first_received()))
+                    order.append((streams.STOREFRONT.name, shop, received))
                 storefronts[key] = stored
             stored.append((index, event))
             continue
@@ -1144,8 +1137,10 @@ async def _accept_fast(
             if group is None:
                 group = by_shop.get(shop)
                 if group is None:
-                    group = by_shop[shop] = _Behaviors(shop, first_received())
-                    order.append((streams.BEHAVIOR.name, shop, group.received))
+                    received = received or Received.of(request, settings, sent_at, received_at)
+                    latest = received.latest
+                    group = by_shop[shop] = _Behaviors(shop, received)
+                    order.append((streams.BEHAVIOR.name, shop, received))
                 behaviors[key] = group
             group_key = key
             plain, sessions = group.plain, group.sessions
